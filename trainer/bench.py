@@ -1,0 +1,5 @@
+"""Benchmark subcommand."""
+
+
+def add_command(sub) -> None:
+    pass

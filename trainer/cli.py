@@ -1,0 +1,167 @@
+"""`python -m trainer <command>`: train, export, dataset, presets, bench. The UI runs exactly these."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+# Quiet the libraries' chatter before they are imported (progress bars, hub hints).
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 1
+
+
+def _user_errors():
+    from trainer.config import ConfigError
+    from trainer.loop import TrainingError
+    from trainer.models.load import ModelError
+
+    return (ConfigError, ModelError, TrainingError)
+
+
+def _parse_set(pairs: list[str]) -> dict:
+    """--set key=value overrides; values parsed as TOML scalars when they can be."""
+    from trainer.config import tomllib
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"error: --set expects key=value, got '{pair}'")
+        k, v = pair.split("=", 1)
+        try:
+            out[k.strip()] = tomllib.loads(f"x = {v}")["x"]
+        except Exception:
+            out[k.strip()] = v
+    return out
+
+
+def cmd_train(args) -> int:
+    from trainer.config import TrainConfig
+    from trainer.events import EventLog
+    from trainer.loop import train
+
+    cfg = TrainConfig.load(args.config)
+    if args.set:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), **_parse_set(args.set)}, source="--set")
+    run_dir = Path(args.run_dir or cfg.output_dir)
+    try:
+        cfg.validate()
+        if int(os.environ.get("RANK", "0")) == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not (run_dir / "config.toml").exists() or Path(args.config).resolve() != (run_dir / "config.toml").resolve():
+                cfg.save(run_dir / "config.toml")
+        out = train(cfg, run_dir, resume=args.resume, echo=lambda m: print(m, file=sys.stderr))
+    except _user_errors() as e:
+        _fail(run_dir, str(e), internal=False)
+        return EXIT_USER_ERROR
+    except OSError as e:
+        msg = f"A file operation failed: {e.strerror or e} ({e.filename or ''}). Check free disk space and permissions; the last checkpoint is kept."
+        _fail(run_dir, msg, internal=False)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        _fail(run_dir, "Interrupted. Resume to continue from the last checkpoint.", internal=False)
+        return 130
+    except Exception as e:  # an engine bug: say so plainly, keep the traceback for a report
+        tb = traceback.format_exc()
+        log_path = run_dir / "error.log"
+        try:
+            log_path.write_text(tb)
+        except OSError:
+            pass
+        _fail(run_dir, f"Unexpected {type(e).__name__}: {str(e)[:300]}. Details in {log_path}.", internal=True)
+        return EXIT_INTERNAL
+    print(out)
+    return 0
+
+
+def _fail(run_dir: Path, message: str, internal: bool) -> None:
+    from trainer.events import EventLog
+
+    print(f"error: {message}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            EventLog(run_dir).emit("error", message=message, internal=internal)
+        except OSError:
+            pass
+
+
+def cmd_export(args) -> int:
+    from trainer import checkpoint as ckpt
+    from trainer.config import TrainConfig
+    from trainer.loop import export_parts
+
+    src = Path(args.checkpoint)
+    folder = src if (src / "state.json").is_file() else ckpt.latest_checkpoint(src)
+    if folder is None:
+        print(f"error: no checkpoint in {src}. Give a run folder or a checkpoints/step-N folder.", file=sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        parts, state, _ = ckpt.read_checkpoint(folder)
+        cfg = TrainConfig.from_dict(state["config"])
+    except (ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    out = Path(args.out) if args.out else folder.parent.parent / f"{cfg.output_name}-{args.precision}.safetensors"
+    info = {"steps": state["step"], "prediction_type": state.get("prediction_type", "epsilon"), "model_name": cfg.base_model}
+    export_parts(parts, cfg, state, info, out, precision=args.precision)
+    print(out)
+    return 0
+
+
+def cmd_dataset(args) -> int:
+    from trainer.data.report import dataset_report, format_report
+
+    try:
+        rep = dataset_report(args.path, resolution=args.resolution, trigger=args.trigger)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(json.dumps(rep, indent=1, default=str) if args.json else format_report(rep))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="python -m trainer", description="LoRA Studio training engine")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA from a TOML config")
+    t.add_argument("config", help="TrainConfig TOML file")
+    t.add_argument("--run-dir", help="run folder (default: the config's output_dir)")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("export", help="re-export a checkpoint as a kohya .safetensors")
+    e.add_argument("checkpoint", help="run folder (its last checkpoint) or a checkpoints/step-N folder")
+    e.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    e.add_argument("--out", help="output file")
+    e.set_defaults(fn=cmd_export)
+
+    d = sub.add_parser("dataset", help="report on a dataset folder")
+    d.add_argument("path")
+    d.add_argument("--resolution", type=int, default=512)
+    d.add_argument("--trigger", default="")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=cmd_dataset)
+
+    from trainer import presets_cli
+
+    presets_cli.add_commands(sub)
+
+    from trainer import bench
+
+    bench.add_command(sub)
+
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -1,0 +1,314 @@
+"""TrainConfig: the one object that carries a run from the form to the export.
+
+Every field has a one-line help text (shown as the UI tooltip and in the
+README's generated reference). The config is versioned; `migrate()` upgrades
+older files. `validate()` checks everything that can be checked before a model
+is loaded and reports problems in plain words.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+CONFIG_VERSION = 1
+
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+PRECISIONS = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+DEVICES = ("auto", "cuda", "cpu")
+FAMILIES = ("auto", "sd1", "sd2", "sd2v", "sdxl")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message says what and how."""
+
+
+def _f(default, help: str, choices: tuple | None = None, section: str = "basic"):
+    meta = {"help": help, "section": section}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on
+    base_model: str = _f("", "Base model: a single-file .safetensors/.ckpt checkpoint, a diffusers folder, or a hub id.")
+    model_family: str = _f("auto", "Model family; 'auto' detects SD1 / SD2 / SD2-v / SDXL from the weights.", FAMILIES, "advanced")
+    dataset: str = _f("", "Dataset folder: images with same-name .txt captions, or kohya '<repeats>_<name>' sub-folders.")
+    trigger: str = _f("", "Trigger word(s), comma-separated; put at the front of every caption that lacks them.")
+    # --- captions
+    class_caption: str = _f("", "Caption used for images that have no caption file (e.g. 'a photo of a person').", None, "captions")
+    caption_prefix: str = _f("", "Text added before every caption (after the trigger words).", None, "captions")
+    caption_suffix: str = _f("", "Text added after every caption.", None, "captions")
+    shuffle_tags: bool = _f(False, "Shuffle the comma-separated tags of each caption every time it is used.", None, "captions")
+    keep_tokens: int = _f(1, "With shuffle or tag dropout: keep the first N tags in place (trigger words always stay first).", None, "captions")
+    caption_dropout: float = _f(0.0, "Probability of training an image with an empty caption (0-1).", None, "captions")
+    tag_dropout: float = _f(0.0, "Probability of dropping each tag (except the kept ones) from a caption (0-1).", None, "captions")
+    caption_extension: str = _f(".txt", "Extension of caption files next to the images.", None, "captions")
+    # --- images and buckets
+    resolution: int = _f(512, "Training resolution: buckets have about resolution x resolution pixels.")
+    enable_buckets: bool = _f(True, "Aspect-ratio buckets: train each image near its own aspect ratio instead of cropping to a square.", None, "images")
+    min_bucket: int = _f(256, "Smallest bucket side in pixels.", None, "images")
+    max_bucket: int = _f(1024, "Largest bucket side in pixels (must be at least the resolution).", None, "images")
+    bucket_step: int = _f(64, "Bucket sides are multiples of this many pixels.", None, "images")
+    no_upscale: bool = _f(False, "Never upscale small images: they get a smaller bucket instead.", None, "images")
+    flip: bool = _f(False, "Random horizontal flip (do not use for asymmetric subjects or text).", None, "images")
+    cache_latents: bool = _f(True, "Encode every image with the VAE once and reuse the latents (faster, less VRAM).", None, "images")
+    cache_latents_to_disk: bool = _f(True, "Keep cached latents on disk so later runs skip the VAE entirely.", None, "images")
+    cache_text_encoder_outputs: bool = _f(False, "Cache text-encoder outputs (only when the text encoder is not trained and captions are fixed).", None, "images")
+    # --- network
+    rank: int = _f(16, "LoRA rank (dim): the capacity of the update. 8-32 for characters, 32-128 for styles.")
+    alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha/rank. Changing rank without alpha changes the effective learning rate.")
+    conv_rank: int = _f(0, "LoCon: rank for the ResNet convolutions too (0 = off).", None, "network")
+    conv_alpha: float = _f(1.0, "LoCon alpha for the convolution layers.", None, "network")
+    dropout: float = _f(0.0, "Dropout on the LoRA path (0-1).", None, "network")
+    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (slower; some web UIs ignore the magnitude part).", None, "network")
+    # --- schedule
+    max_steps: int = _f(0, "Total optimizer steps; 0 = use epochs.")
+    epochs: int = _f(10, "Passes over the dataset (each image counted 'repeats' times) when max_steps is 0.")
+    batch_size: int = _f(1, "Images per step.")
+    gradient_accumulation: int = _f(1, "Add up gradients over this many batches before each optimizer step.", None, "training")
+    unet_lr: float = _f(1e-4, "Learning rate for the UNet LoRA.")
+    text_encoder_lr: float = _f(5e-5, "Learning rate for the text-encoder LoRA.")
+    train_text_encoder: bool = _f(True, "Train LoRA on the text encoder(s) too.")
+    optimizer: str = _f("adamw", "Optimizer: adamw, adamw8bit (bitsandbytes, less VRAM) or prodigy (adaptive; use LR 1.0).", OPTIMIZERS)
+    weight_decay: float = _f(0.01, "Weight decay of the optimizer.", None, "training")
+    lr_scheduler: str = _f("constant", "Learning-rate schedule.", SCHEDULERS, "training")
+    warmup_steps: int = _f(0, "Steps of linear warm-up at the start of the schedule.", None, "training")
+    max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0 = off).", None, "training")
+    seed: int = _f(42, "Random seed: the same seed and data give the same LoRA.")
+    mixed_precision: str = _f("bf16", "Compute precision: bf16 (recent GPUs), fp16, or no (fp32). LoRA weights stay fp32.", PRECISIONS)
+    save_precision: str = _f("fp16", "Precision of the exported file.", SAVE_PRECISIONS)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less VRAM, about 20-30% slower.", None, "training")
+    noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images; 0 = off).", None, "training")
+    min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off).", None, "training")
+    prediction_type: str = _f("auto", "Training target; 'auto' uses the model's own (v_prediction for SD2-768-v).", PREDICTION_TYPES, "training")
+    clip_skip: int = _f(1, "Use the output of the N-th last text-encoder layer (2 is common for anime models).", None, "training")
+    # --- output
+    output_dir: str = _f("output", "Folder for the run: checkpoints, samples, events and the final LoRA.")
+    output_name: str = _f("lora", "File name of the exported LoRA (without .safetensors).")
+    save_every_steps: int = _f(0, "Save a checkpoint every N steps (0 = only at the end).", None, "output")
+    keep_last: int = _f(3, "Keep only the last K checkpoints (0 = keep all).", None, "output")
+    sample_every_steps: int = _f(0, "Render sample images every N steps (0 = off).", None, "output")
+    sample_prompts: list = _f([], "Prompts for sample images ({trigger} is replaced by the trigger words).", None, "output")
+    sample_steps: int = _f(20, "Denoising steps for sample images.", None, "output")
+    sample_seed: int = _f(1234, "Seed for sample images (fixed, so samples are comparable across steps).", None, "output")
+    log_every_steps: int = _f(1, "Report loss every N steps (each report waits for the GPU).", None, "output")
+    device: str = _f("auto", "Where to train: auto (CUDA if present), cuda or cpu.", DEVICES, "advanced")
+    config_version: int = _f(CONFIG_VERSION, "Version of this config format.", None, "advanced")
+
+    # ------------------------------------------------------------------ I/O
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        data = migrate(dict(data))
+        known = {f.name: f for f in fields(cls)}
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, known, n=1)
+                hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}. Remove them or fix the spelling.")
+        kwargs = {}
+        for k, v in data.items():
+            kwargs[k] = _coerce(known[k], v, source)
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid TOML ({e}). Check quotes and '=' signs on that line.") from None
+        return cls.from_dict(data, source=str(path))
+
+    def save(self, path: str | os.PathLike) -> None:
+        from trainer.fsutil import atomic_write_text
+
+        atomic_write_text(path, dumps_toml(self.to_dict()))
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------- derived
+    @property
+    def trigger_words(self) -> list[str]:
+        return [t.strip() for t in self.trigger.split(",") if t.strip()]
+
+    # ---------------------------------------------------------- checking
+    def problems(self) -> tuple[list[str], list[str]]:
+        """(errors, warnings) in plain words. Errors stop a run; warnings do not."""
+        errors: list[str] = []
+        warns: list[str] = []
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                errors.append(f"{f.name} = '{getattr(self, f.name)}' is not one of: {', '.join(choices)}.")
+        if not self.base_model:
+            errors.append("base_model is empty: choose a checkpoint file, a diffusers folder or a hub id.")
+        if not self.dataset:
+            errors.append("dataset is empty: choose a folder of images.")
+        if self.rank <= 0:
+            errors.append(f"rank must be a positive whole number (got {self.rank}); 16 is a good start.")
+        if self.alpha <= 0:
+            errors.append(f"alpha must be positive (got {self.alpha}); set it equal to rank for scale 1.")
+        if self.conv_rank < 0:
+            errors.append(f"conv_rank must be 0 (off) or positive (got {self.conv_rank}).")
+        if self.resolution < 64 or self.resolution % 8:
+            errors.append(f"resolution must be a multiple of 8 and at least 64 (got {self.resolution}).")
+        if self.batch_size < 1:
+            errors.append(f"batch_size must be at least 1 (got {self.batch_size}).")
+        if self.gradient_accumulation < 1:
+            errors.append(f"gradient_accumulation must be at least 1 (got {self.gradient_accumulation}).")
+        if self.max_steps < 0 or self.epochs < 0 or (self.max_steps == 0 and self.epochs == 0):
+            errors.append("Set max_steps or epochs to a positive number.")
+        if self.unet_lr <= 0:
+            errors.append(f"unet_lr must be positive (got {self.unet_lr}).")
+        if self.train_text_encoder and self.text_encoder_lr < 0:
+            errors.append(f"text_encoder_lr must not be negative (got {self.text_encoder_lr}).")
+        for name in ("caption_dropout", "tag_dropout", "dropout"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                errors.append(f"{name} must be between 0 and 1 (got {v}).")
+        if self.bucket_step <= 0 or self.bucket_step % 8:
+            errors.append(f"bucket_step must be a positive multiple of 8 (got {self.bucket_step}).")
+        if self.enable_buckets and self.max_bucket < self.resolution:
+            errors.append(
+                f"max_bucket ({self.max_bucket}) is below the resolution ({self.resolution}): no bucket could hold "
+                f"a square image. Raise max_bucket to at least {self.resolution}."
+            )
+        if self.enable_buckets and self.min_bucket > self.resolution:
+            errors.append(f"min_bucket ({self.min_bucket}) is above the resolution ({self.resolution}). Lower min_bucket.")
+        if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|') or self.output_name in (".", ".."):
+            errors.append(f"output_name '{self.output_name}' must be a plain file name (no slashes or : * ? \" < > |).")
+        if self.clip_skip < 1:
+            errors.append(f"clip_skip must be 1 or more (got {self.clip_skip}).")
+        # options that silently conflict elsewhere
+        if self.cache_text_encoder_outputs and self.train_text_encoder:
+            errors.append(
+                "cache_text_encoder_outputs is on while train_text_encoder is on: cached outputs would never see the "
+                "text-encoder LoRA. Turn one of them off."
+            )
+        if self.cache_text_encoder_outputs and (self.shuffle_tags or self.caption_dropout or self.tag_dropout):
+            errors.append(
+                "cache_text_encoder_outputs needs fixed captions, but tag shuffle or caption/tag dropout is on. "
+                "Turn caching off or the caption randomisation off."
+            )
+        if self.cache_latents and self.flip:
+            warns.append("flip with cached latents: both flipped and unflipped latents are cached (twice the cache).")
+        if self.optimizer == "prodigy" and (self.unet_lr < 0.1 or (self.train_text_encoder and 0 < self.text_encoder_lr < 0.1)):
+            warns.append(
+                f"Prodigy finds its own step size and expects learning rates near 1.0, but unet_lr={self.unet_lr} "
+                f"and text_encoder_lr={self.text_encoder_lr}: it will barely learn. Use 1.0."
+            )
+        if self.optimizer != "prodigy" and self.unet_lr >= 0.01:
+            warns.append(f"unet_lr={self.unet_lr} is very high for {self.optimizer}; 1e-4 is typical. Expect NaN loss.")
+        if self.save_every_steps < 0 or self.sample_every_steps < 0 or self.keep_last < 0:
+            errors.append("save_every_steps, sample_every_steps and keep_last must not be negative.")
+        if self.log_every_steps < 1:
+            errors.append("log_every_steps must be at least 1.")
+        return errors, warns
+
+    def validate(self) -> list[str]:
+        """Raise ConfigError listing every error; return the warnings."""
+        errors, warns = self.problems()
+        if errors:
+            raise ConfigError("\n".join(errors))
+        return warns
+
+
+def field_help() -> list[dict[str, Any]]:
+    """Name, default, help, choices, section of each field: for the UI and the README."""
+    out = []
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append(
+            {
+                "name": f.name,
+                "type": f.type if isinstance(f.type, str) else f.type.__name__,
+                "default": default,
+                "help": f.metadata["help"],
+                "choices": f.metadata.get("choices"),
+                "section": f.metadata["section"],
+            }
+        )
+    return out
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Upgrade an older config dict to CONFIG_VERSION."""
+    version = data.get("config_version", CONFIG_VERSION)
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise ConfigError(
+            f"config_version {version!r} is newer than this LoRA Studio understands ({CONFIG_VERSION}). Update the app."
+        )
+    # Version 1 is the first format; future renames go here as `if version < 2: ...`.
+    data["config_version"] = CONFIG_VERSION
+    return data
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    typ = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if typ == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise ValueError
+        if typ == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if typ == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ == "list":
+            if isinstance(value, str):
+                return [line for line in value.splitlines() if line.strip()]
+            return [str(v) for v in value]
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {f.name} = {value!r} is not a valid {typ}.") from None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """Flat TOML writer (our configs have no tables)."""
+    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in data.items())

@@ -1,0 +1,126 @@
+"""Find the images and captions of a dataset folder, in the layouts users already have.
+
+- a folder of images with same-name caption files (`a.png` + `a.txt`);
+- kohya's `<repeats>_<name>` sub-folders (`10_mychar/`), repeats = 10;
+- other sub-folders are read too (repeats 1) and reported, so nothing is silently ignored.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.data.images import ImageProblem, is_image_name, probe
+
+REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
+CAPTION_EXTS = (".txt", ".caption")
+
+
+@dataclass
+class ImageItem:
+    path: Path
+    width: int
+    height: int
+    caption: str | None  # None: no caption file
+    caption_path: Path
+    repeats: int = 1
+    subset: str = ""
+
+
+@dataclass
+class Skipped:
+    path: Path
+    reason: str
+
+
+@dataclass
+class ScanResult:
+    root: Path
+    items: list[ImageItem] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    subsets: dict[str, dict] = field(default_factory=dict)  # name -> {"n_repeats", "img_count"}
+    notes: list[str] = field(default_factory=list)
+
+
+def read_caption(path: Path) -> str | None:
+    """Caption text, tolerant of BOMs, CRLF and odd encodings; None if there is no file."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return None
+    for enc in ("utf-8-sig", "utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig",):
+        try:
+            text = raw.decode(enc)
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        text = raw.decode("latin-1")
+    text = text.replace("\x00", "")
+    return " ".join(text.split())  # one line, single spaces
+
+
+def caption_path_for(image: Path, ext: str = ".txt") -> Path:
+    return image.with_suffix(ext)
+
+
+def _subfolders(root: Path) -> list[tuple[Path, int, str]]:
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        m = REPEATS_DIR.match(d.name)
+        if m:
+            out.append((d, max(1, int(m.group(1))), d.name))
+        else:
+            out.append((d, 1, d.name))
+    return out
+
+
+def scan_dataset(root: str | Path, caption_ext: str = ".txt") -> ScanResult:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Dataset folder not found: {root}")
+    res = ScanResult(root=root)
+    groups: list[tuple[Path, int, str]] = [(root, 1, root.name)]
+    for d, repeats, name in _subfolders(root):
+        if not REPEATS_DIR.match(name):
+            res.notes.append(f"Sub-folder '{name}' has no '<repeats>_' prefix: its images are used once per epoch.")
+        groups.append((d, repeats, name))
+    for folder, repeats, name in groups:
+        count = 0
+        for p in sorted(folder.iterdir()):
+            if not p.is_file() or p.name.startswith("."):
+                continue
+            if not is_image_name(p.name):
+                if p.suffix.lower() not in CAPTION_EXTS and p.suffix.lower() != caption_ext and not p.name.endswith(".json"):
+                    res.skipped.append(Skipped(p, "not an image type we read (png, jpg, jpeg, webp, bmp)"))
+                continue
+            try:
+                w, h = probe(p)
+            except ImageProblem as e:
+                res.skipped.append(Skipped(p, str(e)))
+                continue
+            cap_path = caption_path_for(p, caption_ext)
+            caption = read_caption(cap_path)
+            if caption is None and caption_ext != ".caption":
+                alt = caption_path_for(p, ".caption")
+                if alt.exists():
+                    cap_path, caption = alt, read_caption(alt)
+            res.items.append(ImageItem(p, w, h, caption, cap_path, repeats, name))
+            count += 1
+        if count:
+            res.subsets[name] = {"n_repeats": repeats, "img_count": count}
+    return res
+
+
+def file_hash(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()

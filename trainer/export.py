@@ -1,0 +1,186 @@
+"""peft LoRA state -> the kohya `.safetensors` layout that A1111 / Forge / ComfyUI / diffusers load.
+
+See shared/design/LORA_FORMAT.md. The trained alpha is stored per module; SDXL UNet names are written in
+SGM/LDM form (`input_blocks_4_1_...`), SD1/SD2 UNet names in diffusers form.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from trainer.fsutil import atomic_write_bytes
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURE = {
+    "sd1": "stable-diffusion-v1/lora",
+    "sd2": "stable-diffusion-v2-512/lora",
+    "sd2v": "stable-diffusion-v2-768-v/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+}
+_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection", "time_emb_proj": "emb_layers.1"}
+
+
+def part_prefix(family: str, part: str) -> str:
+    if part == "unet":
+        return "lora_unet_"
+    if family == "sdxl":
+        return {"te1": "lora_te1_", "te2": "lora_te2_"}[part]
+    return "lora_te_"
+
+
+def _resnet(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return _RESNET.get(head, head) + (("." + tail) if tail else "")
+
+
+def diffusers_to_sgm(path: str, layers_per_block: int, up_has_attn: dict[int, bool] | None = None) -> str:
+    """Map a diffusers SDXL UNet module path to the SGM path kohya writes (input/middle/output_blocks)."""
+    n = layers_per_block + 1
+    m = re.match(r"down_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)", path)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        idx = i * n + j + 1
+        return f"input_blocks.{idx}.1.{rest}" if kind == "attentions" else f"input_blocks.{idx}.0.{_resnet(rest)}"
+    m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv(.*)", path)
+    if m:
+        return f"input_blocks.{(int(m[1]) + 1) * n}.0.op{m[2]}"
+    m = re.match(r"mid_block\.(attentions|resnets)\.(\d+)\.(.+)", path)
+    if m:
+        if m[1] == "attentions":
+            return f"middle_block.1.{m[3]}"
+        return f"middle_block.{0 if m[2] == '0' else 2}.{_resnet(m[3])}"
+    m = re.match(r"up_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)", path)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        idx = i * n + j
+        return f"output_blocks.{idx}.1.{rest}" if kind == "attentions" else f"output_blocks.{idx}.0.{_resnet(rest)}"
+    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv(.*)", path)
+    if m:
+        i = int(m[1])
+        pos = 2 if (up_has_attn or {}).get(i, True) else 1
+        return f"output_blocks.{i * n + layers_per_block}.{pos}.conv{m[2]}"
+    return path  # conv_in, time_embedding, ... are not targeted by default
+
+
+def clip_path(module: str) -> str:
+    """CLIP module path as in the original CLIP / transformers<5 layout ('text_model.encoder...').
+    transformers 5's CLIPTextModel drops the 'text_model.' level; kohya names keep it."""
+    return module if module.startswith("text_model.") else "text_model." + module
+
+
+def to_kohya(parts: dict[str, tuple[dict, dict]], family: str, layers_per_block: int = 2,
+             up_has_attn: dict[int, bool] | None = None, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """parts: {'unet'|'te1'|'te2': (peft state dict, {module path: alpha})} -> kohya tensors."""
+    out: dict[str, torch.Tensor] = {}
+    for part, (state, alphas) in parts.items():
+        prefix = part_prefix(family, part)
+        for key, tensor in state.items():
+            m = re.match(r"(.+)\.lora_([AB])\.weight$", key)
+            if not m:
+                raise ValueError(f"Unexpected LoRA key '{key}' (DoRA magnitudes and biases are not exported)")
+            module, ab = m[1], m[2]
+            if part == "unet":
+                path = diffusers_to_sgm(module, layers_per_block, up_has_attn) if family == "sdxl" else module
+            else:
+                path = clip_path(module)
+            name = prefix + path.replace(".", "_")
+            out[f"{name}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"] = tensor.detach().to("cpu", dtype).contiguous()
+            if module not in alphas:
+                raise ValueError(f"No alpha recorded for module '{module}'")
+            out[f"{name}.alpha"] = torch.tensor(float(alphas[module]), dtype=dtype)
+    return out
+
+
+def _hashes(tensors: dict[str, torch.Tensor], ss_metadata: dict[str, str]) -> tuple[str, str]:
+    """kohya's sshs_model_hash (bytes after the header) and sshs_legacy_hash (64 KiB at 1 MiB)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=ss_metadata)
+    n = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + n :]).hexdigest()
+    legacy = hashlib.sha256(io.BytesIO(data).getbuffer()[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+    return model_hash, legacy
+
+
+def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
+    """The `ss_*` and `modelspec.*` metadata web UIs and model sites read. Every value a string."""
+    triggers = cfg.trigger_words
+    md = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(cfg.rank),
+        "ss_network_alpha": _num(cfg.alpha),
+        "ss_network_args": json.dumps({"conv_dim": str(cfg.conv_rank), "conv_alpha": _num(cfg.conv_alpha)}) if cfg.conv_rank else None,
+        "ss_base_model_version": BASE_VERSION[family],
+        "ss_v2": str(family in ("sd2", "sd2v")),
+        "ss_output_name": cfg.output_name,
+        "ss_training_started_at": str(int(info.get("started_at", time.time()))),
+        "ss_training_finished_at": str(int(info.get("finished_at", time.time()))),
+        "ss_steps": str(info.get("steps", 0)),
+        "ss_epoch": str(info.get("epoch", 0)),
+        "ss_learning_rate": _num(cfg.unet_lr),
+        "ss_unet_lr": _num(cfg.unet_lr),
+        "ss_text_encoder_lr": _num(cfg.text_encoder_lr if cfg.train_text_encoder else 0.0),
+        "ss_optimizer": cfg.optimizer,
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_lr_warmup_steps": str(cfg.warmup_steps),
+        "ss_num_train_images": str(info.get("num_train_images", 0)),
+        "ss_batch_size_per_device": str(cfg.batch_size),
+        "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation),
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "ss_seed": str(cfg.seed),
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_clip_skip": str(cfg.clip_skip),
+        "ss_noise_offset": _num(cfg.noise_offset) if cfg.noise_offset else None,
+        "ss_min_snr_gamma": _num(cfg.min_snr_gamma) if cfg.min_snr_gamma else None,
+        "ss_network_dropout": _num(cfg.dropout) if cfg.dropout else None,
+        "ss_sd_model_name": str(info.get("model_name", cfg.base_model)).replace("\\", "/").split("/")[-1],
+        "ss_keep_tokens": str(cfg.keep_tokens),
+        "ss_shuffle_caption": str(cfg.shuffle_tags),
+        "ss_caption_dropout_rate": _num(cfg.caption_dropout),
+        "ss_flip_aug": str(cfg.flip),
+        "ss_cache_latents": str(cfg.cache_latents),
+        "ss_enable_bucket": str(cfg.enable_buckets),
+        "ss_min_bucket_reso": str(cfg.min_bucket),
+        "ss_max_bucket_reso": str(cfg.max_bucket),
+        "ss_tag_frequency": json.dumps(info.get("tag_frequency", {}), ensure_ascii=False),
+        "ss_dataset_dirs": json.dumps(info.get("dataset_dirs", {}), ensure_ascii=False),
+        "ss_training_comment": f"trigger: {', '.join(triggers)}" if triggers else None,
+        "ss_trigger_words": json.dumps(triggers, ensure_ascii=False),
+        "ss_prediction_type": info.get("prediction_type", "epsilon"),
+    }
+    return {k: v for k, v in md.items() if v is not None}
+
+
+def modelspec(cfg, family: str, info: dict) -> dict[str, str]:
+    return {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": ARCHITECTURE[family],
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
+        "modelspec.title": cfg.output_name,
+        "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
+        "modelspec.date": datetime.fromtimestamp(info.get("finished_at", time.time()), timezone.utc).isoformat(timespec="seconds"),
+        "modelspec.prediction_type": "v" if info.get("prediction_type") == "v_prediction" else "epsilon",
+        "modelspec.trigger_phrase": ", ".join(cfg.trigger_words),
+        "modelspec.tags": ", ".join(cfg.trigger_words),
+    }
+
+
+def write_lora(path, tensors: dict[str, torch.Tensor], ss_meta: dict[str, str], extra_meta: dict[str, str]) -> None:
+    """Write atomically, with kohya's hashes computed over the file with the ss_* metadata only."""
+    from safetensors.torch import save
+
+    ss_only = {k: v for k, v in ss_meta.items() if k.startswith("ss_")}
+    model_hash, legacy = _hashes(tensors, ss_only)
+    meta = {**ss_meta, **extra_meta, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def _num(x: float) -> str:
+    return repr(float(x)) if not float(x).is_integer() else str(int(x)) if abs(x) >= 1 else repr(float(x))

@@ -1,0 +1,235 @@
+"""Load a base model from a diffusers folder, a single-file checkpoint (offline) or a hub id.
+
+Single files are read with safetensors (or `torch.load(weights_only=True)` for .ckpt) and converted by
+diffusers' own single-file loader against configs shipped in `trainer/models/configs/`, so no hub
+request happens.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CONFIG_ROOT = Path(__file__).parent / "configs"
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x (epsilon)", "sd2v": "SD 2.x 768-v (v-prediction)", "sdxl": "SDXL"}
+
+
+class ModelError(ValueError):
+    """A base-model problem a user can fix; the message says what and how."""
+
+
+@dataclass
+class LoadedModel:
+    family: str  # sd1 | sd2 | sd2v | sdxl
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list
+    tokenizers: list
+    noise_scheduler: object
+    source: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def pipeline(self, scheduler=None):
+        """A diffusers pipeline over these very modules (adapters included)."""
+        from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if self.is_sdxl:
+            sched = scheduler or EulerDiscreteScheduler.from_config(self.noise_scheduler.config)
+            return StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoders[0],
+                text_encoder_2=self.text_encoders[1],
+                tokenizer=self.tokenizers[0],
+                tokenizer_2=self.tokenizers[1],
+                unet=self.unet,
+                scheduler=sched,
+            )
+        sched = scheduler or DDIMScheduler.from_config(self.noise_scheduler.config)
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoders[0],
+            tokenizer=self.tokenizers[0],
+            unet=self.unet,
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+def _is_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~")) and "\\" not in s and ":" not in s
+
+
+def family_from_folder(folder: Path) -> str:
+    index = json.loads((folder / "model_index.json").read_text())
+    if "text_encoder_2" in index and index["text_encoder_2"][0] is not None:
+        return "sdxl"
+    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    te_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+    sd2 = unet_cfg.get("use_linear_projection") or te_cfg.get("hidden_act") == "gelu"
+    if not sd2:
+        return "sd1"
+    return "sd2v" if sched_cfg.get("prediction_type") == "v_prediction" else "sd2"
+
+
+def read_checkpoint(path: Path) -> dict:
+    """State dict of a single-file checkpoint, through safetensors or weights-only torch.load."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            return sd.get("state_dict", sd) if isinstance(sd, dict) else {}
+    except Exception as e:  # safetensors/pickle raise many types for a damaged file
+        raise ModelError(
+            f"Could not read the checkpoint {path.name}: the file is damaged, incomplete or not a model "
+            f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}). Download it again."
+        ) from None
+    raise ModelError(f"{path.name}: unsupported file type '{suffix}'. Use a .safetensors (preferred) or .ckpt file.")
+
+
+def family_from_checkpoint(sd: dict) -> str:
+    keys = sd.keys()
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        # ComfyUI's test: v-prediction SD2 models have a wide spread in this late norm bias
+        k = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+        if k in sd and torch.std(sd[k].float(), unbiased=False) > 0.09:
+            return "sd2v"
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    raise ModelError(
+        "Unknown architecture: the checkpoint has no SD 1.x, SD 2.x or SDXL text-encoder keys. "
+        "LoRA Studio trains SD 1.5, SD 2.x and SDXL models; is this an inpainting, Flux or SD3 model, or a LoRA?"
+    )
+
+
+def load_model(base_model: str, family: str = "auto", config_dir: str | None = None, dtype=torch.float32) -> LoadedModel:
+    """Load all parts of a base model. Raise ModelError with a plain message when that is not possible."""
+    if not base_model:
+        raise ModelError("No base model given: choose a .safetensors checkpoint, a diffusers folder or a hub id.")
+    path = Path(os.path.expanduser(base_model))
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(
+                f"{path} is a folder but not a diffusers model (no model_index.json). "
+                "Pick the .safetensors file itself, or the folder that holds model_index.json."
+            )
+        detected = family_from_folder(path)
+        return _from_pretrained(str(path), family if family != "auto" else detected, dtype, local_only=True)
+    if path.is_file():
+        return _from_single_file(path, family, config_dir, dtype)
+    if path.suffix.lower() in (".safetensors", ".ckpt") or os.sep in base_model or base_model.startswith("."):
+        raise ModelError(f"Base model not found: {base_model}. Check the path.")
+    if _is_hub_id(base_model):
+        return _from_hub(base_model, family, dtype)
+    raise ModelError(
+        f"Base model '{base_model}' is neither an existing file or folder nor a hub id like 'org/name'."
+    )
+
+
+def _from_hub(repo_id: str, family: str, dtype) -> LoadedModel:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder*/*.safetensors"],
+            ignore_patterns=["*.fp16.*", "*non_ema*", "*.ema.*"],
+        )
+    except Exception as e:
+        raise ModelError(
+            f"Could not fetch '{repo_id}' from the hub ({type(e).__name__}). Check the id and your connection, "
+            "or download the model and give its file or folder."
+        ) from None
+    detected = family_from_folder(Path(folder))
+    return _from_pretrained(folder, family if family != "auto" else detected, dtype, local_only=True)
+
+
+def _from_pretrained(folder: str, family: str, dtype, local_only: bool) -> LoadedModel:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    kw = {"local_files_only": local_only}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **kw)
+        tes = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype, **kw)]
+        toks = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)]
+        if family == "sdxl":
+            tes.append(CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", torch_dtype=dtype, **kw))
+            toks.append(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **kw))
+        sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelError(
+            f"The diffusers model in {folder} is incomplete or damaged ({str(e).splitlines()[0][:200]}). "
+            "Download it again."
+        ) from None
+    if family == "sd2v" and sched.config.prediction_type != "v_prediction":
+        sched = DDPMScheduler.from_config(sched.config, prediction_type="v_prediction")
+    return LoadedModel(family, unet, vae, tes, toks, sched, folder)
+
+
+def shipped_config_dir(family: str) -> Path:
+    return CONFIG_ROOT / family
+
+
+def _from_single_file(path: Path, family: str, config_dir: str | None, dtype) -> LoadedModel:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    sd = read_checkpoint(path)
+    if not sd:
+        raise ModelError(f"{path.name} holds no weights. Download it again.")
+    detected = family_from_checkpoint(sd)
+    fam = detected if family == "auto" else family
+    if (fam == "sdxl") != (detected == "sdxl"):
+        raise ModelError(
+            f"{path.name} is a {FAMILY_NAMES[detected]} checkpoint, but model_family is set to {FAMILY_NAMES[fam]}. "
+            "Set model_family to auto."
+        )
+    cfg_dir = Path(config_dir) if config_dir else shipped_config_dir(fam)
+    if not (cfg_dir / "model_index.json").is_file():
+        raise ModelError(f"No model configs for {FAMILY_NAMES[fam]} at {cfg_dir}; the installation is incomplete.")
+    cls = StableDiffusionXLPipeline if fam == "sdxl" else StableDiffusionPipeline
+    extra = {} if fam == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = cls.from_single_file(
+            str(path), config=str(cfg_dir), local_files_only=True, torch_dtype=dtype, **extra
+        )
+    except Exception as e:
+        raise ModelError(
+            f"Could not convert {path.name} as {FAMILY_NAMES[fam]} ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}). "
+            "The file may be damaged, or of an architecture LoRA Studio does not train."
+        ) from None
+    del sd
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction" if fam == "sd2v" else "epsilon")
+    tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if fam == "sdxl" else [])
+    toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if fam == "sdxl" else [])
+    return LoadedModel(fam, pipe.unet, pipe.vae, tes, toks, sched, str(path))

@@ -1,0 +1,97 @@
+"""LoRA injection with peft, targeting the modules kohya's LoRA targets (see shared/design/LORA_FORMAT.md)."""
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+
+ADAPTER = "default"
+UNET_ATTN_SUFFIXES = (
+    "proj_in", "proj_out", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2",
+)
+TE_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+CONV_PARENTS = ("resnets", "downsamplers", "upsamplers")
+
+
+def unet_targets(unet: torch.nn.Module, conv: bool = False) -> tuple[list[str], list[str]]:
+    """(linear/1x1 targets inside the transformer blocks, 3x3-conv targets of the ResNet blocks for LoCon)."""
+    attn, convs = [], []
+    for name, mod in unet.named_modules():
+        if ".attentions." in name and name.endswith(UNET_ATTN_SUFFIXES) and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            attn.append(name)
+        elif conv and any(f".{p}." in name for p in CONV_PARENTS) and isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+            if name.endswith((".conv1", ".conv2", ".conv_shortcut", ".conv", ".time_emb_proj")):
+                convs.append(name)
+    return attn, convs
+
+
+def text_encoder_targets(te: torch.nn.Module) -> list[str]:
+    return [n for n, m in te.named_modules() if n.endswith(TE_SUFFIXES) and isinstance(m, torch.nn.Linear)]
+
+
+def inject(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0,
+           conv_targets: list[str] | None = None, conv_rank: int = 0, conv_alpha: float = 1.0) -> dict[str, float]:
+    """Add a LoRA adapter to `model` in place. Returns module name -> alpha (needed for export)."""
+    conv_targets = conv_targets or []
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets) + list(conv_targets),
+        rank_pattern={f"^{n}$".replace(".", r"\."): conv_rank for n in conv_targets},
+        alpha_pattern={f"^{n}$".replace(".", r"\."): conv_alpha for n in conv_targets},
+        init_lora_weights=True,  # kaiming-uniform down, zero up: training starts from the base model exactly
+    )
+    inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
+    alphas = {n: float(alpha) for n in targets}
+    alphas.update({n: float(conv_alpha) for n in conv_targets})
+    for p_name, p in model.named_parameters():
+        p.requires_grad_("lora_" in p_name)
+    return alphas
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft's adapter weights: '<module>.lora_A.weight' / '<module>.lora_B.weight'."""
+    return {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
+
+
+def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"LoRA state does not fit this model: {len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+
+
+def set_lora_scale(model: torch.nn.Module, scale: float) -> None:
+    """Multiply every LoRA delta by `scale` (0 = base model) without touching weights."""
+    from peft.tuners.lora import LoraLayer
+
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            for name in m.scaling:
+                m.scaling[name] = scale * m.lora_alpha[name] / m.r[name]
+
+
+def inject_for_config(model, cfg) -> dict[str, dict[str, float]]:
+    """Inject the adapters a TrainConfig asks for into a LoadedModel. Returns part -> {module: alpha}."""
+    attn, conv = unet_targets(model.unet, conv=cfg.conv_rank > 0)
+    alphas = {"unet": inject(model.unet, attn, cfg.rank, cfg.alpha, cfg.dropout, conv, cfg.conv_rank, cfg.conv_alpha)}
+    if cfg.train_text_encoder:
+        for name, te in zip(("te1", "te2"), model.text_encoders):
+            alphas[name] = inject(te, text_encoder_targets(te), cfg.rank, cfg.alpha, cfg.dropout)
+    return alphas
+
+
+def part_modules(model) -> dict[str, torch.nn.Module]:
+    return {"unet": model.unet, **dict(zip(("te1", "te2"), model.text_encoders))}
+
+
+def load_parts(model, parts: dict[str, tuple[dict, dict]]) -> None:
+    """Load saved LoRA weights (checkpoint 'parts') into an injected LoadedModel."""
+    mods = part_modules(model)
+    for name, (state, _) in parts.items():
+        load_lora_state(mods[name], state)
