@@ -53,7 +53,9 @@ def cmd_train(args) -> int:
     try:
         cfg.validate()
         if int(os.environ.get("RANK", "0")) == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            from trainer.loop import check_output_dir
+
+            check_output_dir(run_dir)
             if not (run_dir / "config.toml").exists() or Path(args.config).resolve() != (run_dir / "config.toml").resolve():
                 cfg.save(run_dir / "config.toml")
         out = train(cfg, run_dir, resume=args.resume, echo=lambda m: print(m, file=sys.stderr))

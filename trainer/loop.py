@@ -120,6 +120,12 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
 
     run_dir = Path(run_dir or cfg.output_dir)
     config_warnings = cfg.validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps process-wide singletons; a second run in one process (tests, the bench) starts clean
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
     device, mp, dev_warns = resolve_device_and_precision(cfg)
     accelerator = Accelerator(
         mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation, cpu=(device == "cpu")
@@ -162,6 +168,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
     model.vae.to(dev, dtype=torch.float32)
 
     # 3. LoRA
+    torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same starting weights
     alphas = lora.inject_for_config(model, cfg)
     for m in [model.unet, *model.text_encoders]:
         m.to(dev, dtype=weight_dtype)
@@ -351,10 +358,11 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
                         lr=scheduler.get_last_lr()[0], its=its, eta=eta)
             if cfg.sample_every_steps and step % cfg.sample_every_steps == 0 and step < total_steps:
                 render_samples(cfg, model, accelerator, unet, text_encoders, run_dir, step, ev)
-            saving = cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps
-            if take_request(run_dir, "save") or saving:
+            saving = bool(cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps)
+            want_save, want_stop = poll_requests(accelerator, run_dir)
+            if want_save or saving:
                 save(step)
-            if take_request(run_dir, "stop"):
+            if want_stop:
                 save(step)
                 ev.emit("stopped", step=step, message=f"Stopped at step {step}; resume to continue.")
                 raise Stopped()
@@ -373,15 +381,30 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
     if cfg.sample_prompts and main:
         render_samples(cfg, model, accelerator, unet, text_encoders, run_dir, total_steps, ev)
     out = run_dir / f"{cfg.output_name}.safetensors"
+    # every rank must hold the same weights after DDP; record each rank's checksum in the done event
+    local = torch.stack([sum(p.detach().double().sum() for p in lora.lora_parameters(accelerator.unwrap_model(m))) for m in trainable])
+    checksums = accelerator.gather(local.to(dev).reshape(1, -1)).cpu().tolist()
     if main:
         import shutil
 
         shutil.copyfile(final / f"{cfg.output_name}.safetensors", out.with_suffix(".tmp"))
         os.replace(out.with_suffix(".tmp"), out)
-        ev.emit("done", path=str(out), step=total_steps, message=f"Finished: {out}")
+        ev.emit("done", path=str(out), step=total_steps, rank_checksums=checksums, message=f"Finished: {out}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
+
+
+def poll_requests(accelerator, run_dir: Path) -> tuple[bool, bool]:
+    """(save now, stop) as decided by rank 0, so every rank acts on the same step."""
+    flags = [False, False]
+    if accelerator.is_main_process:
+        flags = [take_request(run_dir, "save"), take_request(run_dir, "stop")]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        flags = broadcast_object_list(flags, from_process=0)
+    return bool(flags[0]), bool(flags[1])
 
 
 def export_parts(parts, cfg: TrainConfig, layout: dict, info: dict, path: Path, precision: str | None = None) -> None:

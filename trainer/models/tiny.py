@@ -107,6 +107,7 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
             beta_schedule="scaled_linear",
             clip_sample=False,
             set_alpha_to_one=False,
+            steps_offset=1,
             prediction_type="v_prediction" if family == "sd2v" else "epsilon",
         )
         return StableDiffusionPipeline(

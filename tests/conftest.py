@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random-weight models (built here, no network) and small image datasets."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_STUDIO_CACHE", str(tmp_path / "cache"))
+
+
+def _model(tmp_path_factory, family):
+    from trainer.models.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp(f"tiny_{family}") / "model", family)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory) -> Path:
+    return _model(tmp_path_factory, "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    return _model(tmp_path_factory, "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v(tmp_path_factory) -> Path:
+    return _model(tmp_path_factory, "sd2v")
+
+
+def make_images(folder: Path, n: int = 4, size=(64, 64), caption: str | None = "red square", seed: int = 0,
+                concept: bool = False) -> list[Path]:
+    """n PNGs (random noise, or one clear concept: a red square on a blue field) with .txt captions."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in range(n):
+        w, h = size if isinstance(size, tuple) else size[i]
+        if concept:
+            a = np.zeros((h, w, 3), np.uint8)
+            a[..., 2] = 200
+            a[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = (220, 20, 20)
+            a = np.clip(a.astype(int) + rng.randint(-10, 10, a.shape), 0, 255).astype(np.uint8)
+        else:
+            a = (rng.rand(h, w, 3) * 255).astype(np.uint8)
+        p = folder / f"img{i}.png"
+        Image.fromarray(a).save(p)
+        if caption is not None:
+            p.with_suffix(".txt").write_text(f"{caption}, tag{i}")
+        out.append(p)
+    return out
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    d = tmp_path / "data"
+    make_images(d, 4)
+    return d
+
+
+def base_config(model: Path, data: Path, out: Path, **kw):
+    from trainer.config import TrainConfig
+
+    values = dict(
+        base_model=str(model), dataset=str(data), trigger="zwx", resolution=64, min_bucket=64, max_bucket=128,
+        rank=4, alpha=4, max_steps=4, mixed_precision="no", save_precision="fp32", output_dir=str(out),
+        device="cpu", unet_lr=1e-3, text_encoder_lr=1e-3,
+    )
+    values.update(kw)
+    return TrainConfig(**values)
