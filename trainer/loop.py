@@ -196,6 +196,13 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
             t0 = time.time()
             n = cache.fill(model.vae, data.all_jobs(), on_progress=lambda d, t: ev.emit("status", state="caching", message=f"Caching latents {d}/{t}", done=d, total=t))
             ev.emit("log", message=f"Latent cache: {n} image(s) encoded in {time.time() - t0:.1f}s, {len(data.all_jobs()) - n} reused")
+        if cache.failed:
+            for path, reason in cache.failed.items():
+                ev.emit("warning", message=f"Skipped {path.name}: {reason}")
+            scan.items = [it for it in scan.items if it.path not in cache.failed]
+            if not scan.items:
+                raise TrainingError(f"No image in {cfg.dataset} could be decoded. See the skipped files above.")
+            data = TrainData(scan, cfg, accelerator.num_processes, accelerator.process_index)
         data.cache = cache
         model.vae.to("cpu")  # free VRAM; samples move it back
     text_cache = None

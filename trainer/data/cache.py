@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from trainer.data.buckets import resize_crop_box
-from trainer.data.images import load_rgb
+from trainer.data.images import ImageProblem, load_rgb
 from trainer.fsutil import atomic_save_safetensors
 
 
@@ -80,14 +80,23 @@ class LatentCache:
         """Encode every job not cached yet, `batch_size` images of one bucket at a time. Returns how many
         images went through the VAE (0 on a second run)."""
         pending = [j for j in dict.fromkeys(jobs) if not self.has(j[1], j[2], j[3])]
+        self.failed: dict[Path, str] = {}
         by_bucket: dict[tuple[int, int], list] = {}
         for j in pending:
             by_bucket.setdefault(j[2], []).append(j)
         done = 0
         for bucket, js in by_bucket.items():
             for i in range(0, len(js), batch_size):
-                chunk = js[i : i + batch_size]
-                pixels = torch.stack([pixel_tensor(p, bucket, flip) for p, _, _, flip in chunk])
+                chunk, tensors = [], []
+                for job in js[i : i + batch_size]:
+                    try:
+                        tensors.append(pixel_tensor(job[0], bucket, job[3]))
+                        chunk.append(job)
+                    except ImageProblem as e:  # one bad file never stops a run
+                        self.failed[job[0]] = str(e)
+                if not chunk:
+                    continue
+                pixels = torch.stack(tensors)
                 lats = encode_pixels(vae, pixels)
                 for (p, h, b, flip), lat in zip(chunk, lats):
                     self.put(h, b, flip, lat)

@@ -41,6 +41,7 @@ def probe(path: str | Path) -> tuple[int, int]:
     except Exception as e:  # Pillow plugins raise odd types on hostile input
         raise ImageProblem(f"not a readable image ({type(e).__name__})") from None
     _check_size(w, h)
+    _check_complete(path, size)
     if orientation in (5, 6, 7, 8):
         w, h = h, w
     return w, h
@@ -92,6 +93,19 @@ def _check_size(w: int, h: int) -> None:
         raise ImageProblem(f"the image is {w}x{h}, over the {MAX_PIXELS // 1_000_000} megapixel limit; downscale it")
     if min(w, h) < MIN_SIDE:
         raise ImageProblem(f"the image is only {w}x{h} pixels")
+
+
+def _check_complete(path: Path, size: int) -> None:
+    """Cheap truncation check from the file's tail: JPEGs end with an EOI marker, PNGs with IEND.
+    A download cut short fails here instead of hours later at decode time."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        fh.seek(max(0, size - 4096))
+        tail = fh.read()
+    if head[:2] == b"\xff\xd8" and b"\xff\xd9" not in tail:
+        raise ImageProblem("the JPEG is truncated (incomplete download or copy)")
+    if head == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
+        raise ImageProblem("the PNG is truncated (incomplete download or copy)")
 
 
 def _short(e: Exception) -> str:
