@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.models.sniff import family_from_folder, family_from_keys
+
 log = logging.getLogger(__name__)
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
@@ -80,19 +82,6 @@ def _is_hub_id(s: str) -> bool:
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~")) and "\\" not in s and ":" not in s
 
 
-def family_from_folder(folder: Path) -> str:
-    index = json.loads((folder / "model_index.json").read_text())
-    if "text_encoder_2" in index and index["text_encoder_2"][0] is not None:
-        return "sdxl"
-    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
-    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    te_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
-    sd2 = unet_cfg.get("use_linear_projection") or te_cfg.get("hidden_act") == "gelu"
-    if not sd2:
-        return "sd1"
-    return "sd2v" if sched_cfg.get("prediction_type") == "v_prediction" else "sd2"
-
-
 def read_checkpoint(path: Path) -> dict:
     """State dict of a single-file checkpoint, through safetensors or weights-only torch.load."""
     suffix = path.suffix.lower()
@@ -113,17 +102,15 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def family_from_checkpoint(sd: dict) -> str:
-    keys = sd.keys()
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
+    fam = family_from_keys(sd.keys())
+    if fam == "sd2":
         # ComfyUI's test: v-prediction SD2 models have a wide spread in this late norm bias
         k = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
         if k in sd and torch.std(sd[k].float(), unbiased=False) > 0.09:
             return "sd2v"
         return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
+    if fam:
+        return fam
     raise ModelError(
         "Unknown architecture: the checkpoint has no SD 1.x, SD 2.x or SDXL text-encoder keys. "
         "LoRA Studio trains SD 1.5, SD 2.x and SDXL models; is this an inpainting, Flux or SD3 model, or a LoRA?"

@@ -1,0 +1,103 @@
+"""UI values <-> TrainConfig, and the pre-flight check. Pure functions, no gradio, no torch."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainer.config import ConfigError, TrainConfig, field_help
+
+BASIC = ["base_model", "dataset", "trigger", "rank", "alpha", "unet_lr", "text_encoder_lr", "train_text_encoder",
+         "max_steps", "epochs", "batch_size", "resolution", "optimizer", "mixed_precision", "output_name"]
+HIDDEN = ["output_dir", "config_version"]  # set by the app, not by the person
+FIELDS = {f["name"]: f for f in field_help()}
+ADVANCED = [n for n in FIELDS if n not in BASIC and n not in HIDDEN]
+
+
+def values_to_config(values: dict[str, Any], datasets_dir: Path | None = None) -> TrainConfig:
+    """Form values (by field name) -> TrainConfig. The dataset may be a workspace dataset name."""
+    data = TrainConfig().to_dict()
+    for k, v in values.items():
+        if k not in FIELDS or k in HIDDEN:
+            continue
+        if v is None:
+            continue
+        if FIELDS[k]["type"] == "list" and isinstance(v, str):
+            v = [line.strip() for line in v.splitlines() if line.strip()]
+        if FIELDS[k]["type"] == "int" and isinstance(v, float) and v.is_integer():
+            v = int(v)
+        data[k] = v
+    ds = data.get("dataset") or ""
+    if datasets_dir is not None and ds and not Path(ds).is_absolute() and (datasets_dir / ds).is_dir():
+        data["dataset"] = str(datasets_dir / ds)
+    return TrainConfig.from_dict(data, source="the form")
+
+
+def config_to_values(cfg: TrainConfig) -> dict[str, Any]:
+    d = cfg.to_dict()
+    for k, f in FIELDS.items():
+        if f["type"] == "list":
+            d[k] = "\n".join(d[k])
+    return d
+
+
+def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=None) -> tuple[bool, str]:
+    """(ok to start, plain-language markdown): config errors, conflicts, dataset blockers, VRAM estimate."""
+    from trainer.data.report import dataset_report
+    from trainer.estimate import estimate_vram_gb
+    from trainer.models.sniff import sniff_family
+    from trainer.presets import family_mismatch
+
+    errors: list[str] = []
+    warns: list[str] = []
+    try:
+        cfg = values_to_config(values, datasets_dir)
+    except ConfigError as e:
+        return False, "### Cannot start\n" + "\n".join(f"- {line}" for line in str(e).splitlines())
+    e, w = cfg.problems()
+    errors += e
+    warns += w
+    family = "auto"
+    if cfg.base_model:
+        p = Path(cfg.base_model).expanduser()
+        if not p.exists() and ("/" not in cfg.base_model or p.suffix in (".safetensors", ".ckpt") or cfg.base_model.startswith(("/", "."))):
+            errors.append(f"Base model not found: {cfg.base_model}")
+        family = sniff_family(cfg.base_model) if cfg.model_family == "auto" else cfg.model_family
+    if preset is not None:
+        mm = family_mismatch(preset, family)
+        if mm:
+            errors.append(mm)
+    report = None
+    if cfg.dataset:
+        try:
+            report = dataset_report(cfg.dataset, cfg.resolution, cfg.trigger, cfg.min_bucket, cfg.max_bucket,
+                                    cfg.bucket_step, cfg.no_upscale)
+        except FileNotFoundError:
+            errors.append(f"Dataset folder not found: {cfg.dataset}")
+    if report:
+        errors += report["blockers"]
+        if report["skipped"]:
+            warns.append(f"{len(report['skipped'])} file(s) will be skipped: "
+                         + "; ".join(f"{s['file']} ({s['reason']})" for s in report["skipped"][:5]))
+        if report["missing_captions"]:
+            warns.append(f"{len(report['missing_captions'])} image(s) have no caption"
+                         + (f"; they use '{cfg.class_caption}'" if cfg.class_caption else " and train on the trigger word alone"))
+        if report["duplicates"]:
+            warns.append(f"{len(report['duplicates'])} group(s) of duplicate images")
+    est = estimate_vram_gb(cfg, family)
+    lines = []
+    if errors:
+        lines.append("### Cannot start yet")
+        lines += [f"- {x}" for x in errors]
+    if warns:
+        lines.append("### Check these")
+        lines += [f"- {x}" for x in warns]
+    fam_name = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2v": "SD 2.x (v)", "sdxl": "SDXL"}.get(family, "unknown until loaded")
+    lines.append("### Plan")
+    if report:
+        lines.append(f"- {report['image_count']} images ({report['images_with_repeats']} per epoch with repeats)")
+    lines.append(f"- Model family: {fam_name}")
+    lines.append(f"- Estimated peak VRAM: about {est['total_gb']} GB (weights {est['weights_gb']} GB, "
+                 f"activations {est['activations_gb']} GB, LoRA {est['lora_params_m']}M parameters)")
+    if not errors:
+        lines.insert(0, "### Ready to start")
+    return not errors, "\n".join(lines)

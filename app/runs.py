@@ -1,0 +1,294 @@
+"""Start, stop, queue and list training runs. Each run is a worker process running the engine's CLI.
+
+The worker is started in its own session: closing the browser or restarting the app does not stop it.
+A small SQLite index in the workspace lists runs; each run's truth is its folder (config.toml,
+events.jsonl, checkpoints). One run trains at a time; later ones wait in a queue.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.config import TrainConfig
+from trainer.events import read_events, request
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ACTIVE = ("queued", "running")
+
+
+@dataclass
+class RunView:
+    """What the page shows of a run, folded from its event log."""
+    offset: int = 0
+    state: str = "queued"
+    step: int = 0
+    total: int = 0
+    epoch: int = 0
+    its: float = 0.0
+    eta: float | None = None
+    losses: list = field(default_factory=list)  # (step, loss)
+    samples: list = field(default_factory=list)  # (path, caption)
+    log: list = field(default_factory=list)
+    error: str | None = None
+    output: str | None = None
+    checkpoints: list = field(default_factory=list)
+
+    def fold(self, events: list[dict]) -> None:
+        for e in events:
+            t = e["type"]
+            msg = e.get("message")
+            if msg:
+                self.log.append(f"{time.strftime('%H:%M:%S', time.localtime(e['time']))} {t}: {msg}")
+            if t == "status":
+                self.state = e.get("state", self.state)
+                self.total = e.get("total", self.total)
+            elif t == "progress":
+                self.state = "training"
+                self.step, self.total, self.epoch = e["step"], e["total"], e.get("epoch", 0)
+                self.its, self.eta = e.get("its", 0.0), e.get("eta")
+                self.losses.append((e["step"], e["loss"]))
+            elif t == "sample":
+                self.samples.append((e["path"], f"step {e['step']}: {e.get('prompt', '')}"))
+            elif t == "checkpoint":
+                self.checkpoints.append(e["path"])
+            elif t == "error":
+                self.state, self.error = "failed", msg
+            elif t == "stopped":
+                self.state = "stopped"
+            elif t == "done":
+                self.state, self.output, self.step = "finished", e["path"], e.get("step", self.step)
+        self.log = self.log[-200:]
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    d = cfg.to_dict()
+    d.pop("output_dir", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    try:  # a zombie child is not alive
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+    except OSError:
+        return True
+
+
+def explain_crash(log_tail: str, code: int | None) -> str:
+    """Plain words for a worker that died without saying why itself."""
+    low = log_tail.lower()
+    if "out of memory" in low:
+        return ("The GPU ran out of memory. Lower batch size or resolution, turn on gradient checkpointing, use the "
+                "8-bit optimizer or the low-VRAM preset, then Resume.")
+    if code in (-9, 137):
+        return "The training process was killed (out of system memory, or stopped from outside). Resume to continue from the last checkpoint."
+    last = [ln for ln in log_tail.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+    return f"The training process ended unexpectedly (exit code {code}). Last log line: {last[0][:300]}. Resume to continue from the last checkpoint."
+
+
+class RunManager:
+    def __init__(self, workspace, python: str = sys.executable):
+        self.ws = workspace
+        self.python = python
+        self.db_path = workspace.root / "runs.sqlite"
+        self._lock = threading.RLock()
+        self._views: dict[str, RunView] = {}
+        self._procs: dict[str, subprocess.Popen] = {}
+        with self._db() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, name TEXT, dir TEXT, status TEXT, created REAL,"
+                " pid INTEGER, resume INTEGER DEFAULT 0, chash TEXT, message TEXT, started REAL DEFAULT 0)"
+            )
+        self.reconcile()
+
+    def _db(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, timeout=10, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        return db
+
+    # ------------------------------------------------------------- queries
+    def list(self) -> list[dict]:
+        self.reconcile()
+        with self._db() as db:
+            return [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY created DESC")]
+
+    def get(self, run_id: str) -> dict | None:
+        with self._db() as db:
+            r = db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        return dict(r) if r else None
+
+    def view(self, run_id: str) -> RunView:
+        """The run's live view, read incrementally from its event log."""
+        run = self.get(run_id)
+        if run is None:
+            raise ValueError(f"No run {run_id}")
+        with self._lock:
+            v = self._views.setdefault(run_id, RunView())
+            events, v.offset = read_events(run["dir"], v.offset)
+            v.fold(events)
+            if run["status"] == "queued" and v.state not in ("failed", "finished", "stopped"):
+                v.state = "queued"
+            if run["status"] == "crashed" and not v.error:
+                v.state, v.error = "failed", run["message"]
+        return v
+
+    # ------------------------------------------------------------- actions
+    def create(self, cfg: TrainConfig, name: str = "") -> tuple[str, bool]:
+        """Queue a new run; (run id, created). An identical config already queued or running is reused, so
+        a double click or a second browser tab does not start the same run twice."""
+        h = config_hash(cfg)
+        with self._lock:
+            with self._db() as db:
+                same = db.execute(
+                    "SELECT id FROM runs WHERE chash=? AND status IN ('queued','running')", (h,)
+                ).fetchone()
+                if same:
+                    return same["id"], False
+                run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + h[:6]
+                run_dir = self.ws.runs_dir / run_id
+                run_dir.mkdir(parents=True, exist_ok=True)
+                cfg = cfg.replace(output_dir=str(run_dir))
+                cfg.save(run_dir / "config.toml")
+                db.execute(
+                    "INSERT INTO runs (id, name, dir, status, created, chash) VALUES (?,?,?,?,?,?)",
+                    (run_id, name or cfg.output_name, str(run_dir), "queued", time.time(), h),
+                )
+            self._schedule()
+        return run_id, True
+
+    def stop(self, run_id: str) -> str:
+        run = self.get(run_id)
+        if not run:
+            return "No such run."
+        if run["status"] == "queued":
+            self._set(run_id, status="stopped", message="Removed from the queue before it started.")
+            return "Removed from the queue."
+        if run["status"] != "running":
+            return f"The run is not running ({run['status']})."
+        request(run["dir"], "stop")
+        return "Stopping: the run saves a checkpoint at the end of the current step, then stops."
+
+    def save_now(self, run_id: str) -> str:
+        run = self.get(run_id)
+        if not run or run["status"] != "running":
+            return "Only a running run can save."
+        request(run["dir"], "save")
+        return "A checkpoint will be saved after the current step."
+
+    def resume(self, run_id: str) -> str:
+        run = self.get(run_id)
+        if not run:
+            return "No such run."
+        if run["status"] in ACTIVE:
+            return f"The run is already {run['status']}."
+        if not any((Path(run["dir"]) / "checkpoints").glob("step-*")):
+            return "This run has no checkpoint to resume from; start it again instead."
+        self._set(run_id, status="queued", resume=1, message=None)
+        with self._lock:
+            self._views.pop(run_id, None)
+        self._schedule()
+        return "Resuming from the last checkpoint."
+
+    def kill(self, run_id: str) -> None:
+        """Hard stop (tests, and shutting down a hung worker). Checkpoints on disk stay."""
+        run = self.get(run_id)
+        if run and pid_alive(run["pid"]):
+            try:
+                os.killpg(run["pid"], signal.SIGKILL)
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------- workers
+    def _set(self, run_id: str, **cols) -> None:
+        keys = ", ".join(f"{k}=?" for k in cols)
+        with self._db() as db:
+            db.execute(f"UPDATE runs SET {keys} WHERE id=?", (*cols.values(), run_id))
+
+    def _schedule(self) -> None:
+        with self._lock:
+            with self._db() as db:
+                running = db.execute("SELECT id, pid FROM runs WHERE status='running'").fetchall()
+                if any(pid_alive(r["pid"]) for r in running):
+                    return
+                nxt = db.execute("SELECT * FROM runs WHERE status='queued' ORDER BY created LIMIT 1").fetchone()
+            if nxt:
+                self._spawn(dict(nxt))
+
+    def _spawn(self, run: dict) -> None:
+        run_dir = Path(run["dir"])
+        cmd = [self.python, "-m", "trainer", "train", str(run_dir / "config.toml"), "--run-dir", str(run_dir)]
+        if run["resume"]:
+            cmd.append("--resume")
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "PYTHONUNBUFFERED": "1"}
+        log = open(run_dir / "worker.log", "ab")
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self._procs[run["id"]] = proc
+        self._set(run["id"], status="running", pid=proc.pid, message=None, started=time.time() - 1)
+        threading.Thread(target=self._watch, args=(run["id"], proc), daemon=True).start()
+
+    def _watch(self, run_id: str, proc: subprocess.Popen) -> None:
+        code = proc.wait()
+        self._finish(run_id, code)
+        self._procs.pop(run_id, None)
+        self._schedule()
+
+    def _finish(self, run_id: str, code: int | None) -> None:
+        run = self.get(run_id)
+        if run is None or run["status"] != "running":
+            return
+        events, _ = read_events(run["dir"])
+        final = next((e for e in reversed(events) if e["type"] in ("done", "error", "stopped")), None)
+        if final and final["time"] < (run["started"] or 0):
+            final = None  # left over from an earlier attempt of this run
+        if final and final["type"] == "done" and code == 0:
+            self._set(run_id, status="finished")
+        elif final and final["type"] == "stopped":
+            self._set(run_id, status="stopped")
+        elif final and final["type"] == "error":
+            self._set(run_id, status="failed", message=final.get("message"))
+        else:
+            tail = _tail(Path(run["dir"]) / "worker.log")
+            self._set(run_id, status="crashed", message=explain_crash(tail, code))
+
+    def reconcile(self) -> None:
+        """After an app restart: runs marked running whose worker is gone get their final status;
+        a live worker from an earlier app instance is watched again."""
+        with self._db() as db:
+            rows = [dict(r) for r in db.execute("SELECT * FROM runs WHERE status='running'")]
+        for r in rows:
+            if r["id"] in self._procs:
+                continue
+            if not pid_alive(r["pid"]):
+                self._finish(r["id"], None)
+        if rows:
+            self._schedule()
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - n))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""

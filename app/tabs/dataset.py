@@ -1,0 +1,200 @@
+"""Dataset tab: create/pick a dataset, drop files in, edit captions, bulk actions, the report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from trainer.data.captions import with_triggers
+from trainer.data.importer import import_sources, save_caption
+from trainer.data.report import dataset_report
+from trainer.data.scan import scan_dataset
+
+IMPORT_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt", ".caption", ".zip"]
+
+
+def report_markdown(rep: dict) -> str:
+    """The dataset report in plain language, problems first."""
+    out = []
+    problems = []
+    problems += [f"**Blocker:** {b}" for b in rep["blockers"]]
+    problems += [f"Skipped `{s['file']}`: {s['reason']}" for s in rep["skipped"]]
+    problems += [f"Duplicates (same bytes): {', '.join(f'`{x}`' for x in d)}" for d in rep["duplicates"]]
+    problems += [f"`{s['file']}` is small ({s['size']}) for the training resolution" for s in rep["below_resolution"][:20]]
+    if rep["missing_captions"]:
+        problems.append(f"{len(rep['missing_captions'])} image(s) without a caption: "
+                        + ", ".join(f"`{x}`" for x in rep["missing_captions"][:10]))
+    if rep["trigger_coverage"] is not None and rep["captions_without_trigger"]:
+        problems.append(f"{len(rep['captions_without_trigger'])} caption(s) lack the trigger word(s) "
+                        "(added automatically when training, or use 'Add trigger to captions')")
+    problems += rep["notes"]
+    if problems:
+        out.append("#### Problems")
+        out += [f"- {p}" for p in problems]
+    else:
+        out.append("#### No problems found")
+    out.append("#### Summary")
+    out.append(f"- {rep['image_count']} image(s), {rep['images_with_repeats']} per epoch with repeats")
+    for name, s in rep["subsets"].items():
+        out.append(f"- `{name}`: {s['img_count']} image(s) x {s['n_repeats']} repeats")
+    if rep["smallest"]:
+        out.append(f"- sizes from {rep['smallest'][0]}x{rep['smallest'][1]} to {rep['largest'][0]}x{rep['largest'][1]}")
+    if rep["trigger_coverage"] is not None:
+        out.append(f"- trigger coverage: {rep['trigger_coverage']:.0%}")
+    top = list(rep["tag_frequency"].items())[:20]
+    if top:
+        out.append("- top tags: " + ", ".join(f"{t} ({n})" for t, n in top))
+    if rep["buckets"]:
+        out.append("#### Buckets")
+        out.append("| bucket | images |\n|---|---|\n" + "\n".join(f"| {b} | {n} |" for b, n in rep["buckets"].items()))
+    return "\n".join(out)
+
+
+class DatasetTab:
+    def __init__(self, ws):
+        self.ws = ws
+
+    # ------------------------------------------------------------------ handlers (plain, unit-tested)
+    def items(self, name: str) -> list[tuple[str, str]]:
+        if not name:
+            return []
+        try:
+            folder = self.ws.dataset_path(name)
+        except ValueError:
+            return []
+        res = scan_dataset(folder)
+        return [(str(it.path), it.caption or "") for it in res.items]
+
+    def create(self, name: str) -> tuple[str, str]:
+        folder = self.ws.dataset_path(name, create=True)
+        return folder.name, f"Dataset '{folder.name}' is ready: drop images into it."
+
+    def import_files(self, name: str, files: list[str]) -> str:
+        if not name:
+            return "Create or pick a dataset first."
+        if not files:
+            return "No files were dropped."
+        rep = import_sources([Path(f) for f in files], self.ws.dataset_path(name))
+        return rep.summary()
+
+    def import_folder(self, name: str, folder: str) -> str:
+        if not name:
+            return "Create or pick a dataset first."
+        p = Path(folder or "").expanduser()
+        if not folder or not p.exists():
+            return f"Folder not found: {folder}"
+        return import_sources([p], self.ws.dataset_path(name)).summary()
+
+    def save_caption(self, name: str, image: str, text: str) -> str:
+        if not image:
+            return "Click an image first."
+        p = self.ws.resolve_file(image)
+        if self.ws.dataset_path(name).resolve() not in p.parents:
+            return "That image is not in this dataset."
+        save_caption(p, text)
+        return f"Saved the caption of {p.name}."
+
+    def bulk(self, name: str, action: str, a: str = "", b: str = "") -> str:
+        """action: trigger | prefix | suffix | replace | fill."""
+        folder = self.ws.dataset_path(name)
+        changed = 0
+        for it in scan_dataset(folder).items:
+            old = it.caption or ""
+            if action == "trigger":
+                new = with_triggers(old, [t.strip() for t in a.split(",") if t.strip()]) if old else old
+            elif action == "prefix":
+                new = f"{a.strip()}, {old}" if old and a.strip() else old
+            elif action == "suffix":
+                new = f"{old}, {a.strip()}" if old and a.strip() else old
+            elif action == "replace":
+                new = old.replace(a, b) if a else old
+            elif action == "fill":
+                new = old if old else a.strip()
+            else:
+                return f"Unknown action {action}"
+            if new != old:
+                save_caption(it.path, new)
+                changed += 1
+        return f"Changed {changed} caption(s)."
+
+    def report(self, name: str, resolution: int = 512, trigger: str = "") -> str:
+        if not name:
+            return "Pick a dataset to see its report."
+        try:
+            return report_markdown(dataset_report(self.ws.dataset_path(name), int(resolution or 512), trigger or ""))
+        except ValueError as e:
+            return str(e)
+
+    # ------------------------------------------------------------------ layout
+    def build(self):
+        ws = self.ws
+        with gr.Row():
+            ds = gr.Dropdown(choices=ws.list_datasets(), label="Dataset", allow_custom_value=False, scale=3,
+                             elem_id="ds-pick", interactive=True)
+            new_name = gr.Textbox(label="New dataset name", scale=3, elem_id="ds-new-name")
+            create = gr.Button("Create", scale=1, elem_id="ds-create")
+        with gr.Row():
+            with gr.Column(scale=2):
+                upload = gr.File(label="Drop images, caption .txt files or a .zip here", file_count="multiple",
+                                 file_types=IMPORT_TYPES, elem_id="ds-upload")
+                with gr.Row():
+                    folder = gr.Textbox(label="...or import a folder (path on this computer)", scale=4)
+                    import_folder = gr.Button("Import folder", scale=1)
+                status = gr.Markdown(elem_id="ds-status")
+                gallery = gr.Gallery(label="Images (click one to edit its caption)", columns=6, height=360,
+                                     elem_id="ds-gallery", allow_preview=False)
+                current = gr.State("")
+                with gr.Row():
+                    caption = gr.Textbox(label="Caption", lines=2, scale=5, elem_id="ds-caption")
+                    save = gr.Button("Save caption", scale=1, elem_id="ds-save-caption")
+                with gr.Accordion("Bulk caption edits", open=True):
+                    with gr.Row():
+                        trig = gr.Textbox(label="Trigger word(s)", placeholder="zwx, ohwx", elem_id="ds-trigger")
+                        add_trig = gr.Button("Add trigger to captions", elem_id="ds-add-trigger")
+                    with gr.Row():
+                        affix = gr.Textbox(label="Text")
+                        add_prefix = gr.Button("Add as prefix")
+                        add_suffix = gr.Button("Add as suffix")
+                    with gr.Row():
+                        find = gr.Textbox(label="Find")
+                        repl = gr.Textbox(label="Replace with")
+                        do_repl = gr.Button("Replace in all captions")
+                    with gr.Row():
+                        template = gr.Textbox(label="Caption for images without one", placeholder="a photo of zwx")
+                        fill = gr.Button("Fill missing captions")
+            with gr.Column(scale=1):
+                res = gr.Number(value=512, label="Check against resolution", precision=0)
+                report = gr.Markdown(elem_id="ds-report")
+
+        def refresh(name, resolution, trigger):
+            return self.items(name), self.report(name, resolution, trigger)
+
+        def on_create(name):
+            try:
+                made, msg = self.create(name)
+            except ValueError as e:
+                return gr.Dropdown(), str(e)
+            return gr.Dropdown(choices=ws.list_datasets(), value=made), msg
+
+        def on_select(name, evt: gr.SelectData):
+            items = self.items(name)
+            if evt.index is None or evt.index >= len(items):
+                return "", ""
+            path, cap = items[evt.index]
+            return path, cap
+
+        view = [gallery, report]
+        create.click(on_create, new_name, [ds, status]).then(refresh, [ds, res, trig], view)
+        ds.change(refresh, [ds, res, trig], view)
+        res.change(refresh, [ds, res, trig], view)
+        upload.upload(self.import_files, [ds, upload], status).then(refresh, [ds, res, trig], view)
+        import_folder.click(self.import_folder, [ds, folder], status).then(refresh, [ds, res, trig], view)
+        gallery.select(on_select, ds, [current, caption])
+        save.click(self.save_caption, [ds, current, caption], status).then(refresh, [ds, res, trig], view)
+        add_trig.click(lambda n, t: self.bulk(n, "trigger", t), [ds, trig], status).then(refresh, [ds, res, trig], view)
+        add_prefix.click(lambda n, t: self.bulk(n, "prefix", t), [ds, affix], status).then(refresh, [ds, res, trig], view)
+        add_suffix.click(lambda n, t: self.bulk(n, "suffix", t), [ds, affix], status).then(refresh, [ds, res, trig], view)
+        do_repl.click(lambda n, a, b: self.bulk(n, "replace", a, b), [ds, find, repl], status).then(refresh, [ds, res, trig], view)
+        fill.click(lambda n, t: self.bulk(n, "fill", t), [ds, template], status).then(refresh, [ds, res, trig], view)
+        self.dropdown = ds
+        return ds

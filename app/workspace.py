@@ -1,0 +1,74 @@
+"""The workspace folder: datasets/, runs/, presets/, loras/, settings.json, runs.sqlite. No torch here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainer.fsutil import atomic_write_text, inside, safe_name
+
+
+class Workspace:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        for d in ("datasets", "runs", "presets", "loras", "previews"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def presets_dir(self) -> Path:
+        return self.root / "presets"
+
+    @property
+    def loras_dir(self) -> Path:
+        return self.root / "loras"
+
+    def list_datasets(self) -> list[str]:
+        return sorted(p.name for p in self.datasets_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def dataset_path(self, name: str, create: bool = False) -> Path:
+        """The folder of a named dataset; the name is sanitised and cannot leave the workspace."""
+        clean = safe_name(name or "", fallback="")
+        if not clean:
+            raise ValueError("Give the dataset a name (letters, digits, spaces, - and _).")
+        p = inside(self.datasets_dir, self.datasets_dir / clean)
+        if create:
+            p.mkdir(parents=True, exist_ok=True)
+        elif not p.is_dir():
+            raise ValueError(f"No dataset named '{clean}'. Create it first.")
+        return p
+
+    # ------------------------------------------------------------ settings
+    @property
+    def settings_path(self) -> Path:
+        return self.root / "settings.json"
+
+    def settings(self) -> dict:
+        try:
+            return json.loads(self.settings_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def update_settings(self, **changes) -> dict:
+        s = {**self.settings(), **changes}
+        atomic_write_text(self.settings_path, json.dumps(s, indent=1))
+        return s
+
+    def remember_model(self, model: str) -> list[str]:
+        recent = [m for m in self.settings().get("recent_models", []) if m != model]
+        recent = ([model] + recent)[:10] if model else recent
+        self.update_settings(recent_models=recent)
+        return recent
+
+    def resolve_file(self, path: str) -> Path:
+        """A file the UI may serve: it must be inside the workspace (symlinks followed)."""
+        p = inside(self.root, path)
+        if not p.is_file():
+            raise ValueError("No such file in the workspace.")
+        return p

@@ -1,0 +1,214 @@
+"""A way in (and out) for kohya_ss users: import a kohya_ss preset/config JSON, export sd-scripts TOML."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainer.config import TrainConfig, dumps_toml
+
+_OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "pagedadamw8bit": "adamw8bit"}
+_SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+_PRECISION = {"no": "no", "fp16": "fp16", "bf16": "bf16", "float": "fp32", "fp32": "fp32"}
+# keys that carry no training meaning for us, or are paths of the person's kohya install
+_IGNORED_QUIETLY = {"LoRA_type", "model_list", "output_dir", "logging_dir", "reg_data_dir", "train_data_dir",
+                    "pretrained_model_name_or_path", "output_name", "save_model_as", "sample_prompts"}
+
+
+def _num(v):
+    if isinstance(v, str):
+        v = v.strip()
+        if v == "":
+            return None
+        return float(v) if any(c in v for c in ".eE") else int(v)
+    return v
+
+
+def import_kohya(data: dict) -> tuple[dict, list[str]]:
+    """(partial TrainConfig dict, notes on what was ignored and why). Conflicts are resolved the way
+    sd-scripts resolves them, and said."""
+    out: dict = {}
+    notes: list[str] = []
+
+    def take(key, target, conv=lambda v: v):
+        if key in data and data[key] not in (None, ""):
+            try:
+                out[target] = conv(_num(data[key]) if not isinstance(data[key], bool) else data[key])
+            except (TypeError, ValueError):
+                notes.append(f"{key} = {data[key]!r}: not a number, ignored")
+
+    take("network_dim", "rank", int)
+    take("network_alpha", "alpha", float)
+    take("conv_dim", "conv_rank", int)
+    take("conv_alpha", "conv_alpha", float)
+    take("network_dropout", "dropout", float)
+    lr = _num(data.get("learning_rate")) if data.get("learning_rate") not in (None, "") else None
+    unet = _num(data.get("unet_lr")) if data.get("unet_lr") not in (None, "") else None
+    te = _num(data.get("text_encoder_lr")) if data.get("text_encoder_lr") not in (None, "") else None
+    if unet not in (None, 0):
+        out["unet_lr"] = float(unet)
+        if lr not in (None, 0) and lr != unet:
+            notes.append(f"learning_rate {lr} and unet_lr {unet} both set: sd-scripts uses unet_lr for the UNet, so do we")
+    elif lr not in (None, 0):
+        out["unet_lr"] = float(lr)
+    if te is not None:
+        if te == 0:
+            out["train_text_encoder"] = False
+            notes.append("text_encoder_lr = 0: the text encoder is not trained")
+        else:
+            out["text_encoder_lr"] = float(te)
+    elif lr not in (None, 0):
+        out["text_encoder_lr"] = float(lr)
+    if data.get("network_train_unet_only") is True:
+        out["train_text_encoder"] = False
+    opt = str(data.get("optimizer", "")).lower().replace("_", "")
+    if opt:
+        if opt in _OPTIMIZERS:
+            out["optimizer"] = _OPTIMIZERS[opt]
+        else:
+            notes.append(f"optimizer '{data['optimizer']}' is not supported (adamw, adamw8bit, prodigy): keeping adamw")
+    sch = str(data.get("lr_scheduler", "")).lower()
+    if sch:
+        if sch in _SCHEDULERS:
+            out["lr_scheduler"] = _SCHEDULERS[sch]
+        else:
+            notes.append(f"lr_scheduler '{data['lr_scheduler']}' is not supported: using cosine")
+            out["lr_scheduler"] = "cosine"
+    warm = data.get("lr_warmup")
+    steps = _num(data.get("max_train_steps")) if data.get("max_train_steps") not in (None, "") else None
+    if steps:
+        out["max_steps"] = int(steps)
+    if data.get("epoch") not in (None, ""):
+        out["epochs"] = int(_num(data["epoch"]))
+    if warm not in (None, "", 0, "0"):
+        w = _num(warm)
+        # kohya_ss's lr_warmup is a percentage of the steps
+        if steps:
+            out["warmup_steps"] = int(round(steps * float(w) / 100))
+        else:
+            notes.append(f"lr_warmup {w}% needs max_train_steps to be turned into steps: ignored")
+    take("train_batch_size", "batch_size", int)
+    take("gradient_accumulation_steps", "gradient_accumulation", int)
+    if data.get("max_resolution"):
+        try:
+            w, h = (int(x) for x in str(data["max_resolution"]).split(","))
+            out["resolution"] = int((w * h) ** 0.5) // 8 * 8
+            if w != h:
+                notes.append(f"max_resolution {w},{h} is not square: using {out['resolution']} (same area)")
+        except ValueError:
+            notes.append(f"max_resolution '{data['max_resolution']}' not understood: ignored")
+    mp = str(data.get("mixed_precision", "")).lower()
+    if mp in _PRECISION and _PRECISION[mp] != "fp32":
+        out["mixed_precision"] = _PRECISION[mp]
+    sp = str(data.get("save_precision", "")).lower()
+    if sp in _PRECISION and _PRECISION[sp] != "no":
+        out["save_precision"] = _PRECISION[sp]
+    for k, t in (("gradient_checkpointing", "gradient_checkpointing"), ("cache_latents", "cache_latents"),
+                 ("cache_latents_to_disk", "cache_latents_to_disk"), ("shuffle_caption", "shuffle_tags"),
+                 ("flip_aug", "flip"), ("enable_bucket", "enable_buckets"), ("bucket_no_upscale", "no_upscale"),
+                 ("cache_text_encoder_outputs", "cache_text_encoder_outputs")):
+        if isinstance(data.get(k), bool):
+            out[t] = data[k]
+    take("min_snr_gamma", "min_snr_gamma", float)
+    take("noise_offset", "noise_offset", float)
+    take("keep_tokens", "keep_tokens", int)
+    take("caption_dropout_rate", "caption_dropout", float)
+    take("min_bucket_reso", "min_bucket", int)
+    take("max_bucket_reso", "max_bucket", int)
+    take("seed", "seed", int)
+    take("clip_skip", "clip_skip", int)
+    take("save_every_n_steps", "save_every_steps", int)
+    take("save_last_n_steps_state", "keep_last", int)
+    if data.get("caption_extension"):
+        ext = str(data["caption_extension"])
+        out["caption_extension"] = ext if ext.startswith(".") else "." + ext
+    if data.get("v_parameterization") is True:
+        out["prediction_type"] = "v_prediction"
+    if out.get("min_snr_gamma") == 0:
+        out.pop("min_snr_gamma")
+    if out.get("cache_text_encoder_outputs") and out.get("train_text_encoder", True):
+        out["cache_text_encoder_outputs"] = False
+        notes.append("cache_text_encoder_outputs conflicts with training the text encoder: caching turned off")
+    known = {"network_dim", "network_alpha", "conv_dim", "conv_alpha", "network_dropout", "learning_rate", "unet_lr",
+             "text_encoder_lr", "network_train_unet_only", "optimizer", "lr_scheduler", "lr_warmup", "max_train_steps",
+             "epoch", "train_batch_size", "gradient_accumulation_steps", "max_resolution", "mixed_precision",
+             "save_precision", "gradient_checkpointing", "cache_latents", "cache_latents_to_disk", "shuffle_caption",
+             "flip_aug", "enable_bucket", "bucket_no_upscale", "cache_text_encoder_outputs", "min_snr_gamma",
+             "noise_offset", "keep_tokens", "caption_dropout_rate", "min_bucket_reso", "max_bucket_reso", "seed",
+             "clip_skip", "save_every_n_steps", "save_last_n_steps_state", "caption_extension", "v_parameterization"}
+    unknown = sorted(k for k in data if k not in known and k not in _IGNORED_QUIETLY and data[k] not in (None, "", False, 0))
+    if unknown:
+        notes.append("not used by LoRA Studio: " + ", ".join(unknown))
+    TrainConfig.from_dict(out, source="kohya import")  # every mapped value must be valid here
+    return out, notes
+
+
+def import_kohya_file(path: str | Path) -> tuple[dict, list[str]]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{Path(path).name} is not a readable kohya_ss JSON file ({e}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{Path(path).name} does not hold a kohya_ss config (expected a JSON object).")
+    return import_kohya(data)
+
+
+def to_sd_scripts_toml(cfg: TrainConfig) -> str:
+    """An sd-scripts (train_network.py --config_file) TOML of the same run."""
+    sdxl_hint = cfg.resolution >= 1024
+    d = {
+        "pretrained_model_name_or_path": cfg.base_model,
+        "train_data_dir": cfg.dataset,
+        "output_dir": cfg.output_dir,
+        "output_name": cfg.output_name,
+        "save_model_as": "safetensors",
+        "network_module": "networks.lora",
+        "network_dim": cfg.rank,
+        "network_alpha": cfg.alpha,
+        "resolution": f"{cfg.resolution},{cfg.resolution}",
+        "enable_bucket": cfg.enable_buckets,
+        "min_bucket_reso": cfg.min_bucket,
+        "max_bucket_reso": cfg.max_bucket,
+        "bucket_reso_steps": cfg.bucket_step,
+        "bucket_no_upscale": cfg.no_upscale,
+        "train_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation,
+        "unet_lr": cfg.unet_lr,
+        "text_encoder_lr": cfg.text_encoder_lr if cfg.train_text_encoder else 0.0,
+        "network_train_unet_only": not cfg.train_text_encoder,
+        "optimizer_type": {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "prodigy": "Prodigy"}[cfg.optimizer],
+        "lr_scheduler": cfg.lr_scheduler,
+        "lr_warmup_steps": cfg.warmup_steps,
+        "max_grad_norm": cfg.max_grad_norm,
+        "seed": cfg.seed,
+        "mixed_precision": cfg.mixed_precision,
+        "save_precision": {"fp16": "fp16", "bf16": "bf16", "fp32": "float"}[cfg.save_precision],
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "sdpa": True,
+        "cache_latents": cfg.cache_latents,
+        "cache_latents_to_disk": cfg.cache_latents_to_disk,
+        "shuffle_caption": cfg.shuffle_tags,
+        "keep_tokens": cfg.keep_tokens,
+        "caption_dropout_rate": cfg.caption_dropout,
+        "caption_extension": cfg.caption_extension,
+        "flip_aug": cfg.flip,
+        "clip_skip": cfg.clip_skip,
+    }
+    if cfg.max_steps:
+        d["max_train_steps"] = cfg.max_steps
+    else:
+        d["max_train_epochs"] = cfg.epochs
+    if cfg.conv_rank:
+        d["network_args"] = [f"conv_dim={cfg.conv_rank}", f"conv_alpha={cfg.conv_alpha:g}"]
+    if cfg.dropout:
+        d["network_dropout"] = cfg.dropout
+    if cfg.min_snr_gamma:
+        d["min_snr_gamma"] = cfg.min_snr_gamma
+    if cfg.noise_offset:
+        d["noise_offset"] = cfg.noise_offset
+    if cfg.save_every_steps:
+        d["save_every_n_steps"] = cfg.save_every_steps
+    if cfg.prediction_type == "v_prediction":
+        d["v_parameterization"] = True
+    header = "# sd-scripts config exported by LoRA Studio. Run: accelerate launch "
+    header += ("sdxl_train_network.py" if sdxl_hint else "train_network.py") + " --config_file THIS.toml\n"
+    return header + dumps_toml(d)

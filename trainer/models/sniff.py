@@ -1,0 +1,67 @@
+"""Tell a model's family from its files without torch (the UI process uses this)."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+
+def family_from_folder(folder: str | Path) -> str:
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    if "text_encoder_2" in index and index["text_encoder_2"][0] is not None:
+        return "sdxl"
+    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    te_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+    sd2 = unet_cfg.get("use_linear_projection") or te_cfg.get("hidden_act") == "gelu"
+    if not sd2:
+        return "sd1"
+    return "sd2v" if sched_cfg.get("prediction_type") == "v_prediction" else "sd2"
+
+
+def safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a .safetensors file (no tensor is read). Raise ValueError if it is not one."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise ValueError("not a safetensors file")
+        n = struct.unpack("<Q", raw)[0]
+        if n > 100 * 1024 * 1024:
+            raise ValueError("not a safetensors file (header too large)")
+        header = json.loads(fh.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file")
+    return header
+
+
+def safetensors_keys(path: str | Path) -> list[str]:
+    return [k for k in safetensors_header(path) if k != "__metadata__"]
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    return safetensors_header(path).get("__metadata__", {}) or {}
+
+
+def family_from_keys(keys) -> str | None:
+    keys = list(keys)
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    return None
+
+
+def sniff_family(base_model: str) -> str:
+    """'sd1' | 'sd2' | 'sd2v' | 'sdxl', or 'auto' when it cannot be told cheaply (hub ids, .ckpt)."""
+    p = Path(base_model).expanduser() if base_model else None
+    try:
+        if p and p.is_dir() and (p / "model_index.json").is_file():
+            return family_from_folder(p)
+        if p and p.is_file() and p.suffix.lower() == ".safetensors":
+            return family_from_keys(safetensors_keys(p)) or "auto"
+    except (OSError, ValueError, KeyError, struct.error):
+        pass
+    return "auto"
