@@ -48,5 +48,38 @@ def build_ui(workspace: str | Workspace, runs: RunManager | None = None) -> gr.B
                 PreviewTab(ws, runs).build()
             with gr.Tab("Settings", id="settings"):
                 train_tab.build_settings()
+        register_api(ws, runs, train_tab)
     ui.lora_studio = {"workspace": ws, "runs": runs}
     return ui
+
+
+def register_api(ws: Workspace, runs: RunManager, train_tab: TrainTab) -> None:
+    """Scriptable endpoints (gradio_client): the same pre-flight and run manager the page uses."""
+    import json
+
+    from app.forms import values_to_config
+
+    def start_run(config_json: str) -> str:
+        """Start (or re-find) a run from TrainConfig values as JSON. Returns {run_id, created, message}."""
+        values = json.loads(config_json)
+        run_id, text = train_tab.start(values, values.pop("preset", "") if isinstance(values, dict) else "")
+        return json.dumps({"run_id": run_id, "message": text})
+
+    def run_status(run_id: str) -> str:
+        run = runs.get(run_id)
+        if run is None:
+            return json.dumps({"error": f"no run {run_id}"})
+        v = runs.view(run_id)
+        return json.dumps({"status": run["status"], "state": v.state, "step": v.step, "total": v.total,
+                           "loss": v.losses[-1][1] if v.losses else None, "error": v.error, "output": v.output})
+
+    def list_runs() -> str:
+        return json.dumps([{k: r[k] for k in ("id", "name", "status", "dir")} for r in runs.list()])
+
+    def stop_run(run_id: str) -> str:
+        return runs.stop(run_id)
+
+    gr.api(start_run, api_name="start_run")
+    gr.api(run_status, api_name="run_status")
+    gr.api(list_runs, api_name="list_runs")
+    gr.api(stop_run, api_name="stop_run")

@@ -1,0 +1,235 @@
+"""The app: form mapping, pre-flight, presets, the worker protocol with real processes, gradio_client."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_images
+from app.forms import config_to_values, preflight, values_to_config
+from app.runs import RunManager
+from app.workspace import Workspace
+from trainer.config import ConfigError, TrainConfig
+
+
+def test_ui_process_starts_without_torch():
+    code = "import sys; import app.main, app.forms, app.runs, launch; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
+def test_form_values_round_trip_and_bad_values_are_plain():
+    cfg = TrainConfig(base_model="m.safetensors", dataset="/d", rank=8, alpha=4.0, sample_prompts=["a", "b"])
+    vals = config_to_values(cfg)
+    assert vals["sample_prompts"] == "a\nb"
+    vals["rank"] = 8.0  # gr.Number gives floats
+    back = values_to_config(vals)
+    assert back == cfg
+    with pytest.raises(ConfigError, match="rank = 'lots' is not a valid int"):
+        values_to_config({**vals, "rank": "lots"})
+
+
+def test_form_resolves_workspace_dataset_names(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    ws.dataset_path("cats", create=True)
+    cfg = values_to_config({"dataset": "cats", "base_model": "x"}, ws.datasets_dir)
+    assert cfg.dataset == str(ws.datasets_dir / "cats")
+
+
+def test_preflight_reports_conflicts_and_dataset_problems_in_plain_words(tiny_sd1, tiny_sdxl, tmp_path):
+    data = tmp_path / "d"
+    make_images(data, 2)
+    (data / "bad.png").write_bytes(b"")
+    ok, text = preflight({"base_model": str(tiny_sd1), "dataset": str(data), "resolution": 64, "min_bucket": 64})
+    assert ok, text
+    assert "Ready to start" in text and "bad.png" in text and "Estimated peak VRAM" in text and "SD 1.x" in text
+    ok, text = preflight({"base_model": str(tiny_sd1), "dataset": str(data), "cache_text_encoder_outputs": True,
+                          "train_text_encoder": True, "optimizer": "prodigy", "unet_lr": 1e-4, "max_bucket": 256})
+    assert not ok
+    assert "cache_text_encoder_outputs is on while train_text_encoder is on" in text
+    assert "Prodigy" in text and "max_bucket (256) is below the resolution (512)" in text
+    ok, text = preflight({"base_model": str(tmp_path / "missing.safetensors"), "dataset": str(tmp_path / "nodata")})
+    assert not ok and "Base model not found" in text and "Dataset folder not found" in text
+    # a preset for the wrong family is flagged before Start
+    from trainer.presets import find_preset
+
+    ok, text = preflight({"base_model": str(tiny_sd1), "dataset": str(data)}, preset=find_preset("sdxl_character"))
+    assert not ok and "is for SDXL but the base model is SD 1.5" in text
+    ok, _ = preflight({"base_model": str(tiny_sdxl), "dataset": str(data), "resolution": 64, "min_bucket": 64},
+                      preset=find_preset("sdxl_character"))
+    assert ok
+
+
+def test_workspace_refuses_names_and_files_outside_it(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    assert ws.dataset_path("../../evil", create=True).parent == ws.datasets_dir
+    (tmp_path / "secret.txt").write_text("x")
+    with pytest.raises(ValueError):
+        ws.resolve_file(str(tmp_path / "secret.txt"))
+    with pytest.raises(ValueError):
+        ws.resolve_file(str(ws.root / ".." / "secret.txt"))
+    link = ws.root / "link.txt"
+    link.symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(ValueError):
+        ws.resolve_file(str(link))
+
+
+def wait_for(pred, timeout=240, every=0.5):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def quick_cfg(model, data, **kw):
+    vals = dict(base_model=str(model), dataset=str(data), trigger="zwx", resolution=64, min_bucket=64, max_bucket=128,
+                rank=4, alpha=4, max_steps=6, mixed_precision="no", device="cpu", save_every_steps=2,
+                sample_prompts=["{trigger} red square"], sample_every_steps=3, sample_steps=2)
+    vals.update(kw)
+    return TrainConfig(**vals)
+
+
+def test_worker_protocol_start_events_stop_resume_crash_relist(tiny_sd1, tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    data = ws.dataset_path("d", create=True)
+    make_images(data, 4)
+    rm = RunManager(ws)
+    # 1. start: events arrive, it finishes, a sample image and a LoRA appear
+    run_id, created = rm.create(quick_cfg(tiny_sd1, data))
+    assert created
+    again, created2 = rm.create(quick_cfg(tiny_sd1, data))
+    assert again == run_id and not created2  # a second click does not start a second run
+    wait_for(lambda: rm.get(run_id)["status"] == "finished")
+    v = rm.view(run_id)
+    assert v.state == "finished" and v.step == 6 and len(v.losses) == 6
+    assert v.samples and Path(v.samples[0][0]).is_file()
+    assert Path(v.output).is_file()
+
+    # 2. stop saves and ends; resume finishes
+    run2, _ = rm.create(quick_cfg(tiny_sd1, data, max_steps=400, save_every_steps=0, sample_every_steps=0))
+    wait_for(lambda: rm.view(run2).step >= 2)
+    assert "Stopping" in rm.stop(run2)
+    wait_for(lambda: rm.get(run2)["status"] == "stopped")
+    assert any((Path(rm.get(run2)["dir"]) / "checkpoints").glob("step-*"))
+    # 3. a crash in the worker (corrupt base model) is a clear error and the manager keeps working
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"garbage" * 50)
+    run3, _ = rm.create(quick_cfg(bad, data))
+    wait_for(lambda: rm.get(run3)["status"] in ("failed", "crashed"))
+    v3 = rm.view(run3)
+    assert v3.state == "failed" and "damaged" in v3.error and "Traceback" not in v3.error
+    # 4. a worker killed from outside shows as ended unexpectedly, in words
+    run4, _ = rm.create(quick_cfg(tiny_sd1, data, max_steps=100000, save_every_steps=0, sample_every_steps=0, seed=7))
+    wait_for(lambda: rm.view(run4).step >= 1)
+    rm.kill(run4)
+    wait_for(lambda: rm.get(run4)["status"] == "crashed")
+    assert "killed" in rm.view(run4).error or "ended unexpectedly" in rm.view(run4).error
+    # 5. a new manager (app restart) lists every run again with its state
+    rm2 = RunManager(ws)
+    states = {r["id"]: r["status"] for r in rm2.list()}
+    assert states == {run_id: "finished", run2: "stopped", run3: "failed", run4: "crashed"}
+    assert rm2.view(run_id).state == "finished"
+    assert "Resuming" in rm2.resume(run2)
+    wait_for(lambda: rm2.get(run2)["status"] == "finished", timeout=400)
+    assert any("Resumed from" in line for line in rm2.view(run2).log)
+
+
+def test_queue_runs_one_at_a_time(tiny_sd1, tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    data = ws.dataset_path("d", create=True)
+    make_images(data, 2)
+    rm = RunManager(ws)
+    a, _ = rm.create(quick_cfg(tiny_sd1, data, max_steps=3, sample_every_steps=0, seed=1))
+    b, _ = rm.create(quick_cfg(tiny_sd1, data, max_steps=3, sample_every_steps=0, seed=2))
+    assert rm.get(b)["status"] == "queued"
+    wait_for(lambda: rm.get(b)["status"] == "finished")
+    ea = json.loads((Path(rm.get(a)["dir"]) / "events.jsonl").read_text().splitlines()[-1])
+    eb = json.loads((Path(rm.get(b)["dir"]) / "events.jsonl").read_text().splitlines()[0])
+    assert eb["time"] >= ea["time"]  # b started after a ended
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_app(tmp_path):
+    port = free_port()
+    ws = tmp_path / "ws"
+    proc = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--port", str(port), "--workspace", str(ws)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import urllib.request
+
+    def up():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, timeout=90)
+        yield f"http://127.0.0.1:{port}/", ws, port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_server_binds_loopback_only_by_default(live_app):
+    _, _, port = live_app
+    out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout if shutil_which("ss") else ""
+    if out:
+        lines = [ln for ln in out.splitlines() if f":{port} " in ln]
+        assert lines and all("127.0.0.1:" in ln for ln in lines), lines
+    # and it is not reachable through another local address
+    other = _non_loopback_ip()
+    if other:
+        with socket.socket() as s:
+            s.settimeout(2)
+            assert s.connect_ex((other, port)) != 0
+
+
+def shutil_which(name):
+    import shutil
+
+    return shutil.which(name)
+
+
+def _non_loopback_ip():
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent for UDP connect
+            ip = s.getsockname()[0]
+            return None if ip.startswith("127.") else ip
+    except OSError:
+        return None
+
+
+def test_gradio_client_start_to_finish(live_app, tiny_sd1):
+    from gradio_client import Client
+
+    url, ws, _ = live_app
+    data = Path(ws) / "datasets" / "d"
+    make_images(data, 2)
+    client = Client(url, verbose=False)
+    values = quick_cfg(tiny_sd1, "d", max_steps=2, sample_every_steps=0).to_dict()  # a workspace dataset name
+    bad = json.loads(client.predict(json.dumps({**values, "rank": 0}), api_name="/start_run"))
+    assert bad["run_id"] is None and "rank must be a positive" in bad["message"]
+    res = json.loads(client.predict(json.dumps(values), api_name="/start_run"))
+    run_id = res["run_id"]
+    assert run_id and "Started" in res["message"]
+    status = wait_for(lambda: (s := json.loads(client.predict(run_id, api_name="/run_status")))["status"] == "finished" and s)
+    assert status["step"] == 2 and status["output"].endswith("lora.safetensors")
+    runs = json.loads(client.predict(api_name="/list_runs"))
+    assert [r["id"] for r in runs] == [run_id]
