@@ -128,6 +128,18 @@ def cmd_dataset(args) -> int:
     return 0
 
 
+def config_reference() -> str:
+    """Markdown table of every TrainConfig field, from the help texts (the README embeds this)."""
+    from trainer.config import field_help
+
+    rows = ["| key | default | what it does |", "|---|---|---|"]
+    for f in field_help():
+        default = json.dumps(f["default"]) if not isinstance(f["default"], str) else f'"{f["default"]}"'
+        choices = f" One of: {', '.join(f['choices'])}." if f["choices"] else ""
+        rows.append(f"| `{f['name']}` | `{default}` | {f['help']}{choices} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m trainer", description="LoRA Studio training engine")
@@ -152,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--trigger", default="")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_dataset)
+
+    r = sub.add_parser("config-reference", help="print the TrainConfig reference (markdown) that the README embeds")
+    r.set_defaults(fn=lambda a: print(config_reference()) or 0)
 
     from trainer import presets_cli
 

@@ -50,6 +50,7 @@ class TrainConfig:
     # --- what to train on
     base_model: str = _f("", "Base model: a single-file .safetensors/.ckpt checkpoint, a diffusers folder, or a hub id.")
     model_family: str = _f("auto", "Model family; 'auto' detects SD1 / SD2 / SD2-v / SDXL from the weights.", FAMILIES, "advanced")
+    model_config: str = _f("", "For a single-file checkpoint of an unusual size: a diffusers folder holding its configs (empty = the built-in SD1/SD2/SDXL configs).", None, "advanced")
     dataset: str = _f("", "Dataset folder: images with same-name .txt captions, or kohya '<repeats>_<name>' sub-folders.")
     trigger: str = _f("", "Trigger word(s), comma-separated; put at the front of every caption that lacks them.")
     # --- captions

@@ -154,7 +154,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
 
     # 2. model
     ev.emit("status", state="loading", message=f"Loading base model {cfg.base_model}")
-    model = load_model(cfg.base_model, cfg.model_family, getattr(cfg, "model_config", "") or None)
+    model = load_model(cfg.base_model, cfg.model_family, cfg.model_config or None)
     if cfg.prediction_type != "auto" and cfg.prediction_type != model.prediction_type:
         from diffusers import DDPMScheduler
 
