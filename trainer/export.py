@@ -24,7 +24,8 @@ ARCHITECTURE = {
     "sd2v": "stable-diffusion-v2-768-v/lora",
     "sdxl": "stable-diffusion-xl-v1-base/lora",
 }
-_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection", "time_emb_proj": "emb_layers.1"}
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+           "conv_shortcut": "skip_connection", "time_emb_proj": "emb_layers.1"}
 
 
 def part_prefix(family: str, part: str) -> str:

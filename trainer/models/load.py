@@ -182,6 +182,14 @@ def _from_pretrained(folder: str, family: str, dtype, local_only: bool) -> Loade
     return LoadedModel(family, unet, vae, tes, toks, sched, folder)
 
 
+def clip_tokenizer(pad: str | None = None):
+    """OpenAI CLIP's BPE tokenizer from the files shipped with the package (SD2 / SDXL's second pads with '!')."""
+    from transformers import CLIPTokenizer
+
+    kw = {"pad_token": pad} if pad else {}
+    return CLIPTokenizer.from_pretrained(str(CONFIG_ROOT / "clip_tokenizer"), **kw)
+
+
 def shipped_config_dir(family: str) -> Path:
     return CONFIG_ROOT / family
 
@@ -204,6 +212,10 @@ def _from_single_file(path: Path, family: str, config_dir: str | None, dtype) ->
         raise ModelError(f"No model configs for {FAMILY_NAMES[fam]} at {cfg_dir}; the installation is incomplete.")
     cls = StableDiffusionXLPipeline if fam == "sdxl" else StableDiffusionPipeline
     extra = {} if fam == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    if not config_dir:  # the shipped configs carry no tokenizer files: use the one shipped CLIP BPE
+        extra["tokenizer"] = clip_tokenizer(pad="!" if fam in ("sd2", "sd2v") else None)
+        if fam == "sdxl":
+            extra["tokenizer_2"] = clip_tokenizer(pad="!")
     try:
         pipe = cls.from_single_file(
             str(path), config=str(cfg_dir), local_files_only=True, torch_dtype=dtype, **extra

@@ -124,7 +124,7 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
         tok = tiny_tokenizer()
         tok2 = tiny_tokenizer(pad_token="!")
         te = _text_encoder(tok, 32, False, "quick_gelu", seed + 1)
-        te2 = _text_encoder(tok2, 32, True, "gelu", seed + 3)
+        te2 = _text_encoder(tok2, 64, True, "gelu", seed + 3)  # wider than te1, as in SDXL (768 vs 1280)
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             sample_size=8,
@@ -139,8 +139,8 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
             transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=6 * 8 + 32,
-            cross_attention_dim=64,
+            projection_class_embeddings_input_dim=6 * 8 + 64,
+            cross_attention_dim=32 + 64,
             norm_num_groups=8,
         ).eval()
         sched = EulerDiscreteScheduler(
