@@ -1,0 +1,322 @@
+"""Preview: one cached pipeline, LoRAs loaded by name with diffusers' own mechanism, strengths as a runtime
+knob (`set_adapters`), single images, base-vs-LoRA, strength grids and checkpoint grids.
+
+What Preview shows is what a web UI shows: the exported kohya files go through `load_lora_weights`.
+A `serve()` loop runs this in a worker process (JSON lines on stdin/stdout), so the UI process never
+touches the GPU and the pipeline stays loaded between generations.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
+
+from trainer.models.sniff import read_metadata, safetensors_keys
+
+SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC")
+FAMILY_OF_VERSION = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2", "sdxl_base_v1-0": "sdxl"}
+FAMILY_NAME = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+class PreviewError(ValueError):
+    """A preview problem in plain words."""
+
+
+@dataclass
+class LoraSpec:
+    path: str
+    strength: float = 1.0
+    enabled: bool = True
+    name: str = ""
+
+    @property
+    def display(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+@dataclass
+class GenParams:
+    prompt: str = ""
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    cfg: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler: str = "Euler a"
+    batch: int = 1
+    loras: list = field(default_factory=list)  # list[LoraSpec]
+
+
+def make_scheduler(name: str, config):
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    table = {
+        "Euler": (EulerDiscreteScheduler, {}),
+        "Euler a": (EulerAncestralDiscreteScheduler, {}),
+        "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+        "DPM++ 2M Karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+        "DDIM": (DDIMScheduler, {}),
+        "UniPC": (UniPCMultistepScheduler, {}),
+    }
+    if name not in table:
+        raise PreviewError(f"Unknown sampler '{name}'. Choose one of: {', '.join(SAMPLERS)}.")
+    cls, kw = table[name]
+    return cls.from_config(config, **kw)
+
+
+def lora_family(path: str | Path) -> str | None:
+    """The base family a kohya LoRA file is for, from its metadata or else its key names."""
+    try:
+        md = read_metadata(path)
+        keys = safetensors_keys(path)
+    except (OSError, ValueError) as e:
+        raise PreviewError(f"{Path(path).name} is not a readable LoRA file ({e}).") from None
+    if md.get("ss_base_model_version") in FAMILY_OF_VERSION:
+        return FAMILY_OF_VERSION[md["ss_base_model_version"]]
+    if any(k.startswith(("lora_te1_", "lora_te2_")) or "input_blocks" in k for k in keys):
+        return "sdxl"
+    if any(k.startswith("lora_te_") or k.startswith("lora_unet_down_blocks") for k in keys):
+        return None  # SD1 or SD2: tell apart by shapes at load time
+    if not any(k.startswith("lora_") for k in keys):
+        raise PreviewError(f"{Path(path).name} has no kohya LoRA keys (lora_unet_..., lora_te_...). Is it a LoRA?")
+    return None
+
+
+def trigger_words(path: str | Path) -> list[str]:
+    try:
+        md = read_metadata(path)
+    except (OSError, ValueError):
+        return []
+    try:
+        words = json.loads(md.get("ss_trigger_words", "[]"))
+        if words:
+            return list(words)
+    except ValueError:
+        pass
+    phrase = md.get("modelspec.trigger_phrase", "")
+    return [w.strip() for w in phrase.split(",") if w.strip()]
+
+
+def a1111_parameters(p: GenParams, model_name: str, seed: int, loras: list[LoraSpec]) -> str:
+    tags = "".join(f" <lora:{lo.display}:{lo.strength:g}>" for lo in loras if lo.enabled and lo.strength != 0)
+    return (f"{p.prompt}{tags}\nNegative prompt: {p.negative}\nSteps: {p.steps}, Sampler: {p.sampler}, "
+            f"CFG scale: {p.cfg:g}, Seed: {seed}, Size: {p.width}x{p.height}, Model: {model_name}")
+
+
+def save_png(img: Image.Image, path: Path, parameters: str) -> Path:
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    img.save(tmp, pnginfo=info)
+    tmp.replace(path)
+    return path
+
+
+def grid(images: list[Image.Image], labels: list[str], cols: int, title: str = "") -> Image.Image:
+    """Images in a labelled grid (label under each image)."""
+    w, h = images[0].size
+    pad = 18
+    rows = (len(images) + cols - 1) // cols
+    top = pad if title else 0
+    out = Image.new("RGB", (cols * w, top + rows * (h + pad)), "white")
+    d = ImageDraw.Draw(out)
+    if title:
+        d.text((4, 3), title, fill="black")
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        x, y = (i % cols) * w, top + (i // cols) * (h + pad)
+        out.paste(im, (x, y))
+        d.text((x + 4, y + h + 3), lab, fill="black")
+    return out
+
+
+class PreviewEngine:
+    def __init__(self, device: str = "auto", dtype: torch.dtype | None = None):
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.dtype = dtype or (torch.float16 if self.device == "cuda" else torch.float32)
+        self.pipe = None
+        self.base = None
+        self.family = None
+        self.loaded: dict[str, str] = {}  # adapter name -> file path
+
+    # ------------------------------------------------------------ model and LoRAs
+    def set_base(self, base_model: str, model_config: str | None = None) -> None:
+        if self.base == base_model and self.pipe is not None:
+            return
+        from trainer.models.load import load_model
+
+        self.unload()  # free the old model before loading the new one
+        m = load_model(base_model, "auto", model_config, dtype=self.dtype)
+        fam = {"sd2v": "sd2"}.get(m.family, m.family)
+        pipe = m.pipeline()
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe, self.base, self.family = pipe, base_model, fam
+
+    def unload(self) -> None:
+        self.pipe, self.base, self.family, self.loaded = None, None, None, {}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def adapter_name(self, path: str) -> str:
+        for name, p in self.loaded.items():
+            if p == path:
+                return name
+        return f"lora{len(self.loaded)}_{abs(hash(path)) % 10**6}"
+
+    def ensure_lora(self, path: str) -> str:
+        """Load a LoRA file once; later calls only look it up."""
+        path = str(Path(path).resolve())
+        for name, p in self.loaded.items():
+            if p == path:
+                return name
+        if not Path(path).is_file():
+            raise PreviewError(f"LoRA file not found: {path}")
+        fam = lora_family(path)
+        if fam and fam != self.family:
+            raise PreviewError(
+                f"{Path(path).name} is a LoRA for {FAMILY_NAME[fam]}, but the base model is {FAMILY_NAME[self.family]}. "
+                f"Pick a {FAMILY_NAME[fam]} base model, or a LoRA trained for {FAMILY_NAME[self.family]}."
+            )
+        name = self.adapter_name(path)
+        try:
+            self.pipe.load_lora_weights(path, adapter_name=name)
+        except Exception as e:
+            try:
+                self.pipe.delete_adapters([name])
+            except Exception:
+                pass
+            raise PreviewError(
+                f"{Path(path).name} does not fit this base model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}). "
+                "It was probably trained for another model family or is damaged."
+            ) from None
+        self.loaded[name] = path
+        return name
+
+    def apply(self, loras: list[LoraSpec]) -> None:
+        """Set the strength of every LoRA (0 for those not listed or disabled): no reload, no rebuild."""
+        wanted = {}
+        for lo in loras:
+            name = self.ensure_lora(lo.path)
+            wanted[name] = lo.strength if lo.enabled else 0.0
+        if not self.loaded:
+            return
+        names = list(self.loaded)
+        self.pipe.set_adapters(names, [wanted.get(n, 0.0) for n in names])
+
+    # ------------------------------------------------------------ generation
+    def _gen(self, p: GenParams, seed: int) -> Image.Image:
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
+        self.pipe.scheduler = make_scheduler(p.sampler, self.pipe.scheduler.config)
+        with torch.no_grad():
+            return self.pipe(p.prompt, negative_prompt=p.negative or None, num_inference_steps=int(p.steps),
+                             guidance_scale=float(p.cfg), width=int(p.width), height=int(p.height), generator=g).images[0]
+
+    def generate(self, p: GenParams) -> list[tuple[Image.Image, str, int]]:
+        """`batch` images with seeds seed, seed+1, ...; each with its A1111 parameters text."""
+        self.apply(p.loras)
+        out = []
+        for i in range(int(p.batch)):
+            seed = int(p.seed) + i
+            out.append((self._gen(p, seed), a1111_parameters(p, Path(self.base).name, seed, p.loras), seed))
+        return out
+
+    def compare(self, p: GenParams) -> tuple[Image.Image, list[Image.Image]]:
+        """Base vs LoRA, same seed, side by side."""
+        self.apply([LoraSpec(lo.path, 0.0, True, lo.name) for lo in p.loras])
+        base = self._gen(p, p.seed)
+        self.apply(p.loras)
+        with_lora = self._gen(p, p.seed)
+        return grid([base, with_lora], ["base", "with LoRA"], 2), [base, with_lora]
+
+    def strength_grid(self, p: GenParams, lora_index: int, strengths: list[float]) -> tuple[Image.Image, list[Image.Image]]:
+        """One LoRA at several strengths (the others as set), one seed."""
+        cells = []
+        for s in strengths:
+            loras = [LoraSpec(lo.path, s if i == lora_index else lo.strength, True if i == lora_index else lo.enabled, lo.name)
+                     for i, lo in enumerate(p.loras)]
+            self.apply(loras)
+            cells.append(self._gen(p, p.seed))
+        name = p.loras[lora_index].display
+        return grid(cells, [f"{s:g}" for s in strengths], len(cells), f"{name}: strength"), cells
+
+    def checkpoint_grid(self, p: GenParams, files: list[str], labels: list[str], strength: float = 1.0):
+        """The same prompt and seed through each checkpoint's LoRA file."""
+        cells = []
+        for f in files:
+            self.apply([LoraSpec(f, strength)])
+            cells.append(self._gen(p, p.seed))
+        return grid(cells, labels, min(len(cells), 5), f"checkpoints at strength {strength:g}"), cells
+
+
+# ---------------------------------------------------------------------------------- worker protocol
+def handle(engine: PreviewEngine, req: dict, out_dir: Path) -> dict:
+    """One request -> one JSON-able answer. Every failure is a plain message."""
+    try:
+        engine.set_base(req["base_model"], req.get("model_config") or None)
+        p = GenParams(**{k: v for k, v in req.get("params", {}).items() if k != "loras"})
+        p.loras = [LoraSpec(**lo) for lo in req.get("params", {}).get("loras", [])]
+        mode = req.get("mode", "single")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if mode == "single":
+            paths = []
+            for k, (img, params, seed) in enumerate(engine.generate(p)):
+                paths.append(str(save_png(img, out_dir / f"{stamp}-{seed}-{k}.png", params)))
+            return {"ok": True, "images": paths}
+        if mode == "compare":
+            img, _ = engine.compare(p)
+        elif mode == "strength_grid":
+            img, _ = engine.strength_grid(p, int(req.get("lora_index", 0)), [float(s) for s in req["strengths"]])
+        elif mode == "checkpoint_grid":
+            img, _ = engine.checkpoint_grid(p, req["files"], req["labels"], float(req.get("strength", 1.0)))
+        else:
+            return {"ok": False, "error": f"Unknown preview mode '{mode}'."}
+        path = save_png(img, out_dir / f"{stamp}-{mode}-{p.seed}.png", a1111_parameters(p, Path(engine.base).name, p.seed, p.loras))
+        return {"ok": True, "images": [str(path)]}
+    except PreviewError as e:
+        return {"ok": False, "error": str(e)}
+    except Exception as e:
+        from trainer.models.load import ModelError
+
+        if isinstance(e, ModelError):
+            return {"ok": False, "error": str(e)}
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return {"ok": False, "error": "The GPU ran out of memory while generating. Lower the size or batch count."}
+        return {"ok": False, "error": f"Preview failed ({type(e).__name__}: {str(e)[:300]})."}
+
+
+def serve(out_dir: str, device: str = "auto") -> int:
+    """Answer one JSON request per stdin line with one JSON line on stdout, keeping the pipeline loaded."""
+    engine = PreviewEngine(device)
+    real_stdout = sys.stdout
+    sys.stdout = sys.stderr  # library prints must not corrupt the protocol
+    real_stdout.write(json.dumps({"ok": True, "ready": True}) + "\n")
+    real_stdout.flush()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+        except ValueError:
+            ans = {"ok": False, "error": "bad request"}
+        else:
+            if req.get("cmd") == "quit":
+                break
+            ans = handle(engine, req, Path(out_dir))
+        real_stdout.write(json.dumps(ans) + "\n")
+        real_stdout.flush()
+    return 0
