@@ -180,3 +180,40 @@ def test_saved_png_carries_a1111_parameters(tiny_sd1, tmp_path):
     text = Image.open(ans["images"][1]).text["parameters"]
     assert text.startswith("zwx, red square <lora:mylora:0.8>\nNegative prompt: blurry\n")
     assert "Steps: 2, Sampler: Euler, CFG scale: 5, Seed: 4, Size: 64x64, Model: " in text
+
+
+def test_preview_tab_through_the_worker_process(tiny_sd1, tmp_path):
+    """The tab's handler -> a real preview worker process; pipeline stays cached; grids from a run's checkpoints."""
+    from app.runs import RunManager
+    from app.tabs.preview import PreviewTab
+    from app.workspace import Workspace
+    from conftest import make_images
+    from test_app import quick_cfg, wait_for
+
+    ws = Workspace(tmp_path / "ws")
+    data = ws.dataset_path("d", create=True)
+    make_images(data, 2)
+    rm = RunManager(ws)
+    run_id, _ = rm.create(quick_cfg(tiny_sd1, data, max_steps=4, save_every_steps=2, sample_every_steps=0))
+    wait_for(lambda: rm.get(run_id)["status"] == "finished")
+    tab = PreviewTab(ws, rm)
+    try:
+        choices = dict((v, k) for k, v in tab.lora_choices())
+        final = next(p for p in choices if p.endswith("lora.safetensors") and "checkpoints" not in p)
+        assert any("step-000002" in p for p in choices)
+        v = dict(base_model=str(tiny_sd1), prompt="zwx", negative="", seed=5, steps=2, cfg=5.0, width=64, height=64,
+                 sampler="Euler", batch=1, mode="Single image", strengths="0, 0.5, 1", loras=[(final, True, 1.0)])
+        imgs, msg = tab.generate(v)
+        assert len(imgs) == 1 and Image.open(imgs[0]).size == (64, 64), msg
+        pid = tab.client.proc.pid
+        imgs, msg = tab.generate({**v, "mode": "Strength grid"})
+        assert Image.open(imgs[0]).size[0] == 3 * 64, msg
+        imgs, msg = tab.generate({**v, "mode": "Checkpoint grid"})
+        assert Image.open(imgs[0]).size[0] == 3 * 64, msg  # step 2, step 4, final
+        imgs, msg = tab.generate({**v, "mode": "Base vs LoRA"})
+        assert Image.open(imgs[0]).size[0] == 2 * 64, msg
+        assert tab.client.proc.pid == pid  # one worker, pipeline kept between generations
+        imgs, msg = tab.generate({**v, "base_model": str(tmp_path / "nope.safetensors")})
+        assert imgs == [] and "not found" in msg
+    finally:
+        tab.client.close()

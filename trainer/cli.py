@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_dataset)
 
+    pw = sub.add_parser("preview-worker", help="serve preview requests (JSON lines on stdin/stdout); used by the app")
+    pw.add_argument("--out", required=True, help="folder for generated images")
+    pw.add_argument("--device", default="auto")
+    pw.set_defaults(fn=lambda a: __import__("trainer.preview", fromlist=["serve"]).serve(a.out, a.device))
+
     r = sub.add_parser("config-reference", help="print the TrainConfig reference (markdown) that the README embeds")
     r.set_defaults(fn=lambda a: print(config_reference()) or 0)
 

@@ -1,10 +1,193 @@
-"""Preview tab (placeholder until the preview engine lands)."""
+"""Preview tab: base model, several LoRAs with strength sliders, prompt and sampler, single / compare / grids."""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
 import gradio as gr
+
+from app.gpu import gpu_present
+from app.preview_client import PreviewClient
+from app.ui_util import friendly
+from trainer.fsutil import safe_name, unique_path
+from trainer.models.sniff import read_metadata
+
+SAMPLERS = ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC"]
+MODES = ["Single image", "Base vs LoRA", "Strength grid", "Checkpoint grid"]
+ROWS = 4
+
+
+def lora_triggers(path: str) -> list[str]:
+    import json
+
+    try:
+        md = read_metadata(path)
+        words = json.loads(md.get("ss_trigger_words", "[]"))
+    except (OSError, ValueError):
+        return []
+    return words or [w.strip() for w in md.get("modelspec.trigger_phrase", "").split(",") if w.strip()]
+
+
+def insert_triggers(prompt: str, words: list[str]) -> str:
+    missing = [w for w in words if w.lower() not in (prompt or "").lower()]
+    return ", ".join(missing + ([prompt] if prompt else [])) if missing else prompt
 
 
 class PreviewTab:
-    def __init__(self, ws, runs):
+    def __init__(self, ws, runs, client: PreviewClient | None = None):
         self.ws, self.runs = ws, runs
+        self.client = client or PreviewClient(ws.root / "previews")
 
+    # ------------------------------------------------------------------ handlers
+    def lora_choices(self) -> list[tuple[str, str]]:
+        out = []
+        for r in self.runs.list():
+            d = Path(r["dir"])
+            for f in sorted(d.glob("*.safetensors")):
+                out.append((f"{r['id']} · final · {f.name}", str(f)))
+            for f in sorted((d / "checkpoints").glob("step-*/*.safetensors"), reverse=True):
+                if f.name != "lora_state.safetensors":
+                    out.append((f"{r['id']} · {f.parent.name}", str(f)))
+        for f in sorted(self.ws.loras_dir.glob("*.safetensors")):
+            out.append((f"imported · {f.name}", str(f)))
+        return out
+
+    def add_lora_file(self, path: str) -> str:
+        """A LoRA dropped in from elsewhere is copied into the workspace's loras/ folder."""
+        src = Path(path)
+        if src.suffix.lower() != ".safetensors":
+            raise ValueError("Only .safetensors LoRA files can be added.")
+        from trainer.models.sniff import safetensors_keys
+
+        keys = safetensors_keys(src)
+        if not any(k.startswith("lora_") for k in keys):
+            raise ValueError(f"{src.name} has no kohya LoRA keys (lora_unet_..., lora_te_...).")
+        dst = unique_path(self.ws.loras_dir, safe_name(src.name, "lora.safetensors"))
+        shutil.copyfile(src, dst)
+        return str(dst)
+
+    def checkpoint_series(self, path: str) -> tuple[list[str], list[str]]:
+        """All files of the run a LoRA file belongs to: checkpoints oldest first, then the final one."""
+        p = self.ws.resolve_file(path)
+        run_dir = p.parents[2] if p.parent.name.startswith("step-") else p.parent
+        ckpts = sorted((run_dir / "checkpoints").glob("step-*/*.safetensors"))
+        ckpts = [c for c in ckpts if c.name != "lora_state.safetensors"]
+        files = [str(c) for c in ckpts] + [str(f) for f in sorted(run_dir.glob("*.safetensors"))]
+        labels = [c.parent.name.replace("step-", "step ").lstrip("0") for c in ckpts] + ["final"] * (len(files) - len(ckpts))
+        if not files:
+            raise ValueError("That LoRA is not part of a run with checkpoints.")
+        return files, labels
+
+    def busy_message(self) -> str | None:
+        if gpu_present() and any(r["status"] == "running" for r in self.runs.list()):
+            return ("A training run is using the GPU. Preview waits for the GPU: stop the run or wait until it "
+                    "finishes, so the two do not fight for VRAM.")
+        return None
+
+    def generate(self, v: dict) -> tuple[list[str], str]:
+        """v: base_model, prompt, negative, seed, steps, cfg, width, height, sampler, batch, mode, strengths,
+        loras: [(path, enabled, strength)]."""
+        busy = self.busy_message()
+        if busy:
+            return [], busy
+        if not v.get("base_model"):
+            return [], "Pick a base model."
+        loras = [{"path": p, "enabled": bool(e), "strength": float(s)} for p, e, s in v["loras"] if p]
+        params = {k: v[k] for k in ("prompt", "negative", "steps", "cfg", "width", "height", "sampler", "batch")}
+        params["seed"] = int(v["seed"])
+        params["loras"] = loras
+        req = {"base_model": v["base_model"], "params": params}
+        mode = v.get("mode", "Single image")
+        active = [lo for lo in loras if lo["enabled"]]
+        if mode != "Single image" and not active:
+            return [], "Enable at least one LoRA for this mode."
+        if mode == "Base vs LoRA":
+            req["mode"] = "compare"
+        elif mode == "Strength grid":
+            req["mode"] = "strength_grid"
+            req["lora_index"] = loras.index(active[0])
+            try:
+                req["strengths"] = [float(x) for x in str(v.get("strengths", "")).replace(";", ",").split(",") if x.strip()]
+            except ValueError:
+                return [], "Strengths must be numbers separated by commas, e.g. 0, 0.25, 0.5, 0.75, 1"
+            if not req["strengths"]:
+                return [], "Give the strengths for the grid, e.g. 0, 0.25, 0.5, 0.75, 1"
+        elif mode == "Checkpoint grid":
+            files, labels = self.checkpoint_series(active[0]["path"])
+            req.update(mode="checkpoint_grid", files=files, labels=labels, strength=active[0]["strength"])
+        ans = self.client.request(req)
+        if not ans.get("ok"):
+            return [], ans.get("error", "Preview failed.")
+        return ans["images"], f"Done (seed {params['seed']})."
+
+    # ------------------------------------------------------------------ layout
     def build(self):
-        gr.Markdown("Preview is coming: generate with your LoRA at several strengths.")
+        ws = self.ws
+        with gr.Row():
+            base = gr.Dropdown(choices=ws.settings().get("recent_models", []), allow_custom_value=True, scale=4,
+                               label="Base model (checkpoint file, diffusers folder or hub id)", elem_id="pv-base")
+            refresh = gr.Button("Refresh LoRA list", scale=1, elem_id="pv-refresh")
+        rows = []
+        for i in range(ROWS):
+            with gr.Row():
+                f = gr.Dropdown(choices=self.lora_choices(), label=f"LoRA {i + 1}", scale=4, elem_id=f"pv-lora-{i}")
+                en = gr.Checkbox(value=True, label="on", scale=1, elem_id=f"pv-on-{i}")
+                st = gr.Slider(-2, 2, value=1.0, step=0.05, label="strength", scale=3, elem_id=f"pv-strength-{i}")
+                trig = gr.Markdown(elem_id=f"pv-trig-{i}")
+                ins = gr.Button("Insert trigger words", scale=1)
+            rows.append((f, en, st, trig, ins))
+        add = gr.File(label="Add a LoRA .safetensors from elsewhere", file_types=[".safetensors"])
+        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="pv-prompt")
+        negative = gr.Textbox(label="Negative prompt", lines=1)
+        with gr.Row():
+            seed = gr.Number(value=1234, precision=0, label="Seed", elem_id="pv-seed")
+            rnd = gr.Button("Random seed")
+            reuse = gr.Button("Reuse last seed")
+            last_seed = gr.State(1234)
+            steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="pv-steps")
+            cfg = gr.Slider(1, 20, value=7.0, step=0.5, label="CFG")
+        with gr.Row():
+            width = gr.Slider(64, 2048, value=512, step=64, label="Width", elem_id="pv-width")
+            height = gr.Slider(64, 2048, value=512, step=64, label="Height", elem_id="pv-height")
+            sampler = gr.Dropdown(SAMPLERS, value="Euler a", label="Sampler")
+            batch = gr.Slider(1, 8, value=1, step=1, label="Batch count")
+        with gr.Row():
+            mode = gr.Radio(MODES, value="Single image", label="Mode", elem_id="pv-mode")
+            strengths = gr.Textbox(value="0, 0.25, 0.5, 0.75, 1", label="Grid strengths")
+        go = gr.Button("Generate", variant="primary", elem_id="pv-generate")
+        status = gr.Markdown(elem_id="pv-status")
+        out = gr.Gallery(label="Result", columns=2, height=520, elem_id="pv-gallery")
+
+        files = [r[0] for r in rows]
+        refresh.click(lambda: [gr.Dropdown(choices=self.lora_choices()) for _ in rows], None, files)
+        for f, en, st, trig, ins in rows:
+            f.change(lambda p: ", ".join(lora_triggers(p)) and f"trigger: `{', '.join(lora_triggers(p))}`" if p else "", f, trig)
+            ins.click(lambda pr, p: insert_triggers(pr, lora_triggers(p)) if p else pr, [prompt, f], prompt)
+
+        @friendly
+        def on_add(path):
+            if not path:
+                return [gr.Dropdown() for _ in rows] + [""]
+            dst = self.add_lora_file(path)
+            choices = self.lora_choices()
+            return ([gr.Dropdown(choices=choices, value=dst)] + [gr.Dropdown(choices=choices) for _ in range(ROWS - 1)]
+                    + [f"Added {Path(dst).name}."])
+
+        add.upload(on_add, add, files + [status])
+        rnd.click(lambda: random.randint(0, 2**31 - 1), None, seed)
+        reuse.click(lambda s: s, last_seed, seed)
+        inputs = {base, prompt, negative, seed, steps, cfg, width, height, sampler, batch, mode, strengths}
+        for f, en, st, _, _ in rows:
+            inputs |= {f, en, st}
+
+        @friendly
+        def on_go(d):
+            v = {"base_model": d[base], "prompt": d[prompt], "negative": d[negative], "seed": d[seed] or 0,
+                 "steps": d[steps], "cfg": d[cfg], "width": d[width], "height": d[height], "sampler": d[sampler],
+                 "batch": d[batch], "mode": d[mode], "strengths": d[strengths],
+                 "loras": [(d[f], d[en], d[st]) for f, en, st, _, _ in rows]}
+            images, msg = self.generate(v)
+            return images, msg, d[seed]
+
+        go.click(on_go, inputs, [out, status, last_seed])

@@ -1,0 +1,56 @@
+"""The app's side of the preview worker: one long-lived process that keeps the pipeline loaded."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+from app.runs import PROJECT_ROOT
+
+
+class PreviewClient:
+    def __init__(self, out_dir, python: str = sys.executable):
+        self.out_dir = str(out_dir)
+        self.python = python
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()  # one generation at a time; others wait their turn
+
+    def _ensure(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            return
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen(
+            [self.python, "-m", "trainer", "preview-worker", "--out", self.out_dir], cwd=PROJECT_ROOT, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+        )
+        ready = self.proc.stdout.readline()
+        if not ready:
+            raise RuntimeError("The preview worker did not start.")
+
+    def request(self, req: dict) -> dict:
+        with self.lock:
+            try:
+                self._ensure()
+                self.proc.stdin.write(json.dumps(req) + "\n")
+                self.proc.stdin.flush()
+                line = self.proc.stdout.readline()
+            except (OSError, RuntimeError) as e:
+                self.proc = None
+                return {"ok": False, "error": f"The preview worker could not be reached ({e}). Try again."}
+            if not line:
+                code = self.proc.poll()
+                self.proc = None
+                return {"ok": False, "error": f"The preview worker stopped (exit code {code}), probably out of memory. "
+                                              "Try a smaller size; the next generation starts a fresh worker."}
+            return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
