@@ -116,7 +116,7 @@ def test_worker_protocol_start_events_stop_resume_crash_relist(tiny_sd1, tmp_pat
     assert Path(v.output).is_file()
 
     # 2. stop saves and ends; resume finishes
-    run2, _ = rm.create(quick_cfg(tiny_sd1, data, max_steps=400, save_every_steps=0, sample_every_steps=0))
+    run2, _ = rm.create(quick_cfg(tiny_sd1, data, max_steps=100, save_every_steps=0, sample_every_steps=0))
     wait_for(lambda: rm.view(run2).step >= 2)
     assert "Stopping" in rm.stop(run2)
     wait_for(lambda: rm.get(run2)["status"] == "stopped")

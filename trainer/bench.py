@@ -1,5 +1,329 @@
-"""Benchmark subcommand."""
+"""`python -m trainer bench`: our training step against the plain diffusers+peft reference loop, in one process.
+
+Measures steps/s, images/s, peak memory (CUDA max allocated, or peak RSS on CPU), time to first step, and
+achieved TFLOP/s from a FLOP count of one step (MFU against the GPU's bf16 peak where known). Appends the
+table, with device, versions and config, to BENCHMARKS.md. Never used for timed assertions in tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "A10G": 70.0}
 
 
 def add_command(sub) -> None:
-    pass
+    b = sub.add_parser("bench", help="measure training speed and memory against the reference loop")
+    b.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny")
+    b.add_argument("--steps", type=int, default=10, help="measured steps (after warm-up)")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--batch", type=int, default=None)
+    b.add_argument("--resolution", type=int, default=None)
+    b.add_argument("--rank", type=int, default=16)
+    b.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None)
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--which", default="reference,ours,ours_cached,kohya_cached,default,lowvram",
+                   help="comma list of: reference, ours, ours_cached, kohya_cached, default, lowvram, dataset")
+    b.add_argument("--out", default="BENCHMARKS.md", help="append results here ('' = do not write)")
+    b.set_defaults(fn=run_bench)
+
+
+# ------------------------------------------------------------------------------------ helpers
+class PeakRSS:
+    """Peak resident memory of this process during a block: Linux's VmHWM, reset on entry via clear_refs.
+    (A sampling thread would fight OpenMP's spinning threads for the cores and distort the timings.)"""
+
+    def __enter__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *a):
+        self.peak = 0
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        self.peak = int(line.split()[1]) * 1024
+        except OSError:
+            import resource
+
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _mem_block(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return PeakRSS()
+
+
+def _peak_gb(device, rss: PeakRSS) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return rss.peak / 2**30
+
+
+def build_model(name: str, device: str, dtype):
+    import torch
+
+    from trainer.models.load import from_pipeline, random_full_size
+    from trainer.models.tiny import build_tiny_pipeline
+
+    torch.manual_seed(0)
+    if name == "tiny":
+        return from_pipeline(build_tiny_pipeline("sd1"), "sd1", "tiny sd1")
+    return random_full_size({"sd15": "sd1", "sdxl": "sdxl"}[name], device=device, dtype=torch.float32)
+
+
+def synthetic_dataset(folder: Path, n: int, res: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    for i in range(n):
+        Image.fromarray((rng.rand(res, res, 3) * 255).astype("uint8")).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(f"zwx, photo {i}, red, blue")
+    return folder
+
+
+def count_step_flops(model, batch: int, res: int, device, dtype, train_te: bool) -> float:
+    """FLOPs of one forward+backward of the UNet (and text encoder when trained) at this batch/resolution."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.loop import encode_prompts
+
+    f = model.vae_scale_factor
+    lat = torch.randn(batch, 4, res // f, res // f, device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    with FlopCounterMode(display=False) as fc:
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.set_grad_enabled(True):
+                hs, pooled = encode_prompts(model, model.text_encoders, ["zwx, a photo"] * batch, 1, device)
+                kw = {}
+                if model.is_sdxl:
+                    kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * batch, device=device, dtype=dtype)}
+                out = model.unet(lat, t, hs.to(dtype), **kw).sample
+                out.float().pow(2).mean().backward()
+    for m in [model.unet, *model.text_encoders]:
+        m.zero_grad(set_to_none=True)
+    return float(fc.get_total_flops())
+
+
+# ------------------------------------------------------------------------------------ the reference
+def reference_loop(model, data_dir: Path, cfg, steps: int, warmup: int, device, dtype) -> dict:
+    """What a user gets from diffusers' train_text_to_image_lora.py: VAE encode every step, peft LoRA on the
+    UNet attention (to_q/k/v/out.0), frozen text encoder, AdamW, same precision, plain MSE."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig
+    from PIL import Image
+
+    unet, vae, te, tok = model.unet, model.vae, model.text_encoders[0], model.tokenizers[0]
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]), adapter_name="ref")
+    unet.to(device, dtype=dtype)
+    vae.to(device, dtype=dtype)
+    te.to(device, dtype=dtype)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    files = sorted(data_dir.glob("*.png"))
+    caps = [(data_dir / f"{f.stem}.txt").read_text() for f in files]
+    sched = model.noise_scheduler
+    times = []
+    t_load = time.perf_counter()
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()  # a step includes reading its images, as the example's dataloader does
+        idx = [(step * cfg.batch_size + k) % len(files) for k in range(cfg.batch_size)]
+        px = torch.stack([torch.from_numpy(np.asarray(Image.open(files[i]).convert("RGB").resize((cfg.resolution, cfg.resolution)), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1) for i in idx]).to(device, dtype)
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+            latents = vae.encode(px).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            ts = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
+            noisy = sched.add_noise(latents, noise, ts)
+            ids = tok([caps[i] for i in idx], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+            hs = te(ids)[0]
+            pred = unet(noisy, ts, hs).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        loss.item()  # the example script logs the loss every step
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if step == 0:
+            first = time.perf_counter() - t_load
+    unet.delete_adapters("ref")
+    meas = times[warmup:]
+    return {"step_s": sum(meas) / len(meas), "first_step_s": first}
+
+
+def ours(model, data_dir: Path, cfg, steps: int, warmup: int, work: Path) -> dict:
+    """Our engine's own loop (train()), timed from its event log."""
+    from trainer.events import read_events
+    from trainer.loop import train
+
+    run = Path(tempfile.mkdtemp(dir=work))
+    cfg = cfg.replace(max_steps=warmup + steps, output_dir=str(run), log_every_steps=1, save_every_steps=0,
+                      sample_every_steps=0, dataset=str(data_dir))
+    t0 = time.time()
+    train(cfg, run, echo=lambda m: None, model=model)
+    ev = [e for e in read_events(run)[0] if e["type"] == "progress"]
+    first = ev[0]["time"] - t0
+    t_w, t_end = ev[warmup - 1]["time"], ev[-1]["time"]
+    return {"step_s": (t_end - t_w) / steps, "first_step_s": first}
+
+
+# ------------------------------------------------------------------------------------ main
+def run_bench(args) -> int:
+    import torch
+
+    from trainer.config import TrainConfig
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    defaults = {"tiny": (64, 2), "sd15": (512, 4), "sdxl": (1024, 1)}[args.model]
+    res = args.resolution or defaults[0]
+    batch = args.batch or defaults[1]
+    prec = args.precision or ("bf16" if device == "cuda" else "no")
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[prec]
+    which = [w.strip() for w in args.which.split(",") if w.strip()]
+    work = Path(tempfile.mkdtemp(prefix="lora_bench_"))
+    os.environ.setdefault("LORA_STUDIO_CACHE", str(work / "cache"))
+    data = synthetic_dataset(work / "data", max(8, batch * 4), res)
+    base = TrainConfig(base_model="(in memory)", dataset=str(data), resolution=res, min_bucket=min(256, res),
+                       max_bucket=max(1024, res), rank=args.rank, alpha=args.rank, batch_size=batch,
+                       mixed_precision=prec, device=device, train_text_encoder=False, cache_latents=False,
+                       optimizer="adamw", seed=0)
+    variants = {
+        "ours": base.replace(network_target="attention"),
+        "ours_cached": base.replace(network_target="attention", cache_latents=True),
+        "kohya_cached": base.replace(cache_latents=True),
+        "default": base.replace(cache_latents=True, train_text_encoder=True),
+        "lowvram": base.replace(cache_latents=True, cache_text_encoder_outputs=True, gradient_checkpointing=True,
+                                optimizer="adamw8bit" if device == "cuda" else "adamw"),
+    }
+    rows = []
+    flops = None
+    for name in which:
+        if name == "dataset":
+            rows.append(dataset_bench(work, res))
+            continue
+        model = build_model(args.model, device, dtype)
+        with _mem_block(device) as rss:
+            if name == "reference":
+                r = reference_loop(model, data, base, args.steps, args.warmup, device, dtype)
+            else:
+                cfg = variants[name]
+                if flops is None:
+                    model_f = build_model(args.model, device, dtype)
+                    model_f.unet.to(device)
+                    for t in model_f.text_encoders:
+                        t.to(device)
+                    flops = count_step_flops(model_f, batch, res, device, dtype, False)
+                    del model_f
+                r = ours(model, data, cfg, args.steps, args.warmup, work)
+        r.update(name=name, peak_gb=_peak_gb(device, rss))
+        rows.append(r)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    ref = next((r for r in rows if r.get("name") == "reference"), None)
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if device == "cuda" and k in torch.cuda.get_device_name()), None)
+    lines = [f"| variant | step s | steps/s | images/s | vs reference | peak mem GB | first step s | TFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "step_s" not in r:
+            continue
+        sps = 1 / r["step_s"]
+        tflops = flops * sps / 1e12 if flops else None
+        ratio = f"{ref['step_s'] / r['step_s']:.2f}x" if ref else "-"
+        lines.append(f"| {r['name']} | {r['step_s']:.4f} | {sps:.2f} | {sps * batch:.2f} | {ratio} | {r['peak_gb']:.2f} | "
+                     f"{r['first_step_s']:.1f} | {tflops:.3f} | {f'{100 * tflops / peak:.1f}%' if (tflops and peak) else '-'} |"
+                     if tflops is not None else
+                     f"| {r['name']} | {r['step_s']:.4f} | {sps:.2f} | {sps * batch:.2f} | {ratio} | {r['peak_gb']:.2f} | {r['first_step_s']:.1f} | - | - |")
+    for r in rows:
+        if r.get("name") == "dataset":
+            lines.append("")
+            lines.append(f"Dataset stage ({r['images']} images): scan+report+buckets {r['scan_s']:.2f}s; latent caching "
+                         f"{r['cache_ips']:.1f} images/s (tiny VAE, {r['cache_device']}); second caching run: "
+                         f"{r['second_encoded']} VAE encodes in {r['second_s']:.2f}s")
+    import diffusers
+    import peft
+    import transformers
+
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    head = (f"\n## {time.strftime('%Y-%m-%d %H:%M')} · {args.model} · {dev_name}\n"
+            f"batch {batch}, resolution {res}, rank {args.rank}, precision {prec}, {args.steps} steps after {args.warmup} warm-up; "
+            f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, peft {peft.__version__}\n"
+            "reference = diffusers train_text_to_image_lora.py loop (VAE in the loop, UNet attention LoRA, AdamW); "
+            "ours = our loop, same work (attention-only UNet LoRA, VAE in the loop); ours_cached = + cached latents; "
+            "kohya_cached = kohya's module set (adds proj_in/out, ff); default = kohya set + text-encoder LoRA, cached; "
+            "lowvram = cached latents and TE outputs, gradient checkpointing, 8-bit AdamW on CUDA.\n"
+            + (f"FLOPs per step (UNet+TE forward+backward, counted): {flops / 1e9:.2f} GFLOP\n" if flops else ""))
+    text = head + "\n" + "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as fh:
+            fh.write(text)
+    return 0
+
+
+def dataset_bench(work: Path, res: int, n: int = 1000) -> dict:
+    """Scanning + report + bucketing of n images, and latent-caching throughput on a tiny VAE on the CPU."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from trainer.data.cache import LatentCache, vae_fingerprint
+    from trainer.data.report import dataset_report
+    from trainer.models.tiny import tiny_vae
+
+    d = work / "ds1000"
+    d.mkdir(exist_ok=True)
+    rng = np.random.RandomState(0)
+    sizes = [(512, 512), (640, 448), (448, 640), (768, 512)]
+    for i in range(n):
+        w, h = sizes[i % 4]
+        Image.fromarray((rng.rand(h // 8, w // 8, 3) * 255).astype("uint8")).resize((w, h)).save(d / f"{i:04d}.jpg", quality=80)
+        (d / f"{i:04d}.txt").write_text(f"zwx, tag{i % 17}, tag{i % 5}")
+    t0 = time.perf_counter()
+    rep = dataset_report(d, 512, "zwx")
+    scan_s = time.perf_counter() - t0
+    from trainer.config import TrainConfig
+    from trainer.data.loader import TrainData
+    from trainer.data.scan import scan_dataset
+
+    cfg = TrainConfig(base_model="x", dataset=str(d), resolution=256, min_bucket=128, max_bucket=512)
+    data = TrainData(scan_dataset(d), cfg)
+    vae = tiny_vae()
+    cache = LatentCache(work / "cache_ds", vae_fingerprint(vae))
+    jobs = data.all_jobs()[:200]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cache.fill(vae, jobs, batch_size=8)
+    ips = len(jobs) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    second = cache.fill(vae, jobs, batch_size=8)
+    return {"name": "dataset", "images": rep["image_count"], "scan_s": scan_s, "cache_ips": ips, "cache_device": "cpu",
+            "second_encoded": second, "second_s": time.perf_counter() - t0}

@@ -76,6 +76,7 @@ class TrainConfig:
     # --- network
     rank: int = _f(16, "LoRA rank (dim): the capacity of the update. 8-32 for characters, 32-128 for styles.")
     alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha/rank. Changing rank without alpha changes the effective learning rate.")
+    network_target: str = _f("kohya", "Which UNet layers get LoRA: 'kohya' (all transformer-block linears, as kohya_ss) or 'attention' (q/k/v/out only, as diffusers' example; smaller and faster).", ("kohya", "attention"), "network")
     conv_rank: int = _f(0, "LoCon: rank for the ResNet convolutions too (0 = off).", None, "network")
     conv_alpha: float = _f(1.0, "LoCon alpha for the convolution layers.", None, "network")
     dropout: float = _f(0.0, "Dropout on the LoRA path (0-1).", None, "network")

@@ -114,8 +114,10 @@ def snr_weights(noise_scheduler, timesteps, gamma: float, v_pred: bool) -> torch
 
 
 # ----------------------------------------------------------------------------- the run
-def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False, echo=print) -> Path:
-    """Train a LoRA; return the exported file. Raise TrainingError (and emit an 'error' event) on failure."""
+def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False, echo=print,
+          model: LoadedModel | None = None) -> Path:
+    """Train a LoRA; return the exported file. Raise TrainingError (and emit an 'error' event) on failure.
+    `model` skips loading (the benchmark passes random-weight full-size models built in memory)."""
     from accelerate import Accelerator
 
     run_dir = Path(run_dir or cfg.output_dir)
@@ -154,7 +156,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
 
     # 2. model
     ev.emit("status", state="loading", message=f"Loading base model {cfg.base_model}")
-    model = load_model(cfg.base_model, cfg.model_family, cfg.model_config or None)
+    model = model or load_model(cfg.base_model, cfg.model_family, cfg.model_config or None)
     if cfg.prediction_type != "auto" and cfg.prediction_type != model.prediction_type:
         from diffusers import DDPMScheduler
 

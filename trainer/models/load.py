@@ -77,6 +77,35 @@ class LoadedModel:
         )
 
 
+def from_pipeline(pipe, family: str, source: str = "memory") -> LoadedModel:
+    """A LoadedModel over an existing pipeline's modules (tiny test models, benchmark models)."""
+    from diffusers import DDPMScheduler
+
+    tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    pred = "v_prediction" if family == "sd2v" else "epsilon"
+    return LoadedModel(family, pipe.unet, pipe.vae, tes, toks, DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=pred), source)
+
+
+def random_full_size(family: str, device="cpu", dtype=torch.float32) -> LoadedModel:
+    """The real SD1.5 / SDXL architecture from the shipped configs, random weights (for benchmarks)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    d = shipped_config_dir(family)
+    rd = lambda p: json.loads((d / p).read_text())  # noqa: E731
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(rd("unet/config.json")).to(dtype)
+        vae = AutoencoderKL.from_config(rd("vae/config.json")).to(dtype)
+        tes = [CLIPTextModel(CLIPTextConfig(**rd("text_encoder/config.json"))).to(dtype)]
+        toks = [clip_tokenizer(pad="!" if family in ("sd2", "sd2v") else None)]
+        if family == "sdxl":
+            tes.append(CLIPTextModelWithProjection(CLIPTextConfig(**rd("text_encoder_2/config.json"))).to(dtype))
+            toks.append(clip_tokenizer(pad="!"))
+    sched = DDPMScheduler.from_config(rd("scheduler/scheduler_config.json"))
+    return LoadedModel(family, unet, vae, tes, toks, sched, f"random {family}")
+
+
 def _is_hub_id(s: str) -> bool:
     parts = s.split("/")
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~")) and "\\" not in s and ":" not in s

@@ -5,6 +5,8 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
 ADAPTER = "default"
+UNET_ATTENTION_ONLY = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                       "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 UNET_ATTN_SUFFIXES = (
     "proj_in", "proj_out", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2",
@@ -13,11 +15,12 @@ TE_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 CONV_PARENTS = ("resnets", "downsamplers", "upsamplers")
 
 
-def unet_targets(unet: torch.nn.Module, conv: bool = False) -> tuple[list[str], list[str]]:
+def unet_targets(unet: torch.nn.Module, conv: bool = False, target: str = "kohya") -> tuple[list[str], list[str]]:
     """(linear/1x1 targets inside the transformer blocks, 3x3-conv targets of the ResNet blocks for LoCon)."""
     attn, convs = [], []
+    suffixes = UNET_ATTENTION_ONLY if target == "attention" else UNET_ATTN_SUFFIXES
     for name, mod in unet.named_modules():
-        if ".attentions." in name and name.endswith(UNET_ATTN_SUFFIXES) and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+        if ".attentions." in name and name.endswith(suffixes) and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
             attn.append(name)
         elif conv and any(f".{p}." in name for p in CONV_PARENTS) and isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
             if name.endswith((".conv1", ".conv2", ".conv_shortcut", ".conv", ".time_emb_proj")):
@@ -78,7 +81,7 @@ def set_lora_scale(model: torch.nn.Module, scale: float) -> None:
 
 def inject_for_config(model, cfg) -> dict[str, dict[str, float]]:
     """Inject the adapters a TrainConfig asks for into a LoadedModel. Returns part -> {module: alpha}."""
-    attn, conv = unet_targets(model.unet, conv=cfg.conv_rank > 0)
+    attn, conv = unet_targets(model.unet, conv=cfg.conv_rank > 0, target=cfg.network_target)
     alphas = {"unet": inject(model.unet, attn, cfg.rank, cfg.alpha, cfg.dropout, conv, cfg.conv_rank, cfg.conv_alpha)}
     if cfg.train_text_encoder:
         for name, te in zip(("te1", "te2"), model.text_encoders):
