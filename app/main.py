@@ -36,10 +36,15 @@ def build_ui(workspace: str | Workspace, runs: RunManager | None = None) -> gr.B
             with gr.Tab("Outputs", id="outputs"):
                 train_tab.build_outputs()
             with gr.Tab("Preview", id="preview"):
-                PreviewTab(ws, runs).build()
+                pv_tab = PreviewTab(ws, runs)
+                pv_tab.build()
             with gr.Tab("Settings", id="settings"):
                 train_tab.build_settings()
         register_api(ws, runs, train_tab)
+        # a reloaded page gets fresh lists and re-attaches to the running run
+        ui.load(train_tab.on_page_load, None, train_tab.load_outputs())
+        ui.load(lambda: gr.Dropdown(choices=ws.list_datasets()), None, ds_dropdown)
+        ui.load(pv_tab.on_page_load, None, [pv_tab.base_dd] + pv_tab.files)
     ui.lora_studio = {"workspace": ws, "runs": runs}
     return ui
 

@@ -121,6 +121,10 @@ class PreviewTab:
             return [], ans.get("error", "Preview failed.")
         return ans["images"], f"Done (seed {params['seed']})."
 
+    def on_page_load(self):
+        choices = self.lora_choices()
+        return [gr.Dropdown(choices=self.ws.settings().get("recent_models", []))] + [gr.Dropdown(choices=choices) for _ in range(ROWS)]
+
     # ------------------------------------------------------------------ layout
     def build(self):
         ws = self.ws
@@ -160,6 +164,7 @@ class PreviewTab:
         out = gr.Gallery(label="Result", columns=2, height=520, elem_id="pv-gallery")
 
         files = [r[0] for r in rows]
+        self.files, self.base_dd = files, base
         refresh.click(lambda: [gr.Dropdown(choices=self.lora_choices()) for _ in rows], None, files)
         for f, en, st, trig, ins in rows:
             f.change(lambda p: ", ".join(lora_triggers(p)) and f"trigger: `{', '.join(lora_triggers(p))}`" if p else "", f, trig)

@@ -282,7 +282,22 @@ class TrainTab:
         if dataset_dropdown is not None:
             dataset_dropdown.change(lambda v: gr.Dropdown(choices=ws.list_datasets(), value=v), dataset_dropdown, comps["dataset"])
         self.comps, self.run_pick = comps, run_pick
+        self.preset_dd = preset
         return comps
+
+    def on_page_load(self):
+        """Fresh lists for a (re)loaded page, and the live view re-attached to the active run."""
+        runs = self.runs.list()
+        active = next((r["id"] for r in runs if r["status"] == "running"), None) or next(
+            (r["id"] for r in runs if r["status"] == "queued"), None)
+        return (gr.Dropdown(choices=self.run_choices(), value=active) if active else gr.Dropdown(choices=self.run_choices()),
+                gr.Dropdown(choices=self.ws.list_datasets()),
+                gr.Dropdown(choices=self.ws.settings().get("recent_models", [])),
+                gr.Dropdown(choices=self.preset_choices()),
+                gr.Dropdown(choices=self.run_choices()))
+
+    def load_outputs(self):
+        return [self.run_pick, self.comps["dataset"], self.comps["base_model"], self.preset_dd, self.out_pick]
 
     def build_outputs(self):
         ws = self.ws
@@ -291,6 +306,7 @@ class TrainTab:
         with gr.Row():
             pick = gr.Dropdown(choices=self.run_choices(), label="Run", scale=3, elem_id="out-run")
             refresh = gr.Button("Refresh", scale=1, elem_id="out-refresh")
+        self.out_pick = pick
         files = gr.Dropdown(label="LoRA file (final or a checkpoint)", choices=[], elem_id="out-file")
         meta = gr.JSON(label="Metadata")
         with gr.Row():

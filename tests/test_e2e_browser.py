@@ -1,0 +1,236 @@
+"""The whole user journey in a real browser: Debian's Chromium driven by Playwright against `python launch.py`.
+
+Dataset -> Train (Quick test preset, tiny random model) -> Outputs (download, load in diffusers) -> Preview
+(strength 0 vs 1, a strength grid) -> reload mid-run and see the live view re-attach. A screenshot of each
+step goes to test-artifacts/e2e/ (the README's screenshots come from there).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_images
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts" / "e2e"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (apt install chromium)")
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app_url(tmp_path):
+    port = free_port()
+    ws = tmp_path / "ws"
+    log = open(tmp_path / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--port", str(port), "--workspace", str(ws)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    import urllib.request
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise AssertionError("app did not start: " + (tmp_path / "app.log").read_text()[-2000:])
+    try:
+        yield f"http://127.0.0.1:{port}/", ws
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        # workers run in their own session; stop any left over from this test
+        subprocess.run(["pkill", "-f", str(ws)], check=False)
+
+
+class UI:
+    def __init__(self, page):
+        self.p = page
+
+    def shot(self, name):
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.p.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
+
+    def tab(self, name):
+        self.p.get_by_role("tab", name=name).click()
+        self.p.wait_for_timeout(300)
+
+    def text(self, elem_id, value):
+        box = self.p.locator(f"#{elem_id} textarea, #{elem_id} input").first
+        box.fill(str(value))
+        box.press("Tab")
+
+    def custom(self, elem_id, value):
+        box = self.p.locator(f"#{elem_id} input[role=combobox]")
+        box.click()
+        box.fill(str(value))
+        box.press("Enter")
+        self.p.wait_for_timeout(200)
+
+    def choose(self, elem_id, option):
+        box = self.p.locator(f"#{elem_id} input[role=combobox]")
+        box.click()
+        opt = self.p.get_by_role("option", name=option) if isinstance(option, str) else self.p.get_by_role("option").filter(has_text=option)
+        opt.first.click()
+        self.p.wait_for_timeout(300)
+
+    def click(self, elem_id):
+        self.p.locator(f"#{elem_id}").click()
+
+    def wait_text(self, elem_id, pattern, timeout=240):
+        loc = self.p.locator(f"#{elem_id}")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            t = loc.inner_text()
+            if re.search(pattern, t):
+                return t
+            self.p.wait_for_timeout(500)
+        self.shot(f"failed-{elem_id}")
+        raise AssertionError(f"#{elem_id} never matched {pattern!r}; last text: {t[:500]!r}")
+
+
+def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, ws = app_url
+    imgs = make_images(tmp_path / "photos", 4, size=(96, 96), caption=None)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page.set_default_timeout(60_000)
+        ui = UI(page)
+        page.goto(url)
+
+        # 1. Dataset: create, upload 4 images through the drop zone's file input, set a trigger word
+        ui.text("ds-new-name", "mychar")
+        ui.click("ds-create")
+        ui.wait_text("ds-status", "ready")
+        page.locator("#ds-upload input[type=file]").set_input_files([str(p) for p in imgs])
+        ui.wait_text("ds-status", r"Imported 4 image")
+        ui.wait_text("ds-report", r"4 image\(s\)")
+        ui.text("ds-trigger", "zwx")
+        ui.click("ds-add-trigger")
+        ui.wait_text("ds-status", "Changed 0 caption")  # no captions yet: nothing to prefix
+        page.locator("#ds-gallery img").first.click()
+        ui.text("ds-caption", "zwx, red square")
+        ui.click("ds-save-caption")
+        ui.wait_text("ds-status", "Saved the caption")
+        ui.wait_text("ds-report", r"3 image\(s\) without a caption")
+        assert (ws / "datasets" / "mychar").is_dir() and len(list((ws / "datasets" / "mychar").glob("*.png"))) == 4
+        ui.shot("1-dataset")
+
+        # 2. Train: Quick test preset, the tiny model, pre-flight, Start, progress and loss chart, finished
+        ui.tab("Train")
+        ui.choose("preset", "Quick test")
+        ui.custom("f-base_model", str(tiny_sd1))
+        ui.choose("f-dataset", "mychar")
+        ui.text("f-trigger", "zwx")
+        ui.text("f-resolution", 64)
+        ui.text("f-max_steps", 12)
+        page.get_by_text("Advanced").click()
+        ui.text("f-min_bucket", 64)
+        ui.text("f-save_every_steps", 4)
+        ui.click("check")
+        ui.wait_text("preflight", "Ready to start")
+        ui.click("start")
+        ui.wait_text("progress", r"step [1-9]\d*/12")
+        ui.wait_text("progress", r"finished", timeout=300)
+        assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0  # the chart rendered
+        ui.shot("2-train")
+
+        # 3. Outputs: the LoRA is listed; download it; it loads in diffusers
+        ui.tab("Outputs")
+        ui.click("out-refresh")
+        page.wait_for_timeout(800)
+        ui.choose("out-run", re.compile(r"\d{8}-\d{6}"))  # the one run
+        page.wait_for_timeout(1500)
+        with page.expect_download() as dl:
+            ui.click("out-download")
+        target = tmp_path / "downloaded.safetensors"
+        dl.value.save_as(target)
+        ui.shot("3-outputs")
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1)
+        pipe.load_lora_weights(str(target), adapter_name="dl")
+        assert "dl" in pipe.get_list_adapters()["unet"]
+
+        # 4. Preview: strength 0 and 1 with one seed differ; a strength grid renders
+        ui.tab("Preview")
+        ui.custom("pv-base", str(tiny_sd1))
+        ui.click("pv-refresh")
+        page.wait_for_timeout(500)
+        ui.choose("pv-lora-0", re.compile(r"final"))
+        ui.text("pv-prompt", "zwx, red square")
+        ui.text("pv-steps", 2)
+        ui.text("pv-width", 64)
+        ui.text("pv-height", 64)
+        def generate() -> Path:
+            before = set((ws / "previews").glob("*.png"))
+            ui.click("pv-generate")
+            deadline = time.time() + 180
+            while not (set((ws / "previews").glob("*.png")) - before) and time.time() < deadline:
+                page.wait_for_timeout(500)
+            new = set((ws / "previews").glob("*.png")) - before
+            if len(new) != 1:
+                ui.shot("failed-preview")
+            assert len(new) == 1, "no preview image was written: " + page.locator("#pv-status").inner_text()
+            ui.wait_text("pv-status", r"Done \(seed 1234\)")
+            return new.pop()
+
+        results = []
+        for strength in (0, 1):
+            ui.text("pv-strength-0", strength)
+            results.append(generate())
+        import numpy as np
+        from PIL import Image
+
+        a, b = (np.asarray(Image.open(p), dtype=np.float32) for p in results)
+        assert np.abs(a - b).mean() > 0, "strength 0 and 1 must differ"
+        page.get_by_label("Strength grid").check()
+        grid_png = generate()
+        assert "strength_grid" in grid_png.name and Image.open(grid_png).size[0] == 5 * 64
+        ui.shot("4-preview")
+
+        # 5. A second, longer run: reload the page mid-run and see the live view re-attach
+        ui.tab("Train")
+        ui.text("f-max_steps", 400)
+        ui.text("f-seed", 7)
+        ui.click("start")
+        ui.wait_text("progress", r"step [1-9]\d*/400", timeout=180)
+        page.reload()
+        ui.tab("Train")  # no clicks needed: the reloaded page selects the running run by itself
+        first = ui.wait_text("progress", r"step \d+/400")
+        n1 = int(re.search(r"step (\d+)/400", first).group(1))
+        ui.wait_text("progress", rf"step (?!{n1}/)\d+/400")  # it keeps moving after the reload
+        ui.shot("5-reattached")
+        ui.click("stop")
+        ui.wait_text("progress", "stopped", timeout=120)
+        browser.close()
+
+    docs = ROOT / "docs" / "screenshots"
+    if os.environ.get("UPDATE_SCREENSHOTS"):
+        docs.mkdir(parents=True, exist_ok=True)
+        for src, dst in (("1-dataset", "dataset"), ("2-train", "train"), ("3-outputs", "outputs"), ("4-preview", "preview")):
+            shutil.copyfile(ARTIFACTS / f"{src}.png", docs / f"{dst}.png")
