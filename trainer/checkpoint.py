@@ -82,3 +82,13 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
         return
     for p in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_stale_temp(run_dir: str | Path) -> None:
+    """Temp files and folders left by a process killed mid-write (names start with '.' and end with '.tmp')."""
+    for d in (Path(run_dir), Path(run_dir) / CKPT_DIR):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

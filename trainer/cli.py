@@ -177,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
 
     presets_cli.add_commands(sub)
 
-    from trainer import bench
+    from trainer import bench, reliability
 
     bench.add_command(sub)
+    reliability.add_command(sub)
 
     args = p.parse_args(argv)
     try:

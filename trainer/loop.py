@@ -24,6 +24,7 @@ from trainer.export import build_metadata, modelspec, to_kohya, write_lora, DTYP
 from trainer.fsutil import atomic_dir
 from trainer.models import lora
 from trainer.models.load import FAMILY_NAMES, LoadedModel, load_model
+from trainer.reliability import maybe_inject
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
     main = accelerator.is_main_process
     if main:
         check_output_dir(run_dir)
+        ckpt.remove_stale_temp(run_dir)
     ev = EventLog(run_dir, enabled=main, echo=echo if main else None)
     for w in config_warnings + dev_warns:
         ev.emit("warning", message=w)
@@ -288,6 +290,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
         state = {"step": step, "total_steps": total_steps, "scheduler": scheduler.state_dict(), "config": cfg.to_dict(), **layout}
         folder = run_dir / ckpt.CKPT_DIR / f"step-{step:06d}"
         with atomic_dir(folder) as tmp:
+            maybe_inject(step, "save")
             ckpt.write_checkpoint(tmp, p, optimizer.state_dict(), state)
             export_parts(p, cfg, layout, {**info, "steps": step, "epoch": data.entries(max(0, step * cfg.gradient_accumulation - 1))[0] + 1},
                          tmp / f"{cfg.output_name}.safetensors")
@@ -310,6 +313,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
     step = start_step
     try:
         while step < total_steps:
+            maybe_inject(step + 1, "step")
             for micro in range(step * cfg.gradient_accumulation, (step + 1) * cfg.gradient_accumulation):
                 batch = data.batch(micro, vae=None if data.cache is not None else model.vae)
                 g = torch.Generator().manual_seed(mix(cfg.seed, micro, accelerator.process_index))
@@ -376,14 +380,14 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
                 ev.emit("stopped", step=step, message=f"Stopped at step {step}; resume to continue.")
                 raise Stopped()
     except Stopped:
-        bar.close()
         return run_dir
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(
             "The GPU ran out of memory. Lower batch_size or resolution, turn on gradient_checkpointing, use "
             "optimizer = 'adamw8bit', cache latents, or pick the low-VRAM preset. The last checkpoint is kept."
         ) from None
-    bar.close()
+    finally:
+        bar.close()  # ends the progress line, so an error message starts on a line of its own
 
     # 8. finish
     final = save(total_steps, final=True)
