@@ -16,7 +16,7 @@ from trainer.reliability import FAULT_ENV, check_files, fuzz_inputs, kill_trials
 
 
 def test_kill_minus_9_at_random_points_loses_nothing_and_resume_matches(tiny_sd1, dataset, tmp_path):
-    cfg = base_config(tiny_sd1, dataset, tmp_path / "unused", max_steps=16, save_every_steps=2, keep_last=2,
+    cfg = base_config(tiny_sd1, dataset, tmp_path / "unused", max_steps=60, save_every_steps=2, keep_last=2,
                       lr_scheduler="cosine", warmup_steps=2, shuffle_tags=True)
     cfg.save(tmp_path / "cfg.toml")
     r = kill_trials(tmp_path / "cfg.toml", tmp_path / "trial", kills=3, seed=3)
