@@ -53,8 +53,6 @@ def register_api(ws: Workspace, runs: RunManager, train_tab: TrainTab) -> None:
     """Scriptable endpoints (gradio_client): the same pre-flight and run manager the page uses."""
     import json
 
-    from app.forms import values_to_config
-
     def start_run(config_json: str) -> str:
         """Start (or re-find) a run from TrainConfig values as JSON. Returns {run_id, created, message}."""
         values = json.loads(config_json)

@@ -82,3 +82,58 @@ def base_config(model: Path, data: Path, out: Path, **kw):
     )
     values.update(kw)
     return TrainConfig(**values)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout=240, every=0.5):
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+from contextlib import contextmanager  # noqa: E402
+
+
+@contextmanager
+def launched_app(tmp_path: Path):
+    """`python launch.py` on a free port with its own workspace; yields (url, workspace, port)."""
+    import subprocess
+    import urllib.request
+
+    port = free_port()
+    ws = tmp_path / "ws"
+    log = open(tmp_path / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--port", str(port), "--workspace", str(ws)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def up():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
+        except OSError:
+            return proc.poll() is not None  # stop waiting if it died
+
+    try:
+        wait_for(up, timeout=120)
+        assert proc.poll() is None, "app did not start: " + (tmp_path / "app.log").read_text()[-2000:]
+        yield f"http://127.0.0.1:{port}/", ws, port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        subprocess.run(["pkill", "-f", str(ws)], check=False)  # workers run in their own session
+        log.close()

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_images
+from conftest import ROOT, launched_app, make_images, wait_for
 from app.forms import config_to_values, preflight, values_to_config
 from app.runs import RunManager
 from app.workspace import Workspace
@@ -81,16 +79,6 @@ def test_workspace_refuses_names_and_files_outside_it(tmp_path):
         ws.resolve_file(str(link))
 
 
-def wait_for(pred, timeout=240, every=0.5):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
-
-
 def quick_cfg(model, data, **kw):
     vals = dict(base_model=str(model), dataset=str(data), trigger="zwx", resolution=64, min_bucket=64, max_bucket=128,
                 rank=4, alpha=4, max_steps=6, mixed_precision="no", device="cpu", save_every_steps=2,
@@ -158,32 +146,10 @@ def test_queue_runs_one_at_a_time(tiny_sd1, tmp_path):
     assert eb["time"] >= ea["time"]  # b started after a ended
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def live_app(tmp_path):
-    port = free_port()
-    ws = tmp_path / "ws"
-    proc = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--port", str(port), "--workspace", str(ws)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    import urllib.request
-
-    def up():
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(up, timeout=90)
-        yield f"http://127.0.0.1:{port}/", ws, port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with launched_app(tmp_path) as app:
+        yield app
 
 
 def test_server_binds_loopback_only_by_default(live_app):

@@ -9,57 +9,22 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_images
+from conftest import ROOT, launched_app, make_images
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts" / "e2e"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (apt install chromium)")
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def app_url(tmp_path):
-    port = free_port()
-    ws = tmp_path / "ws"
-    log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--port", str(port), "--workspace", str(ws)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    import urllib.request
-
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise AssertionError("app did not start: " + (tmp_path / "app.log").read_text()[-2000:])
-    try:
-        yield f"http://127.0.0.1:{port}/", ws
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        # workers run in their own session; stop any left over from this test
-        subprocess.run(["pkill", "-f", str(ws)], check=False)
+    with launched_app(tmp_path) as (url, ws, _):
+        yield url, ws
 
 
 class UI:

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import ROOT, base_config, make_images
+from conftest import ROOT, base_config, free_port, make_images
 from trainer import checkpoint as ckpt
 from trainer.cli import main as cli
 from trainer.config import TrainConfig
@@ -241,14 +241,6 @@ def test_v_prediction_model_trains_with_v_target(tiny_sd2v, dataset, tmp_path):
     assert md["ss_base_model_version"] == "sd_v2_v" and md["modelspec.prediction_type"] == "v"
     events, _ = read_events(out)
     assert any("v_prediction" in e.get("message", "") for e in events)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_two_cpu_processes_write_one_file_with_equal_weights(tiny_sd1, tmp_path):

@@ -188,7 +188,8 @@ def test_preview_tab_through_the_worker_process(tiny_sd1, tmp_path):
     from app.tabs.preview import PreviewTab
     from app.workspace import Workspace
     from conftest import make_images
-    from test_app import quick_cfg, wait_for
+    from conftest import wait_for
+    from test_app import quick_cfg
 
     ws = Workspace(tmp_path / "ws")
     data = ws.dataset_path("d", create=True)

@@ -6,11 +6,10 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import base_config, make_images
+from conftest import base_config, launched_app, make_images
 from trainer import checkpoint as ckpt
 from trainer.reliability import FAULT_ENV, check_files, fuzz_inputs, kill_trials
 
@@ -52,7 +51,8 @@ def test_disk_full_at_a_checkpoint_write_keeps_the_last_good_one(tiny_sd1, datas
 def test_out_of_memory_in_a_worker_is_explained_and_the_app_keeps_serving(tiny_sd1, tmp_path, monkeypatch):
     from app.runs import RunManager
     from app.workspace import Workspace
-    from test_app import quick_cfg, wait_for
+    from conftest import wait_for
+    from test_app import quick_cfg
 
     ws = Workspace(tmp_path / "ws")
     data = ws.dataset_path("d", create=True)
@@ -82,7 +82,8 @@ def test_fuzzed_images_and_captions_never_crash():
 def test_caption_edit_during_a_run_is_kept(tiny_sd1, tmp_path):
     from app.runs import RunManager
     from app.workspace import Workspace
-    from test_app import quick_cfg, wait_for
+    from conftest import wait_for
+    from test_app import quick_cfg
     from trainer.data.importer import save_caption
 
     ws = Workspace(tmp_path / "ws")
@@ -98,29 +99,8 @@ def test_caption_edit_during_a_run_is_kept(tiny_sd1, tmp_path):
 
 @pytest.fixture
 def app(tmp_path):
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    from conftest import ROOT
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ws = tmp_path / "ws"
-    proc = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--port", str(port), "--workspace", str(ws)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(url + "/", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    yield url, ws
-    proc.terminate()
-    proc.wait(timeout=30)
+    with launched_app(tmp_path) as (url, ws, _):
+        yield url.rstrip("/"), ws
 
 
 def _get(url):
@@ -152,7 +132,6 @@ def test_hostile_requests_are_refused(app, tmp_path):
     client = Client(url + "/", verbose=False)
     bad = json.loads(client.predict(json.dumps(values), api_name="/start_run"))
     assert bad["run_id"] is None and "Base model not found" in bad["message"]
-    from conftest import ROOT  # noqa: F401
     from trainer.models.tiny import save_tiny_model
 
     model = save_tiny_model(tmp_path / "tiny", "sd1")

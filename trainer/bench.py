@@ -6,7 +6,6 @@ table, with device, versions and config, to BENCHMARKS.md. Never used for timed 
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import tempfile
@@ -250,7 +249,7 @@ def run_bench(args) -> int:
             torch.cuda.empty_cache()
     ref = next((r for r in rows if r.get("name") == "reference"), None)
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if device == "cuda" and k in torch.cuda.get_device_name()), None)
-    lines = [f"| variant | step s | steps/s | images/s | vs reference | peak mem GB | first step s | TFLOP/s | MFU |",
+    lines = ["| variant | step s | steps/s | images/s | vs reference | peak mem GB | first step s | TFLOP/s | MFU |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "step_s" not in r:

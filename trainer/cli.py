@@ -43,7 +43,6 @@ def _parse_set(pairs: list[str]) -> dict:
 
 def cmd_train(args) -> int:
     from trainer.config import TrainConfig
-    from trainer.events import EventLog
     from trainer.loop import train
 
     cfg = TrainConfig.load(args.config)

@@ -6,7 +6,6 @@ the same whether the run got there in one go or was stopped and resumed.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path

@@ -67,7 +67,6 @@ def run_cli(config: Path, run_dir: Path, resume: bool, kill_after: float | None 
 def kill_trials(config: Path, work: Path, kills: int = 10, seed: int = 0, reference: Path | None = None) -> dict:
     """Train with SIGKILLs at random moments, resuming each time, until the run finishes; then compare the final
     LoRA with an uninterrupted run. Kill moments are spread over start-up, steps, checkpoint writes and export."""
-    import torch
     from safetensors.torch import load_file
 
     from trainer.events import read_events

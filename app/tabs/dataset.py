@@ -7,47 +7,10 @@ import gradio as gr
 
 from trainer.data.captions import with_triggers
 from trainer.data.importer import import_sources, save_caption
-from trainer.data.report import dataset_report
+from trainer.data.report import dataset_report, format_report
 from trainer.data.scan import scan_dataset
 
 IMPORT_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt", ".caption", ".zip"]
-
-
-def report_markdown(rep: dict) -> str:
-    """The dataset report in plain language, problems first."""
-    out = []
-    problems = []
-    problems += [f"**Blocker:** {b}" for b in rep["blockers"]]
-    problems += [f"Skipped `{s['file']}`: {s['reason']}" for s in rep["skipped"]]
-    problems += [f"Duplicates (same bytes): {', '.join(f'`{x}`' for x in d)}" for d in rep["duplicates"]]
-    problems += [f"`{s['file']}` is small ({s['size']}) for the training resolution" for s in rep["below_resolution"][:20]]
-    if rep["missing_captions"]:
-        problems.append(f"{len(rep['missing_captions'])} image(s) without a caption: "
-                        + ", ".join(f"`{x}`" for x in rep["missing_captions"][:10]))
-    if rep["trigger_coverage"] is not None and rep["captions_without_trigger"]:
-        problems.append(f"{len(rep['captions_without_trigger'])} caption(s) lack the trigger word(s) "
-                        "(added automatically when training, or use 'Add trigger to captions')")
-    problems += rep["notes"]
-    if problems:
-        out.append("#### Problems")
-        out += [f"- {p}" for p in problems]
-    else:
-        out.append("#### No problems found")
-    out.append("#### Summary")
-    out.append(f"- {rep['image_count']} image(s), {rep['images_with_repeats']} per epoch with repeats")
-    for name, s in rep["subsets"].items():
-        out.append(f"- `{name}`: {s['img_count']} image(s) x {s['n_repeats']} repeats")
-    if rep["smallest"]:
-        out.append(f"- sizes from {rep['smallest'][0]}x{rep['smallest'][1]} to {rep['largest'][0]}x{rep['largest'][1]}")
-    if rep["trigger_coverage"] is not None:
-        out.append(f"- trigger coverage: {rep['trigger_coverage']:.0%}")
-    top = list(rep["tag_frequency"].items())[:20]
-    if top:
-        out.append("- top tags: " + ", ".join(f"{t} ({n})" for t, n in top))
-    if rep["buckets"]:
-        out.append("#### Buckets")
-        out.append("| bucket | images |\n|---|---|\n" + "\n".join(f"| {b} | {n} |" for b, n in rep["buckets"].items()))
-    return "\n".join(out)
 
 
 class DatasetTab:
@@ -121,7 +84,7 @@ class DatasetTab:
         if not name:
             return "Pick a dataset to see its report."
         try:
-            return report_markdown(dataset_report(self.ws.dataset_path(name), int(resolution or 512), trigger or ""))
+            return format_report(dataset_report(self.ws.dataset_path(name), int(resolution or 512), trigger or ""), markdown=True)
         except ValueError as e:
             return str(e)
 

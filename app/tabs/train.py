@@ -2,9 +2,7 @@
 Also the Outputs and Settings sections."""
 from __future__ import annotations
 
-import json
 import shutil
-import time
 from pathlib import Path
 
 import gradio as gr

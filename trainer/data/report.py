@@ -60,31 +60,48 @@ def _rel(root: Path, p: Path) -> str:
         return str(p)
 
 
-def format_report(rep: dict) -> str:
-    """Plain-language text, problems first."""
-    lines = []
-    for b in rep["blockers"]:
-        lines.append(f"BLOCKER: {b}")
-    for s in rep["skipped"]:
-        lines.append(f"Skipped {s['file']}: {s['reason']}")
-    for d in rep["duplicates"]:
-        lines.append(f"Duplicate images (same bytes): {', '.join(d)}")
-    for s in rep["below_resolution"]:
-        lines.append(f"Small image {s['file']} ({s['size']}): below the training resolution, will be upscaled")
+def problem_lines(rep: dict, code=str) -> list[str]:
+    """The report's problems in plain words, most serious first. `code` formats a file name."""
+    out = [f"Blocker: {b}" for b in rep["blockers"]]
+    out += [f"Skipped {code(s['file'])}: {s['reason']}" for s in rep["skipped"]]
+    out += [f"Duplicate images (same bytes): {', '.join(code(x) for x in d)}" for d in rep["duplicates"]]
+    out += [f"{code(s['file'])} is small ({s['size']}) for the training resolution and will be upscaled"
+            for s in rep["below_resolution"][:20]]
     if rep["missing_captions"]:
-        lines.append(f"{len(rep['missing_captions'])} image(s) without a caption: {', '.join(rep['missing_captions'][:10])}")
+        out.append(f"{len(rep['missing_captions'])} image(s) without a caption: "
+                   + ", ".join(code(x) for x in rep["missing_captions"][:10]))
     if rep["trigger_coverage"] is not None and rep["captions_without_trigger"]:
-        lines.append(f"{len(rep['captions_without_trigger'])} caption(s) lack the trigger word(s) (added automatically when training)")
-    lines.extend(rep["notes"])
-    lines.append(f"{rep['image_count']} image(s), {rep['images_with_repeats']} per epoch with repeats")
-    for name, s in rep["subsets"].items():
-        lines.append(f"  {name}: {s['img_count']} image(s) x {s['n_repeats']} repeats")
+        out.append(f"{len(rep['captions_without_trigger'])} caption(s) lack the trigger word(s) "
+                   "(added automatically when training, or use 'Add trigger to captions')")
+    return out + list(rep["notes"])
+
+
+def summary_lines(rep: dict, code=str) -> list[str]:
+    out = [f"{rep['image_count']} image(s), {rep['images_with_repeats']} per epoch with repeats"]
+    out += [f"{code(name)}: {s['img_count']} image(s) x {s['n_repeats']} repeats" for name, s in rep["subsets"].items()]
     if rep["smallest"]:
-        lines.append(f"Sizes from {rep['smallest'][0]}x{rep['smallest'][1]} to {rep['largest'][0]}x{rep['largest'][1]}")
+        out.append(f"sizes from {rep['smallest'][0]}x{rep['smallest'][1]} to {rep['largest'][0]}x{rep['largest'][1]}")
     if rep["trigger_coverage"] is not None:
-        lines.append(f"Trigger coverage: {rep['trigger_coverage']:.0%}")
-    top = list(rep["tag_frequency"].items())[:15]
+        out.append(f"trigger coverage: {rep['trigger_coverage']:.0%}")
+    top = list(rep["tag_frequency"].items())[:20]
     if top:
-        lines.append("Top tags: " + ", ".join(f"{t} ({n})" for t, n in top))
-    lines.append("Buckets: " + ", ".join(f"{b}: {n}" for b, n in rep["buckets"].items()))
-    return "\n".join(lines)
+        out.append("top tags: " + ", ".join(f"{t} ({n})" for t, n in top))
+    return out
+
+
+def format_report(rep: dict, markdown: bool = False) -> str:
+    """The report for a person, problems first: plain text for the CLI, markdown for the UI."""
+    if not markdown:
+        lines = problem_lines(rep) + summary_lines(rep)
+        lines.append("Buckets: " + ", ".join(f"{b}: {n}" for b, n in rep["buckets"].items()))
+        return "\n".join(lines)
+
+    def code(x):
+        return f"`{x}`"
+
+    problems = problem_lines(rep, code)
+    out = ["#### Problems"] + [f"- {p}" for p in problems] if problems else ["#### No problems found"]
+    out += ["#### Summary"] + [f"- {x}" for x in summary_lines(rep, code)]
+    if rep["buckets"]:
+        out += ["#### Buckets", "| bucket | images |\n|---|---|\n" + "\n".join(f"| {b} | {n} |" for b, n in rep["buckets"].items())]
+    return "\n".join(out)
