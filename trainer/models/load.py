@@ -78,7 +78,7 @@ class LoadedModel:
 
 
 def from_pipeline(pipe, family: str, source: str = "memory") -> LoadedModel:
-    """A LoadedModel over an existing pipeline's modules (tiny test models, benchmark models)."""
+    """A LoadedModel over an existing pipeline's modules (single-file loads, tiny test and benchmark models)."""
     from diffusers import DDPMScheduler
 
     tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
@@ -255,9 +255,4 @@ def _from_single_file(path: Path, family: str, config_dir: str | None, dtype) ->
             "The file may be damaged, or of an architecture LoRA Studio does not train."
         ) from None
     del sd
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction" if fam == "sd2v" else "epsilon")
-    tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if fam == "sdxl" else [])
-    toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if fam == "sdxl" else [])
-    return LoadedModel(fam, pipe.unet, pipe.vae, tes, toks, sched, str(path))
+    return from_pipeline(pipe, fam, str(path))
