@@ -44,6 +44,7 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
     """(ok to start, plain-language markdown): config errors, conflicts, dataset blockers, VRAM estimate."""
     from trainer.data.report import dataset_report
     from trainer.estimate import estimate_vram_gb
+    from trainer.models import families
     from trainer.models.sniff import sniff_family
     from trainer.presets import family_mismatch
 
@@ -91,7 +92,7 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
     if warns:
         lines.append("### Check these")
         lines += [f"- {x}" for x in warns]
-    fam_name = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2v": "SD 2.x (v)", "sdxl": "SDXL"}.get(family, "unknown until loaded")
+    fam_name = families.name(family)
     lines.append("### Plan")
     if report:
         lines.append(f"- {report['image_count']} images ({report['images_with_repeats']} per epoch with repeats)")

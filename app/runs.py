@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -18,8 +17,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from trainer.config import TrainConfig
 from trainer.events import read_events, request
+from trainer.runfiles import RunFiles
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = ("queued", "running")
@@ -76,19 +78,28 @@ def config_hash(cfg: TrainConfig) -> str:
 
 
 def pid_alive(pid: int | None) -> bool:
+    """Is this process running (a zombie is not)? psutil answers the same on Linux, macOS and Windows."""
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except (OSError, ValueError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError):
         return False
-    try:  # a zombie child is not alive
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
-    except OSError:
-        return True
+
+
+def kill_tree(pid: int | None) -> None:
+    """Kill a worker and every process it started (DataLoader workers, torchrun children), on every platform."""
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except (psutil.Error, ValueError, TypeError):
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
 
 
 def explain_crash(log_tail: str, code: int | None) -> str:
@@ -114,8 +125,11 @@ class RunManager:
         with self._db() as db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, name TEXT, dir TEXT, status TEXT, created REAL,"
-                " pid INTEGER, resume INTEGER DEFAULT 0, chash TEXT, message TEXT, started REAL DEFAULT 0)"
+                " pid INTEGER, resume INTEGER DEFAULT 0, chash TEXT, message TEXT, event_offset INTEGER DEFAULT 0)"
             )
+            cols = {r["name"] for r in db.execute("PRAGMA table_info(runs)")}
+            if "event_offset" not in cols:  # an index written by an older version
+                db.execute("ALTER TABLE runs ADD COLUMN event_offset INTEGER DEFAULT 0")
         self.reconcile()
 
     def _db(self) -> sqlite3.Connection:
@@ -165,7 +179,7 @@ class RunManager:
                 run_dir = self.ws.runs_dir / run_id
                 run_dir.mkdir(parents=True, exist_ok=True)
                 cfg = cfg.replace(output_dir=str(run_dir))
-                cfg.save(run_dir / "config.toml")
+                cfg.save(RunFiles(run_dir).config)
                 db.execute(
                     "INSERT INTO runs (id, name, dir, status, created, chash) VALUES (?,?,?,?,?,?)",
                     (run_id, name or cfg.output_name, str(run_dir), "queued", time.time(), h),
@@ -198,7 +212,7 @@ class RunManager:
             return "No such run."
         if run["status"] in ACTIVE:
             return f"The run is already {run['status']}."
-        if not any((Path(run["dir"]) / "checkpoints").glob("step-*")):
+        if not RunFiles(run["dir"]).checkpoint_dirs():
             return "This run has no checkpoint to resume from; start it again instead."
         self._set(run_id, status="queued", resume=1, message=None)
         with self._lock:
@@ -210,10 +224,7 @@ class RunManager:
         """Hard stop (tests, and shutting down a hung worker). Checkpoints on disk stay."""
         run = self.get(run_id)
         if run and pid_alive(run["pid"]):
-            try:
-                os.killpg(run["pid"], signal.SIGKILL)
-            except OSError:
-                pass
+            kill_tree(run["pid"])
 
     # ------------------------------------------------------------- workers
     def _set(self, run_id: str, **cols) -> None:
@@ -232,18 +243,22 @@ class RunManager:
                 self._spawn(dict(nxt))
 
     def _spawn(self, run: dict) -> None:
-        run_dir = Path(run["dir"])
-        cmd = [self.python, "-m", "trainer", "train", str(run_dir / "config.toml"), "--run-dir", str(run_dir)]
+        files = RunFiles(run["dir"])
+        cmd = [self.python, "-m", "trainer", "train", str(files.config), "--run-dir", str(files.root)]
         if run["resume"]:
             cmd.append("--resume")
         env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "PYTHONUNBUFFERED": "1"}
-        log = open(run_dir / "worker.log", "ab")
+        # the run's outcome is what the event log says after this point
+        offset = files.events.stat().st_size if files.events.exists() else 0
+        log = open(files.worker_log, "ab")
+        # its own session / process group: closing the browser or the app's terminal does not stop the run
+        detach = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True})
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, **detach)
         log.close()
         self._procs[run["id"]] = proc
-        self._set(run["id"], status="running", pid=proc.pid, message=None, started=time.time() - 1)
+        self._set(run["id"], status="running", pid=proc.pid, message=None, event_offset=offset)
         threading.Thread(target=self._watch, args=(run["id"], proc), daemon=True).start()
 
     def _watch(self, run_id: str, proc: subprocess.Popen) -> None:
@@ -256,10 +271,8 @@ class RunManager:
         run = self.get(run_id)
         if run is None or run["status"] != "running":
             return
-        events, _ = read_events(run["dir"])
+        events, _ = read_events(run["dir"], run["event_offset"] or 0)  # this attempt's events only
         final = next((e for e in reversed(events) if e["type"] in ("done", "error", "stopped")), None)
-        if final and final["time"] < (run["started"] or 0):
-            final = None  # left over from an earlier attempt of this run
         if final and final["type"] == "done" and code == 0:
             self._set(run_id, status="finished")
         elif final and final["type"] == "stopped":
@@ -267,7 +280,7 @@ class RunManager:
         elif final and final["type"] == "error":
             self._set(run_id, status="failed", message=final.get("message"))
         else:
-            tail = _tail(Path(run["dir"]) / "worker.log")
+            tail = _tail(RunFiles(run["dir"]).worker_log)
             self._set(run_id, status="crashed", message=explain_crash(tail, code))
 
     def reconcile(self) -> None:

@@ -19,6 +19,16 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_STUDIO_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    """Tests train several times in one process; accelerate's process-wide state must not carry over."""
+    yield
+    if "accelerate" in sys.modules:
+        from trainer.bench import fresh_accelerate_state
+
+        fresh_accelerate_state()
+
+
 def _model(tmp_path_factory, family):
     from trainer.models.tiny import save_tiny_model
 
@@ -130,10 +140,26 @@ def launched_app(tmp_path: Path):
         assert proc.poll() is None, "app did not start: " + (tmp_path / "app.log").read_text()[-2000:]
         yield f"http://127.0.0.1:{port}/", ws, port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        subprocess.run(["pkill", "-f", str(ws)], check=False)  # workers run in their own session
+        stop_process_tree(proc)
         log.close()
+
+
+def stop_process_tree(proc) -> None:
+    """End a process and every process it started (workers run in their own session), found by process id."""
+    import subprocess
+
+    import psutil
+
+    from app.runs import kill_tree
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for c in children:
+        kill_tree(c.pid)

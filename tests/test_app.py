@@ -16,6 +16,7 @@ from app.workspace import Workspace
 from trainer.config import ConfigError, TrainConfig
 
 
+@pytest.mark.slow
 def test_ui_process_starts_without_torch():
     code = "import sys; import app.main, app.forms, app.runs, launch; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -59,7 +60,7 @@ def test_preflight_reports_conflicts_and_dataset_problems_in_plain_words(tiny_sd
     from trainer.presets import find_preset
 
     ok, text = preflight({"base_model": str(tiny_sd1), "dataset": str(data)}, preset=find_preset("sdxl_character"))
-    assert not ok and "is for SDXL but the base model is SD 1.5" in text
+    assert not ok and "is for SDXL but the base model is SD 1.x" in text
     ok, _ = preflight({"base_model": str(tiny_sdxl), "dataset": str(data), "resolution": 64, "min_bucket": 64},
                       preset=find_preset("sdxl_character"))
     assert ok
@@ -87,6 +88,7 @@ def quick_cfg(model, data, **kw):
     return TrainConfig(**vals)
 
 
+@pytest.mark.slow
 def test_worker_protocol_start_events_stop_resume_crash_relist(tiny_sd1, tmp_path):
     ws = Workspace(tmp_path / "ws")
     data = ws.dataset_path("d", create=True)
@@ -132,6 +134,7 @@ def test_worker_protocol_start_events_stop_resume_crash_relist(tiny_sd1, tmp_pat
     assert any("Resumed from" in line for line in rm2.view(run2).log)
 
 
+@pytest.mark.slow
 def test_queue_runs_one_at_a_time(tiny_sd1, tmp_path):
     ws = Workspace(tmp_path / "ws")
     data = ws.dataset_path("d", create=True)
@@ -152,6 +155,7 @@ def live_app(tmp_path):
         yield app
 
 
+@pytest.mark.slow
 def test_server_binds_loopback_only_by_default(live_app):
     _, _, port = live_app
     out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout if shutil_which("ss") else ""
@@ -182,6 +186,7 @@ def _non_loopback_ip():
         return None
 
 
+@pytest.mark.slow
 def test_gradio_client_start_to_finish(live_app, tiny_sd1):
     from gradio_client import Client
 

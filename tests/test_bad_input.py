@@ -107,6 +107,7 @@ def test_bf16_on_cpu_falls_back_with_a_warning(tiny_sd1, dataset, tmp_path):
     assert any("bf16" in w and "fp32" in w for w in warns)
 
 
+@pytest.mark.slow
 def test_cli_process_prints_one_line_no_traceback(dataset, tmp_path):
     cfg = base_config(tmp_path / "missing.safetensors", dataset, tmp_path / "run")
     cfg.save(tmp_path / "c.toml")

@@ -235,13 +235,13 @@ def test_latent_cache_second_run_does_no_vae_work_and_edits_invalidate(tiny_sd1,
     make_images(d, 3)
     cfg = base_config(tiny_sd1, d, tmp_path / "out", flip=True)
     cache = LatentCache(tmp_path / "cache", vae_fingerprint(vae))
-    data = TrainData(scan_dataset(d), cfg)
+    data = TrainData(scan_dataset(d).items, cfg)
     calls = []
     orig = vae.encode
     vae.encode = lambda x: (calls.append(len(x)), orig(x))[1]
     assert cache.fill(vae, data.all_jobs()) == 6  # 3 images, flipped and not
     n_calls = len(calls)
-    assert cache.fill(vae, TrainData(scan_dataset(d), cfg).all_jobs()) == 0
+    assert cache.fill(vae, TrainData(scan_dataset(d).items, cfg).all_jobs()) == 0
     assert len(calls) == n_calls  # not a single VAE call on the second run
     # a flipped latent is the flip of the image, not a copy
     h = data.hashes[0]
@@ -249,7 +249,7 @@ def test_latent_cache_second_run_does_no_vae_work_and_edits_invalidate(tiny_sd1,
     assert not torch.allclose(a, b)
     # edit one image: exactly that one is encoded again
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(d / "img1.png")
-    assert cache.fill(vae, TrainData(scan_dataset(d), cfg).all_jobs()) == 2
+    assert cache.fill(vae, TrainData(scan_dataset(d).items, cfg).all_jobs()) == 2
 
 
 def test_caption_save_is_atomic_and_last_write_wins(tmp_path):
@@ -259,3 +259,27 @@ def test_caption_save_is_atomic_and_last_write_wins(tmp_path):
     save_caption(img, "second version\n")
     assert (tmp_path / "a.txt").read_text() == "second version"
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_batch_sampler_shares_each_epoch_between_ranks_as_accelerate_shards_it(tmp_path):
+    """The sampler yields every rank's batch in turn; accelerate's BatchSamplerShard must hand rank r exactly its
+    own batches, so DDP ranks see disjoint images and a resumed sampler continues the same sequence."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    from trainer.data.loader import BucketBatchSampler, TrainData
+
+    d = tmp_path / "ds"
+    make_images(d, 5, size=[(64, 64), (96, 64), (64, 96), (64, 64), (64, 64)])
+    cfg = base_config(tmp_path / "m", d, tmp_path / "out", flip=True, max_bucket=128)
+    data = TrainData(scan_dataset(d).items, cfg)
+    per_epoch = data.micro_per_epoch(2)
+    whole = list(BucketBatchSampler(data, 2, 0, 3 * per_epoch))
+    for rank in (0, 1):
+        mine = list(BatchSamplerShard(BucketBatchSampler(data, 2, 0, 3 * per_epoch), 2, rank))
+        assert len(mine) == 3 * per_epoch and all(key[1] == rank for b in mine for key in b)
+        assert mine == whole[rank::2]
+    for epoch in range(3):  # within an epoch the ranks never see the same (image, flip) entry twice
+        keys = [(k[3], k[4]) for b in whole[2 * epoch * per_epoch : 2 * (epoch + 1) * per_epoch] for k in b]
+        assert len(keys) == len(set(keys))
+    # a sampler started at micro-step 2 is the tail of the one started at 0
+    assert list(BucketBatchSampler(data, 2, 2, 3 * per_epoch)) == whole[4:]

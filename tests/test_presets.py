@@ -62,7 +62,7 @@ def test_user_presets_save_rename_delete_and_never_overwrite_shipped(tmp_path):
 
 
 def test_wrong_family_preset_is_flagged():
-    assert "is for SDXL but the base model is SD 1.5" in family_mismatch(find_preset("sdxl_character"), "sd1")
+    assert "is for SDXL but the base model is SD 1.x" in family_mismatch(find_preset("sdxl_character"), "sd1")
     assert family_mismatch(find_preset("sdxl_character"), "sdxl") is None
     assert family_mismatch(find_preset("quick_test"), "sd1") is None
 

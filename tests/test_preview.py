@@ -182,6 +182,7 @@ def test_saved_png_carries_a1111_parameters(tiny_sd1, tmp_path):
     assert "Steps: 2, Sampler: Euler, CFG scale: 5, Seed: 4, Size: 64x64, Model: " in text
 
 
+@pytest.mark.slow
 def test_preview_tab_through_the_worker_process(tiny_sd1, tmp_path):
     """The tab's handler -> a real preview worker process; pipeline stays cached; grids from a run's checkpoints."""
     from app.runs import RunManager
@@ -197,9 +198,11 @@ def test_preview_tab_through_the_worker_process(tiny_sd1, tmp_path):
     rm = RunManager(ws)
     run_id, _ = rm.create(quick_cfg(tiny_sd1, data, max_steps=4, save_every_steps=2, sample_every_steps=0))
     wait_for(lambda: rm.get(run_id)["status"] == "finished")
-    tab = PreviewTab(ws, rm)
+    from app.services import Studio
+
+    tab = PreviewTab(Studio(ws, rm))
     try:
-        choices = dict((v, k) for k, v in tab.lora_choices())
+        choices = dict((v, k) for k, v in tab.studio.lora_choices())
         final = next(p for p in choices if p.endswith("lora.safetensors") and "checkpoints" not in p)
         assert any("step-000002" in p for p in choices)
         v = dict(base_model=str(tiny_sd1), prompt="zwx", negative="", seed=5, steps=2, cfg=5.0, width=64, height=64,

@@ -11,9 +11,11 @@ import pytest
 
 from conftest import base_config, launched_app, make_images
 from trainer import checkpoint as ckpt
-from trainer.reliability import FAULT_ENV, check_files, fuzz_inputs, kill_trials
+from trainer.faults import FAULT_ENV
+from trainer.reliability import check_files, fuzz_inputs, kill_trials
 
 
+@pytest.mark.slow
 def test_kill_minus_9_at_random_points_loses_nothing_and_resume_matches(tiny_sd1, dataset, tmp_path):
     cfg = base_config(tiny_sd1, dataset, tmp_path / "unused", max_steps=60, save_every_steps=2, keep_last=2,
                       lr_scheduler="cosine", warmup_steps=2, shuffle_tags=True)
@@ -24,6 +26,7 @@ def test_kill_minus_9_at_random_points_loses_nothing_and_resume_matches(tiny_sd1
     assert r["same_keys"] and r["max_abs_diff"] < 1e-6, r
 
 
+@pytest.mark.slow
 def test_disk_full_at_a_checkpoint_write_keeps_the_last_good_one(tiny_sd1, dataset, tmp_path, monkeypatch, capsys):
     from trainer.cli import main as cli
     from trainer.events import read_events
@@ -48,6 +51,7 @@ def test_disk_full_at_a_checkpoint_write_keeps_the_last_good_one(tiny_sd1, datas
     assert (out / "lora.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_out_of_memory_in_a_worker_is_explained_and_the_app_keeps_serving(tiny_sd1, tmp_path, monkeypatch):
     from app.runs import RunManager
     from app.workspace import Workspace
@@ -79,6 +83,7 @@ def test_fuzzed_images_and_captions_never_crash():
     assert stats["imported"] + stats["import_skipped"] > 0
 
 
+@pytest.mark.slow
 def test_caption_edit_during_a_run_is_kept(tiny_sd1, tmp_path):
     from app.runs import RunManager
     from app.workspace import Workspace
@@ -111,6 +116,7 @@ def _get(url):
         return e.code, b""
 
 
+@pytest.mark.slow
 def test_hostile_requests_are_refused(app, tmp_path):
     url, ws = app
     secret = tmp_path / "secret.txt"

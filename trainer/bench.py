@@ -104,7 +104,7 @@ def count_step_flops(model, batch: int, res: int, device, dtype, train_te: bool)
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trainer.loop import encode_prompts
+    from trainer.models.prompts import encode_prompts
 
     f = model.vae_scale_factor
     lat = torch.randn(batch, 4, res // f, res // f, device=device, dtype=dtype)
@@ -187,11 +187,20 @@ def ours(model, data_dir: Path, cfg, steps: int, warmup: int, work: Path) -> dic
     cfg = cfg.replace(max_steps=warmup + steps, output_dir=str(run), log_every_steps=1, save_every_steps=0,
                       sample_every_steps=0, dataset=str(data_dir))
     t0 = time.time()
+    fresh_accelerate_state()
     train(cfg, run, echo=lambda m: None, model=model)
     ev = [e for e in read_events(run)[0] if e["type"] == "progress"]
     first = ev[0]["time"] - t0
     t_w, t_end = ev[warmup - 1]["time"], ev[-1]["time"]
     return {"step_s": (t_end - t_w) / steps, "first_step_s": first}
+
+
+def fresh_accelerate_state() -> None:
+    """accelerate keeps process-wide singletons; each variant measured in this one process starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 # ------------------------------------------------------------------------------------ main
@@ -314,7 +323,7 @@ def dataset_bench(work: Path, res: int, n: int = 1000) -> dict:
     from trainer.data.scan import scan_dataset
 
     cfg = TrainConfig(base_model="x", dataset=str(d), resolution=256, min_bucket=128, max_bucket=512)
-    data = TrainData(scan_dataset(d), cfg)
+    data = TrainData(scan_dataset(d).items, cfg)
     vae = tiny_vae()
     cache = LatentCache(work / "cache_ds", vae_fingerprint(vae))
     jobs = data.all_jobs()[:200]

@@ -9,28 +9,23 @@ A checkpoint folder `checkpoints/step-000100/` holds:
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-CKPT_DIR = "checkpoints"
-_STEP = re.compile(r"^step-(\d+)$")
+from trainer.faults import maybe_inject
+from trainer.fsutil import atomic_dir
+from trainer.runfiles import LORA_STATE, OPTIMIZER, STATE, RunFiles
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    d = Path(run_dir) / CKPT_DIR
-    if not d.is_dir():
-        return []
-    found = [(int(m[1]), p) for p in d.iterdir() if p.is_dir() and (m := _STEP.match(p.name))]
-    return [p for _, p in sorted(found) if (p / "state.json").is_file()]
+    return RunFiles(run_dir).checkpoint_dirs()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    dirs = checkpoint_dirs(run_dir)
-    return dirs[-1] if dirs else None
+    return RunFiles(run_dir).latest_checkpoint()
 
 
 def pack_parts(parts: dict[str, tuple[dict, dict]]) -> dict[str, torch.Tensor]:
@@ -57,23 +52,46 @@ def unpack_parts(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[dict, dict
 
 def write_checkpoint(folder: Path, parts, optimizer_state: dict | None, state: dict) -> None:
     """Fill `folder` (a temp folder from fsutil.atomic_dir) with a resumable checkpoint."""
-    save_file(pack_parts(parts), str(folder / "lora_state.safetensors"))
+    save_file(pack_parts(parts), str(folder / LORA_STATE))
     if optimizer_state is not None:
-        torch.save(optimizer_state, folder / "optimizer.pt")
-    (folder / "state.json").write_text(json.dumps(state, indent=1, default=str))
+        torch.save(optimizer_state, folder / OPTIMIZER)
+    (folder / STATE).write_text(json.dumps(state, indent=1, default=str))
+
+
+def save(run, step: int) -> Path | None:
+    """Write the resumable checkpoint of a run (a loop.Run) at `step`, with its kohya file; keep the last K.
+    Every rank waits here; rank 0 writes. Returns the folder (None on other ranks)."""
+    from trainer.export import export_parts
+
+    run.accelerator.wait_for_everyone()
+    if not run.main:
+        return None
+    cfg = run.cfg
+    parts = run.parts()
+    state = {"step": step, "total_steps": run.total_steps, "scheduler": run.scheduler.state_dict(), "config": cfg.to_dict(),
+             **run.layout}
+    folder = run.files.checkpoint(step)
+    epoch = run.epoch_of(max(0, step * cfg.gradient_accumulation - 1))
+    with atomic_dir(folder) as tmp:
+        maybe_inject(step, "save")
+        write_checkpoint(tmp, parts, run.optimizer.state_dict(), state)
+        export_parts(parts, cfg, run.layout, {**run.info, "steps": step, "epoch": epoch}, tmp / run.files.final(cfg.output_name).name)
+    prune(run.files.root, cfg.keep_last)
+    run.ev.emit("checkpoint", step=step, path=str(folder), message=f"Saved checkpoint at step {step}")
+    return folder
 
 
 def read_checkpoint(folder: str | Path) -> tuple[dict, dict, dict | None]:
     """(parts, state, optimizer state or None). Raise ValueError with a plain message if damaged."""
     folder = Path(folder)
     try:
-        state = json.loads((folder / "state.json").read_text())
-        parts = unpack_parts(load_file(str(folder / "lora_state.safetensors")))
+        state = json.loads((folder / STATE).read_text())
+        parts = unpack_parts(load_file(str(folder / LORA_STATE)))
     except (OSError, ValueError) as e:
         raise ValueError(f"Checkpoint {folder} is damaged ({e}). Resume from an earlier one.") from None
     opt = None
-    if (folder / "optimizer.pt").is_file():
-        opt = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    if (folder / OPTIMIZER).is_file():
+        opt = torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=True)
     return parts, state, opt
 
 
@@ -86,7 +104,7 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
 
 def remove_stale_temp(run_dir: str | Path) -> None:
     """Temp files and folders left by a process killed mid-write (names start with '.' and end with '.tmp')."""
-    for d in (Path(run_dir), Path(run_dir) / CKPT_DIR):
+    for d in (Path(run_dir), RunFiles(run_dir).checkpoints):
         if not d.is_dir():
             continue
         for p in d.iterdir():

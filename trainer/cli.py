@@ -44,6 +44,7 @@ def _parse_set(pairs: list[str]) -> dict:
 def cmd_train(args) -> int:
     from trainer.config import TrainConfig
     from trainer.loop import train
+    from trainer.runfiles import RunFiles
 
     cfg = TrainConfig.load(args.config)
     if args.set:
@@ -55,8 +56,9 @@ def cmd_train(args) -> int:
             from trainer.loop import check_output_dir
 
             check_output_dir(run_dir)
-            if not (run_dir / "config.toml").exists() or Path(args.config).resolve() != (run_dir / "config.toml").resolve():
-                cfg.save(run_dir / "config.toml")
+            saved = RunFiles(run_dir).config
+            if not saved.exists() or Path(args.config).resolve() != saved.resolve():
+                cfg.save(saved)
         out = train(cfg, run_dir, resume=args.resume, echo=lambda m: print(m, file=sys.stderr))
     except _user_errors() as e:
         _fail(run_dir, str(e), internal=False)
@@ -70,7 +72,9 @@ def cmd_train(args) -> int:
         return 130
     except Exception as e:  # an engine bug: say so plainly, keep the traceback for a report
         tb = traceback.format_exc()
-        log_path = run_dir / "error.log"
+        from trainer.runfiles import RunFiles
+
+        log_path = RunFiles(run_dir).error_log
         try:
             log_path.write_text(tb)
         except OSError:
@@ -95,7 +99,7 @@ def _fail(run_dir: Path, message: str, internal: bool) -> None:
 def cmd_export(args) -> int:
     from trainer import checkpoint as ckpt
     from trainer.config import TrainConfig
-    from trainer.loop import export_parts
+    from trainer.export import export_parts
 
     src = Path(args.checkpoint)
     folder = src if (src / "state.json").is_file() else ckpt.latest_checkpoint(src)

@@ -157,7 +157,9 @@ class TrainConfig:
     # ----------------------------------------------------------- derived
     @property
     def trigger_words(self) -> list[str]:
-        return [t.strip() for t in self.trigger.split(",") if t.strip()]
+        from trainer.data.captions import split_tags
+
+        return split_tags(self.trigger)
 
     # ---------------------------------------------------------- checking
     def problems(self) -> tuple[list[str], list[str]]:

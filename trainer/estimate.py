@@ -6,22 +6,18 @@ family's native resolution, scaled by pixel count and batch; they are starting f
 """
 from __future__ import annotations
 
+from trainer.models import families
+
 GB = 1024**3
-PARAMS = {  # unet, text encoders, vae
-    "sd1": (860e6, 123e6, 84e6),
-    "sd2": (865e6, 340e6, 84e6),
-    "sdxl": (2567e6, 123e6 + 695e6, 84e6),
-}
-NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 ACT_GB = {"sd1": (3.0, 0.9), "sd2": (5.5, 1.4), "sdxl": (9.0, 2.2)}  # (no checkpointing, checkpointing) per image
 LORA_PER_RANK = {"sd1": 0.2e6, "sd2": 0.2e6, "sdxl": 0.72e6}  # LoRA params per unit of rank (UNet+TE)
 
 
 def estimate_vram_gb(cfg, family: str) -> dict:
-    fam = {"sd2v": "sd2"}.get(family, family)
-    if fam not in PARAMS:
+    fam = families.group(family)
+    if fam not in families.FAMILIES:
         fam = "sdxl" if cfg.resolution >= 1024 else "sd1"
-    unet, te, vae = PARAMS[fam]
+    unet, te, vae = families.family(fam).params
     wbytes = 2 if cfg.mixed_precision in ("fp16", "bf16") else 4
     weights = unet * wbytes
     if not cfg.cache_text_encoder_outputs:
@@ -31,7 +27,7 @@ def estimate_vram_gb(cfg, family: str) -> dict:
     lora = LORA_PER_RANK[fam] * cfg.rank * (1 if cfg.train_text_encoder else 0.8)
     opt_bytes = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}[cfg.optimizer]
     train_state = lora * (4 + 4 + opt_bytes)  # weight, grad, optimizer state
-    scale = (cfg.resolution / NATIVE[fam]) ** 2 * cfg.batch_size
+    scale = (cfg.resolution / families.family(fam).native_resolution) ** 2 * cfg.batch_size
     act = ACT_GB[fam][1 if cfg.gradient_checkpointing else 0] * scale * GB
     if cfg.mixed_precision == "no":
         act *= 2

@@ -10,14 +10,14 @@ import os
 import time
 from pathlib import Path
 
-EVENTS_FILE = "events.jsonl"
-CONTROL_DIR = "control"
+from trainer.runfiles import RunFiles
+
 COMMANDS = ("stop", "save")
 
 
 class EventLog:
     def __init__(self, run_dir: str | Path, enabled: bool = True, echo=None):
-        self.path = Path(run_dir) / EVENTS_FILE
+        self.path = RunFiles(run_dir).events
         self.enabled = enabled
         self.echo = echo  # callable(str) for terminal messages
         if enabled:
@@ -37,7 +37,7 @@ class EventLog:
 
 def read_events(run_dir: str | Path, offset: int = 0) -> tuple[list[dict], int]:
     """Complete event lines from byte `offset`; returns (events, new offset). A half-written last line waits."""
-    path = Path(run_dir) / EVENTS_FILE
+    path = RunFiles(run_dir).events
     try:
         with open(path, "rb") as fh:
             fh.seek(offset)
@@ -58,14 +58,14 @@ def request(run_dir: str | Path, command: str) -> None:
     """Ask a running engine to stop (after saving) or to save now."""
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command}")
-    d = Path(run_dir) / CONTROL_DIR
+    d = RunFiles(run_dir).control
     d.mkdir(parents=True, exist_ok=True)
     (d / command).write_text(str(time.time()))
 
 
 def take_request(run_dir: str | Path, command: str) -> bool:
     """True once per request: the engine removes the file when it acts on it."""
-    p = Path(run_dir) / CONTROL_DIR / command
+    p = RunFiles(run_dir).control / command
     try:
         os.remove(p)
         return True

@@ -15,15 +15,9 @@ from datetime import datetime, timezone
 import torch
 
 from trainer.fsutil import atomic_write_bytes
+from trainer.models import families
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURE = {
-    "sd1": "stable-diffusion-v1/lora",
-    "sd2": "stable-diffusion-v2-512/lora",
-    "sd2v": "stable-diffusion-v2-768-v/lora",
-    "sdxl": "stable-diffusion-xl-v1-base/lora",
-}
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
            "conv_shortcut": "skip_connection", "time_emb_proj": "emb_layers.1"}
 
@@ -99,6 +93,19 @@ def to_kohya(parts: dict[str, tuple[dict, dict]], family: str, layers_per_block:
     return out
 
 
+def export_parts(parts, cfg, layout: dict, info: dict, path, precision: str | None = None) -> None:
+    """Write the kohya file of checkpoint `parts` (see checkpoint.pack_parts) for a run of `cfg`.
+    `layout` is the architecture facts a checkpoint's state.json keeps; `info` the run facts for the metadata."""
+    family = layout["family"]
+    up_has_attn = {int(k): v for k, v in layout.get("up_has_attn", {}).items()}
+    tensors = to_kohya(parts, family, layout["layers_per_block"], up_has_attn, DTYPES[precision or cfg.save_precision])
+    info = {"finished_at": time.time(), **info}
+    meta = build_metadata(cfg, family, info)
+    meta["ss_save_precision"] = precision or cfg.save_precision
+    meta["ss_lora_studio_config"] = json.dumps(cfg.to_dict(), ensure_ascii=False)
+    write_lora(path, tensors, meta, modelspec(cfg, family, info))
+
+
 def _hashes(tensors: dict[str, torch.Tensor], ss_metadata: dict[str, str]) -> tuple[str, str]:
     """kohya's sshs_model_hash (bytes after the header) and sshs_legacy_hash (64 KiB at 1 MiB)."""
     from safetensors.torch import save
@@ -118,8 +125,8 @@ def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
         "ss_network_dim": str(cfg.rank),
         "ss_network_alpha": _num(cfg.alpha),
         "ss_network_args": json.dumps({"conv_dim": str(cfg.conv_rank), "conv_alpha": _num(cfg.conv_alpha)}) if cfg.conv_rank else None,
-        "ss_base_model_version": BASE_VERSION[family],
-        "ss_v2": str(family in ("sd2", "sd2v")),
+        "ss_base_model_version": families.family(family).base_version,
+        "ss_v2": str(families.family(family).is_v2),
         "ss_output_name": cfg.output_name,
         "ss_training_started_at": str(int(info.get("started_at", time.time()))),
         "ss_training_finished_at": str(int(info.get("finished_at", time.time()))),
@@ -162,7 +169,7 @@ def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
 def modelspec(cfg, family: str, info: dict) -> dict[str, str]:
     return {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": ARCHITECTURE[family],
+        "modelspec.architecture": families.family(family).architecture,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
         "modelspec.title": cfg.output_name,
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",

@@ -14,6 +14,33 @@ _IGNORED_QUIETLY = {"LoRA_type", "model_list", "output_dir", "logging_dir", "reg
                     "pretrained_model_name_or_path", "output_name", "save_model_as", "sample_prompts"}
 
 
+# The one table of kohya keys that are plain values: (kohya key, TrainConfig field, type). kohya_ss's JSON and
+# sd-scripts' TOML use the same names for these; import reads them, export writes them, `known` derives from them.
+NUMBERS = (
+    ("network_dim", "rank", int), ("network_alpha", "alpha", float), ("conv_dim", "conv_rank", int),
+    ("conv_alpha", "conv_alpha", float), ("network_dropout", "dropout", float), ("train_batch_size", "batch_size", int),
+    ("gradient_accumulation_steps", "gradient_accumulation", int), ("min_snr_gamma", "min_snr_gamma", float),
+    ("noise_offset", "noise_offset", float), ("keep_tokens", "keep_tokens", int),
+    ("caption_dropout_rate", "caption_dropout", float), ("min_bucket_reso", "min_bucket", int),
+    ("max_bucket_reso", "max_bucket", int), ("seed", "seed", int), ("clip_skip", "clip_skip", int),
+    ("save_every_n_steps", "save_every_steps", int), ("save_last_n_steps_state", "keep_last", int),
+)
+FLAGS = (
+    ("gradient_checkpointing", "gradient_checkpointing"), ("cache_latents", "cache_latents"),
+    ("cache_latents_to_disk", "cache_latents_to_disk"), ("shuffle_caption", "shuffle_tags"), ("flip_aug", "flip"),
+    ("enable_bucket", "enable_buckets"), ("bucket_no_upscale", "no_upscale"),
+    ("cache_text_encoder_outputs", "cache_text_encoder_outputs"),
+)
+# keys with rules of their own (precedence, percentages, names), handled one by one in import_kohya
+SPECIAL = {"learning_rate", "unet_lr", "text_encoder_lr", "network_train_unet_only", "optimizer", "lr_scheduler",
+           "lr_warmup", "max_train_steps", "epoch", "max_resolution", "mixed_precision", "save_precision",
+           "caption_extension", "v_parameterization"}
+KNOWN = {k for k, _, _ in NUMBERS} | {k for k, _ in FLAGS} | SPECIAL
+# written to sd-scripts only when set: 0 means "off" to us, but e.g. save_every_n_steps = 0 divides by zero there
+TOML_ONLY_WHEN_SET = {"network_dropout", "min_snr_gamma", "noise_offset", "save_every_n_steps"}
+TOML_ELSEWHERE = {"conv_dim", "conv_alpha", "save_last_n_steps_state"}  # network_args; not sd-scripts' meaning
+
+
 def _num(v):
     if isinstance(v, str):
         v = v.strip()
@@ -36,11 +63,11 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
             except (TypeError, ValueError):
                 notes.append(f"{key} = {data[key]!r}: not a number, ignored")
 
-    take("network_dim", "rank", int)
-    take("network_alpha", "alpha", float)
-    take("conv_dim", "conv_rank", int)
-    take("conv_alpha", "conv_alpha", float)
-    take("network_dropout", "dropout", float)
+    for key, target, conv in NUMBERS:
+        take(key, target, conv)
+    for key, target in FLAGS:
+        if isinstance(data.get(key), bool):
+            out[target] = data[key]
     lr = _num(data.get("learning_rate")) if data.get("learning_rate") not in (None, "") else None
     unet = _num(data.get("unet_lr")) if data.get("unet_lr") not in (None, "") else None
     te = _num(data.get("text_encoder_lr")) if data.get("text_encoder_lr") not in (None, "") else None
@@ -86,8 +113,6 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
             out["warmup_steps"] = int(round(steps * float(w) / 100))
         else:
             notes.append(f"lr_warmup {w}% needs max_train_steps to be turned into steps: ignored")
-    take("train_batch_size", "batch_size", int)
-    take("gradient_accumulation_steps", "gradient_accumulation", int)
     if data.get("max_resolution"):
         try:
             w, h = (int(x) for x in str(data["max_resolution"]).split(","))
@@ -102,22 +127,6 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
     sp = str(data.get("save_precision", "")).lower()
     if sp in _PRECISION and _PRECISION[sp] != "no":
         out["save_precision"] = _PRECISION[sp]
-    for k, t in (("gradient_checkpointing", "gradient_checkpointing"), ("cache_latents", "cache_latents"),
-                 ("cache_latents_to_disk", "cache_latents_to_disk"), ("shuffle_caption", "shuffle_tags"),
-                 ("flip_aug", "flip"), ("enable_bucket", "enable_buckets"), ("bucket_no_upscale", "no_upscale"),
-                 ("cache_text_encoder_outputs", "cache_text_encoder_outputs")):
-        if isinstance(data.get(k), bool):
-            out[t] = data[k]
-    take("min_snr_gamma", "min_snr_gamma", float)
-    take("noise_offset", "noise_offset", float)
-    take("keep_tokens", "keep_tokens", int)
-    take("caption_dropout_rate", "caption_dropout", float)
-    take("min_bucket_reso", "min_bucket", int)
-    take("max_bucket_reso", "max_bucket", int)
-    take("seed", "seed", int)
-    take("clip_skip", "clip_skip", int)
-    take("save_every_n_steps", "save_every_steps", int)
-    take("save_last_n_steps_state", "keep_last", int)
     if data.get("caption_extension"):
         ext = str(data["caption_extension"])
         out["caption_extension"] = ext if ext.startswith(".") else "." + ext
@@ -128,14 +137,7 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
     if out.get("cache_text_encoder_outputs") and out.get("train_text_encoder", True):
         out["cache_text_encoder_outputs"] = False
         notes.append("cache_text_encoder_outputs conflicts with training the text encoder: caching turned off")
-    known = {"network_dim", "network_alpha", "conv_dim", "conv_alpha", "network_dropout", "learning_rate", "unet_lr",
-             "text_encoder_lr", "network_train_unet_only", "optimizer", "lr_scheduler", "lr_warmup", "max_train_steps",
-             "epoch", "train_batch_size", "gradient_accumulation_steps", "max_resolution", "mixed_precision",
-             "save_precision", "gradient_checkpointing", "cache_latents", "cache_latents_to_disk", "shuffle_caption",
-             "flip_aug", "enable_bucket", "bucket_no_upscale", "cache_text_encoder_outputs", "min_snr_gamma",
-             "noise_offset", "keep_tokens", "caption_dropout_rate", "min_bucket_reso", "max_bucket_reso", "seed",
-             "clip_skip", "save_every_n_steps", "save_last_n_steps_state", "caption_extension", "v_parameterization"}
-    unknown = sorted(k for k in data if k not in known and k not in _IGNORED_QUIETLY and data[k] not in (None, "", False, 0))
+    unknown = sorted(k for k in data if k not in KNOWN and k not in _IGNORED_QUIETLY and data[k] not in (None, "", False, 0))
     if unknown:
         notes.append("not used by LoRA Studio: " + ", ".join(unknown))
     TrainConfig.from_dict(out, source="kohya import")  # every mapped value must be valid here
@@ -155,6 +157,7 @@ def import_kohya_file(path: str | Path) -> tuple[dict, list[str]]:
 def to_sd_scripts_toml(cfg: TrainConfig) -> str:
     """An sd-scripts (train_network.py --config_file) TOML of the same run."""
     sdxl_hint = cfg.resolution >= 1024
+    values = cfg.to_dict()
     d = {
         "pretrained_model_name_or_path": cfg.base_model,
         "train_data_dir": cfg.dataset,
@@ -162,16 +165,8 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
         "output_name": cfg.output_name,
         "save_model_as": "safetensors",
         "network_module": "networks.lora",
-        "network_dim": cfg.rank,
-        "network_alpha": cfg.alpha,
         "resolution": f"{cfg.resolution},{cfg.resolution}",
-        "enable_bucket": cfg.enable_buckets,
-        "min_bucket_reso": cfg.min_bucket,
-        "max_bucket_reso": cfg.max_bucket,
         "bucket_reso_steps": cfg.bucket_step,
-        "bucket_no_upscale": cfg.no_upscale,
-        "train_batch_size": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation,
         "unet_lr": cfg.unet_lr,
         "text_encoder_lr": cfg.text_encoder_lr if cfg.train_text_encoder else 0.0,
         "network_train_unet_only": not cfg.train_text_encoder,
@@ -179,34 +174,23 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
         "lr_scheduler": cfg.lr_scheduler,
         "lr_warmup_steps": cfg.warmup_steps,
         "max_grad_norm": cfg.max_grad_norm,
-        "seed": cfg.seed,
         "mixed_precision": cfg.mixed_precision,
         "save_precision": {"fp16": "fp16", "bf16": "bf16", "fp32": "float"}[cfg.save_precision],
-        "gradient_checkpointing": cfg.gradient_checkpointing,
         "sdpa": True,
-        "cache_latents": cfg.cache_latents,
-        "cache_latents_to_disk": cfg.cache_latents_to_disk,
-        "shuffle_caption": cfg.shuffle_tags,
-        "keep_tokens": cfg.keep_tokens,
-        "caption_dropout_rate": cfg.caption_dropout,
         "caption_extension": cfg.caption_extension,
-        "flip_aug": cfg.flip,
-        "clip_skip": cfg.clip_skip,
     }
+    for key, field, _ in NUMBERS:
+        if key not in TOML_ELSEWHERE and (values[field] or key not in TOML_ONLY_WHEN_SET):
+            d[key] = values[field]
+    for key, field in FLAGS:
+        if key != "cache_text_encoder_outputs" or values[field]:
+            d[key] = values[field]
     if cfg.max_steps:
         d["max_train_steps"] = cfg.max_steps
     else:
         d["max_train_epochs"] = cfg.epochs
     if cfg.conv_rank:
         d["network_args"] = [f"conv_dim={cfg.conv_rank}", f"conv_alpha={cfg.conv_alpha:g}"]
-    if cfg.dropout:
-        d["network_dropout"] = cfg.dropout
-    if cfg.min_snr_gamma:
-        d["min_snr_gamma"] = cfg.min_snr_gamma
-    if cfg.noise_offset:
-        d["noise_offset"] = cfg.noise_offset
-    if cfg.save_every_steps:
-        d["save_every_n_steps"] = cfg.save_every_steps
     if cfg.prediction_type == "v_prediction":
         d["v_parameterization"] = True
     header = "# sd-scripts config exported by LoRA Studio. Run: accelerate launch "

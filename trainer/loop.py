@@ -1,4 +1,5 @@
-"""The training loop. Reads top to bottom: set up, cache, train, save. Fires events; polls stop/save.
+"""The training loop, in phases: `setup` builds one `Run`, `train_step` is the maths, `after_step` decides
+(log, sample, save, stop) with small predicates, `finish` saves and exports. `train()` reads top to bottom.
 
 Randomness is a function of (seed, micro-step, rank): noise, timesteps, dropout and captions of step N are
 the same whether the run got there in one go or was stopped and resumed.
@@ -7,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,15 +18,16 @@ import torch.nn.functional as F
 
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig
+from trainer.data.cache import encode_pixels
 from trainer.data.captions import tag_frequency
-from trainer.data.loader import TrainData, mix
-from trainer.data.scan import scan_dataset
+from trainer.data.loader import TrainData, make_loader, mix
+from trainer.data.scan import ScanResult, scan_dataset
 from trainer.events import EventLog, take_request
-from trainer.export import build_metadata, modelspec, to_kohya, write_lora, DTYPES
-from trainer.fsutil import atomic_dir
-from trainer.models import lora
-from trainer.models.load import FAMILY_NAMES, LoadedModel, load_model
-from trainer.reliability import maybe_inject
+from trainer.faults import maybe_inject
+from trainer.models import families, lora
+from trainer.models.load import LoadedModel, load_model
+from trainer.models.prompts import encode_prompts
+from trainer.runfiles import RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +36,146 @@ class TrainingError(RuntimeError):
     """A failure with a plain-language message and what to change."""
 
 
-class Stopped(Exception):
-    pass
+@dataclass
+class Run:
+    """Everything set-up made, in one object: what the step, the predicates and the savers read."""
+    cfg: TrainConfig
+    files: RunFiles
+    accelerator: object
+    ev: EventLog
+    model: LoadedModel
+    alphas: dict  # part -> {module: alpha}, for export
+    data: TrainData
+    text_cache: dict | None
+    trainable: list  # prepared modules, in the order of `alphas` (unet, te1, te2)
+    optimizer: object
+    scheduler: object
+    total_steps: int
+    steps_per_epoch: int
+    micro_per_epoch: int
+    weight_dtype: torch.dtype
+    info: dict  # facts for the exported metadata
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def unet(self):
+        return self.trainable[0]
+
+    @property
+    def text_encoders(self) -> list:
+        return self.trainable[1:] if self.cfg.train_text_encoder else self.model.text_encoders
+
+    @property
+    def layout(self) -> dict:
+        """What export needs to know of the architecture (kept in each checkpoint's state.json)."""
+        unet_cfg = self.model.unet.config
+        return {"family": self.model.family, "layers_per_block": unet_cfg.layers_per_block,
+                "up_has_attn": {i: "CrossAttn" in t for i, t in enumerate(unet_cfg.up_block_types)},
+                "prediction_type": self.model.prediction_type}
+
+    def parts(self) -> dict[str, tuple[dict, dict]]:
+        """The LoRA weights of each part with their alphas: what checkpoints and exports hold."""
+        unwrap = self.accelerator.unwrap_model
+        return {k: (lora.lora_state(unwrap(m)), self.alphas[k]) for k, m in zip(self.alphas, self.trainable)}
+
+    def epoch_of(self, micro: int) -> int:
+        return micro // self.micro_per_epoch + 1
 
 
-# ----------------------------------------------------------------------------- set-up helpers
+@dataclass
+class State:
+    step: int = 0
+    epoch: int = 1
+    loss_sum: float | torch.Tensor = 0.0
+    loss_n: int = 0
+    nonfinite: bool | torch.Tensor = False  # kept on the device: read only at log intervals
+    t0: float = field(default_factory=time.time)
+    step0: int = 0
+
+
+def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False, echo=print,
+          model: LoadedModel | None = None) -> Path:
+    """Train a LoRA; return the exported file (the run folder when stopped). Raise TrainingError on failure.
+    `model` skips loading (the benchmark passes random-weight full-size models built in memory)."""
+    run = setup(cfg, Path(run_dir or cfg.output_dir), echo, model)
+    state = restore(run) if resume else State()
+    batches = batch_iterator(run, state.step)
+    run.ev.emit("status", state="training", message=f"Training {run.total_steps} steps ({run.steps_per_epoch} per epoch)",
+                total=run.total_steps)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=run.total_steps, initial=state.step, disable=not run.main, desc="train", dynamic_ncols=True)
+    try:
+        while state.step < run.total_steps:
+            train_step(run, state, batches)
+            bar.update(1)
+            if after_step(run, state):
+                return run.files.root
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingError(
+            "The GPU ran out of memory. Lower batch_size or resolution, turn on gradient_checkpointing, use "
+            "optimizer = 'adamw8bit', cache latents, or pick the low-VRAM preset. The last checkpoint is kept."
+        ) from None
+    finally:
+        bar.close()  # ends the progress line, so an error message starts on a line of its own
+    return finish(run, state)
+
+
+# ----------------------------------------------------------------------------- set-up
+def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel | None = None) -> Run:
+    """Accelerator, model with LoRA, data and caches, optimizer and schedule: everything the steps need."""
+    from accelerate import Accelerator
+
+    run_dir = Path(run_dir)
+    config_warnings = cfg.validate()
+    device, mp, dev_warns = resolve_device_and_precision(cfg)
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation,
+                              cpu=(device == "cpu"))
+    files = RunFiles(run_dir)
+    if accelerator.is_main_process:
+        check_output_dir(run_dir)
+        ckpt.remove_stale_temp(run_dir)
+    ev = EventLog(run_dir, enabled=accelerator.is_main_process, echo=echo if accelerator.is_main_process else None)
+    for w in config_warnings + dev_warns:
+        ev.emit("warning", message=w)
+    started_at = time.time()
+    ev.emit("status", state="starting", message=f"Starting run in {run_dir}")
+    scan = scan_for_training(cfg, ev)
+
+    ev.emit("status", state="loading", message=f"Loading base model {cfg.base_model}")
+    model = model or load_model(cfg.base_model, cfg.model_family, cfg.model_config or None)
+    if cfg.prediction_type != "auto" and cfg.prediction_type != model.prediction_type:
+        from diffusers import DDPMScheduler
+
+        model.noise_scheduler = DDPMScheduler.from_config(model.noise_scheduler.config, prediction_type=cfg.prediction_type)
+    ev.emit("log", message=f"Model: {families.name(model.family)}, prediction type {model.prediction_type}")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
+    alphas = add_lora(cfg, model, accelerator.device, weight_dtype, ev)
+
+    data = prepare_data(cfg, scan, model, accelerator, ev)
+    text_cache = cache_text(cfg, model, data, accelerator.device)
+    micro_per_epoch = data.micro_per_epoch(accelerator.num_processes)
+
+    optimizer, scheduler, total_steps, steps_per_epoch = make_schedule(cfg, model, accelerator, micro_per_epoch, device)
+    trainable = [model.unet] + (list(model.text_encoders) if cfg.train_text_encoder else [])
+    prepared = accelerator.prepare(*trainable, optimizer, scheduler)
+    for m in prepared[:-2]:
+        m.train()  # LoRA dropout is active in train mode only
+    info = {
+        "started_at": started_at,
+        "num_train_images": sum(it.repeats for it in data.items),
+        "tag_frequency": {name: tag_frequency([it.caption for it in data.items if it.subset == name]) for name in scan.subsets},
+        "dataset_dirs": scan.subsets,
+        "model_name": cfg.base_model,
+        "prediction_type": model.prediction_type,
+    }
+    return Run(cfg, files, accelerator, ev, model, alphas, data, text_cache, list(prepared[:-2]), prepared[-2],
+               prepared[-1], total_steps, steps_per_epoch, micro_per_epoch, weight_dtype, info)
+
+
 def resolve_device_and_precision(cfg: TrainConfig) -> tuple[str, str, list[str]]:
     warns = []
     has_cuda = torch.cuda.is_available()
@@ -63,6 +202,101 @@ def check_output_dir(run_dir: Path) -> None:
         raise TrainingError(f"Cannot write to the output folder {run_dir} ({e.strerror}). Choose another output_dir.") from None
 
 
+def scan_for_training(cfg: TrainConfig, ev: EventLog) -> ScanResult:
+    try:
+        scan = scan_dataset(cfg.dataset, cfg.caption_extension)
+    except FileNotFoundError:
+        raise TrainingError(f"Dataset folder not found: {cfg.dataset}. Check the path.") from None
+    for s in scan.skipped:
+        ev.emit("warning", message=f"Skipped {s.path.name}: {s.reason}")
+    if not scan.items:
+        raise TrainingError(
+            f"No usable images in {cfg.dataset}. Put .png/.jpg/.webp/.bmp files in the folder itself or in "
+            "sub-folders named like '10_name' (10 = repeats)."
+        )
+    return scan
+
+
+def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventLog) -> dict:
+    """Freeze the base, inject LoRA with peft (fp32 weights), move the networks to the device."""
+    for m in [model.unet, model.vae, *model.text_encoders]:
+        m.requires_grad_(False)
+    model.vae.to(dev, dtype=torch.float32)  # the VAE stays fp32: an fp16 SDXL VAE produces NaNs/black images
+    torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same starting weights
+    alphas = lora.inject_for_config(model, cfg)
+    for m in [model.unet, *model.text_encoders]:
+        m.to(dev, dtype=weight_dtype)
+        for p in lora.lora_parameters(m):
+            p.data = p.data.float()  # LoRA weights train in fp32 whatever the compute precision
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            for te in model.text_encoders:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_te = sum(len(a) for k, a in alphas.items() if k != "unet")
+    ev.emit("log", message=f"LoRA on {len(alphas['unet'])} UNet modules" + (f" and {n_te} text-encoder modules" if n_te else "")
+            + f", rank {cfg.rank}, alpha {cfg.alpha:g}")
+    return alphas
+
+
+def prepare_data(cfg: TrainConfig, scan: ScanResult, model: LoadedModel, accelerator, ev: EventLog) -> TrainData:
+    """The run's images with buckets, and their latents cached (files that fail to decode are left out)."""
+    data = TrainData(scan.items, cfg)
+    if not cfg.cache_latents:
+        return data
+    from trainer.data.cache import LatentCache, default_cache_dir, vae_fingerprint
+
+    cache = LatentCache(default_cache_dir(), vae_fingerprint(model.vae))
+    with accelerator.main_process_first():
+        t0 = time.time()
+        jobs = data.all_jobs()
+        n = cache.fill(model.vae, jobs, on_progress=lambda d, t: ev.emit(
+            "status", state="caching", message=f"Caching latents {d}/{t}", done=d, total=t))
+        ev.emit("log", message=f"Latent cache: {n} image(s) encoded in {time.time() - t0:.1f}s, {len(jobs) - n} reused")
+    for path, reason in cache.failed.items():
+        ev.emit("warning", message=f"Skipped {path.name}: {reason}")
+    data.drop(set(cache.failed))
+    if not data.items:
+        raise TrainingError(f"No image in {cfg.dataset} could be decoded. See the skipped files above.")
+    data.cache = cache
+    model.vae.to("cpu")  # free VRAM; samples move it back
+    return data
+
+
+@torch.no_grad()
+def cache_text(cfg: TrainConfig, model: LoadedModel, data: TrainData, dev) -> dict | None:
+    """Text-encoder outputs of every (fixed) caption, when the encoders are not trained; then the encoders leave."""
+    if not (cfg.cache_text_encoder_outputs and not cfg.train_text_encoder):
+        return None
+    cache = {}
+    for c in sorted(set(data.fixed_captions())):
+        h, p = encode_prompts(model, model.text_encoders, [c], cfg.clip_skip, dev)
+        cache[c] = (h[0].cpu(), None if p is None else p[0].cpu())
+    for te in model.text_encoders:
+        te.to("cpu")
+    return cache
+
+
+def make_schedule(cfg: TrainConfig, model: LoadedModel, accelerator, micro_per_epoch: int, device: str):
+    """(optimizer, LR scheduler, total steps, steps per epoch)."""
+    from diffusers.optimization import get_scheduler
+
+    groups = [{"params": lora.lora_parameters(model.unet), "lr": cfg.unet_lr}]
+    if cfg.train_text_encoder and cfg.text_encoder_lr > 0:
+        groups.append({"params": [p for te in model.text_encoders for p in lora.lora_parameters(te)], "lr": cfg.text_encoder_lr})
+    elif cfg.train_text_encoder:
+        for te in model.text_encoders:
+            for p in lora.lora_parameters(te):
+                p.requires_grad_(False)
+    optimizer = make_optimizer(cfg, groups, device)
+    steps_per_epoch = max(1, micro_per_epoch // cfg.gradient_accumulation)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    n_proc = accelerator.num_processes  # accelerate steps the scheduler once per process
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * n_proc,
+                              num_training_steps=total_steps * n_proc)
+    return optimizer, scheduler, total_steps, steps_per_epoch
+
+
 def make_optimizer(cfg: TrainConfig, groups: list[dict], device: str):
     if cfg.optimizer == "adamw":
         kw = {"fused": True} if device == "cuda" else {"foreach": True}
@@ -86,23 +320,91 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict], device: str):
     raise TrainingError(f"Unknown optimizer '{cfg.optimizer}'.")
 
 
-def encode_prompts(model: LoadedModel, text_encoders, captions: list[str], clip_skip: int, device):
-    """Encoder hidden states (and SDXL's pooled embedding) as the pipelines compute them."""
-    if model.is_sdxl:
-        hidden, pooled = [], None
-        for tok, te in zip(model.tokenizers, text_encoders):
-            ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            out = te(ids.to(device), output_hidden_states=True)
-            pooled = out[0]  # the last one wins: text_encoder_2's projected pooled output
-            hidden.append(out.hidden_states[-(clip_skip + 1)])
-        return torch.cat(hidden, dim=-1), pooled
-    tok, te = model.tokenizers[0], text_encoders[0]
-    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    if clip_skip <= 1:
-        return te(ids.to(device))[0], None
-    out = te(ids.to(device), output_hidden_states=True)
-    inner = te.module if hasattr(te, "module") else te
-    return getattr(inner, "text_model", inner).final_layer_norm(out.hidden_states[-clip_skip]), None
+def restore(run: Run) -> State:
+    """The state of the last checkpoint (weights, optimizer, schedule, step), or step 0 if there is none."""
+    last = run.files.latest_checkpoint()
+    if last is None:
+        run.ev.emit("warning", message="--resume given but no checkpoint found: starting from step 0.")
+        return State()
+    try:
+        saved_parts, saved, opt_state = ckpt.read_checkpoint(last)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    for name, m in zip(run.alphas, run.trainable):
+        lora.load_lora_state(run.accelerator.unwrap_model(m), saved_parts[name][0])
+    if opt_state is not None:
+        run.optimizer.load_state_dict(opt_state)
+    run.scheduler.load_state_dict(saved["scheduler"])
+    step = int(saved["step"])
+    run.ev.emit("log", message=f"Resumed from {last.name} at step {step}/{run.total_steps}")
+    return State(step=step, step0=step)
+
+
+def batch_iterator(run: Run, step: int):
+    """Batches from optimizer step `step` to the end, loaded ahead by DataLoader workers."""
+    ga, acc = run.cfg.gradient_accumulation, run.accelerator
+    loader = make_loader(run.data, acc.num_processes, step * ga, run.total_steps * ga, pin_memory=acc.device.type == "cuda")
+    return iter(acc.prepare(loader))
+
+
+# ----------------------------------------------------------------------------- one step
+def train_step(run: Run, state: State, batches) -> None:
+    """One optimizer step: `gradient_accumulation` batches through noise, conditioning, loss and backward."""
+    ga = run.cfg.gradient_accumulation
+    maybe_inject(state.step + 1, "step")
+    for micro in range(state.step * ga, (state.step + 1) * ga):
+        loss = micro_step(run, next(batches), micro)
+        state.nonfinite |= ~torch.isfinite(loss)
+        state.loss_sum += loss
+        state.loss_n += 1
+    state.epoch = run.epoch_of(micro)
+    state.step += 1
+
+
+def micro_step(run: Run, batch: dict, micro: int) -> torch.Tensor:
+    cfg, acc, model = run.cfg, run.accelerator, run.model
+    dev, sched = acc.device, model.noise_scheduler
+    g = torch.Generator().manual_seed(mix(cfg.seed, micro, acc.process_index))
+    torch.manual_seed(mix(cfg.seed, micro, acc.process_index, 1))  # LoRA dropout
+    latents = batch["latents"] if "latents" in batch else encode_pixels(model.vae, batch["pixels"])
+    latents = latents.to(dev)
+    noise = torch.randn(latents.shape, generator=g)
+    if cfg.noise_offset:
+        noise += cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g)
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
+    noise, timesteps = noise.to(dev), timesteps.to(dev)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    v_pred = model.prediction_type == "v_prediction"
+    target = sched.get_velocity(latents, noise, timesteps) if v_pred else noise
+    with acc.accumulate(*run.trainable):
+        hs, pooled = conditioning(run, batch["caption"])
+        kwargs = {}
+        if model.is_sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(dev)}
+        with acc.autocast():
+            pred = run.unet(noisy.to(run.weight_dtype), timesteps, hs.to(run.weight_dtype), **kwargs).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+        if cfg.min_snr_gamma:
+            loss = loss * snr_weights(sched, timesteps, cfg.min_snr_gamma, v_pred)
+        loss = loss.mean()
+        acc.backward(loss)
+        if acc.sync_gradients and cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_([p for g_ in run.optimizer.param_groups for p in g_["params"]], cfg.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def conditioning(run: Run, captions: list[str]):
+    """(encoder hidden states, SDXL pooled embedding) of a batch's captions: from the cache or the encoders."""
+    dev = run.accelerator.device
+    if run.text_cache is not None:
+        hs = torch.stack([run.text_cache[c][0] for c in captions]).to(dev)
+        pooled = torch.stack([run.text_cache[c][1] for c in captions]).to(dev) if run.model.is_sdxl else None
+        return hs, pooled
+    with torch.set_grad_enabled(run.cfg.train_text_encoder):
+        return encode_prompts(run.model, run.text_encoders, captions, run.cfg.clip_skip, dev)
 
 
 def snr_weights(noise_scheduler, timesteps, gamma: float, v_pred: bool) -> torch.Tensor:
@@ -113,298 +415,41 @@ def snr_weights(noise_scheduler, timesteps, gamma: float, v_pred: bool) -> torch
     return w / (snr + 1) if v_pred else w / snr
 
 
-# ----------------------------------------------------------------------------- the run
-def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False, echo=print,
-          model: LoadedModel | None = None) -> Path:
-    """Train a LoRA; return the exported file. Raise TrainingError (and emit an 'error' event) on failure.
-    `model` skips loading (the benchmark passes random-weight full-size models built in memory)."""
-    from accelerate import Accelerator
+# ----------------------------------------------------------------------------- between steps
+def every(n: int, step: int, total: int) -> bool:
+    """True at multiples of n before the last step (the last step has its own save and samples)."""
+    return bool(n) and step % n == 0 and step < total
 
-    run_dir = Path(run_dir or cfg.output_dir)
-    config_warnings = cfg.validate()
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # accelerate keeps process-wide singletons; a second run in one process (tests, the bench) starts clean
-        from accelerate.state import AcceleratorState, GradientState
 
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-    device, mp, dev_warns = resolve_device_and_precision(cfg)
-    accelerator = Accelerator(
-        mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation, cpu=(device == "cpu")
-    )
-    main = accelerator.is_main_process
-    if main:
-        check_output_dir(run_dir)
-        ckpt.remove_stale_temp(run_dir)
-    ev = EventLog(run_dir, enabled=main, echo=echo if main else None)
-    for w in config_warnings + dev_warns:
-        ev.emit("warning", message=w)
-    started_at = time.time()
-    ev.emit("status", state="starting", message=f"Starting run in {run_dir}")
+def after_step(run: Run, state: State) -> bool:
+    """Log, sample, save and poll the user's requests. True when the run should stop now."""
+    cfg, step, total = run.cfg, state.step, run.total_steps
+    if step % cfg.log_every_steps == 0 or step == total:
+        report_progress(run, state)
+    if every(cfg.sample_every_steps, step, total):
+        render_samples(run, step)
+    want_save, want_stop = poll_requests(run.accelerator, run.files.root)
+    if want_save or want_stop or every(cfg.save_every_steps, step, total):
+        ckpt.save(run, step)
+    if want_stop:
+        run.ev.emit("stopped", step=step, message=f"Stopped at step {step}; resume to continue.")
+    return want_stop
 
-    # 1. dataset
-    try:
-        scan = scan_dataset(cfg.dataset, cfg.caption_extension)
-    except FileNotFoundError:
-        raise TrainingError(f"Dataset folder not found: {cfg.dataset}. Check the path.") from None
-    for s in scan.skipped:
-        ev.emit("warning", message=f"Skipped {s.path.name}: {s.reason}")
-    if not scan.items:
+
+def report_progress(run: Run, state: State) -> None:
+    if bool(state.nonfinite):  # the only host sync: at log intervals
         raise TrainingError(
-            f"No usable images in {cfg.dataset}. Put .png/.jpg/.webp/.bmp files in the folder itself or in "
-            "sub-folders named like '10_name' (10 = repeats)."
+            f"The loss became NaN/inf at step {state.step}. Likely causes: learning rate too high "
+            f"(unet_lr={run.cfg.unet_lr:g}), fp16 overflow (try bf16 or fp32), or a broken base model. "
+            "Lower the learning rate and resume from the last checkpoint."
         )
-
-    # 2. model
-    ev.emit("status", state="loading", message=f"Loading base model {cfg.base_model}")
-    model = model or load_model(cfg.base_model, cfg.model_family, cfg.model_config or None)
-    if cfg.prediction_type != "auto" and cfg.prediction_type != model.prediction_type:
-        from diffusers import DDPMScheduler
-
-        model.noise_scheduler = DDPMScheduler.from_config(model.noise_scheduler.config, prediction_type=cfg.prediction_type)
-    ev.emit("log", message=f"Model: {FAMILY_NAMES[model.family]}, prediction type {model.prediction_type}")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
-    dev = accelerator.device
-    for m in [model.unet, model.vae, *model.text_encoders]:
-        m.requires_grad_(False)
-    # The VAE stays fp32: an fp16 SDXL VAE produces NaNs/black images.
-    model.vae.to(dev, dtype=torch.float32)
-
-    # 3. LoRA
-    torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same starting weights
-    alphas = lora.inject_for_config(model, cfg)
-    for m in [model.unet, *model.text_encoders]:
-        m.to(dev, dtype=weight_dtype)
-        for p in lora.lora_parameters(m):
-            p.data = p.data.float()  # LoRA weights train in fp32 whatever the compute precision
-    if cfg.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            for te in model.text_encoders:
-                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    n_te = sum(len(a) for k, a in alphas.items() if k != "unet")
-    ev.emit("log", message=f"LoRA on {len(alphas['unet'])} UNet modules" + (f" and {n_te} text-encoder modules" if n_te else "")
-            + f", rank {cfg.rank}, alpha {cfg.alpha:g}")
-
-    # 4. data and caches
-    try:
-        data = TrainData(scan, cfg, accelerator.num_processes, accelerator.process_index)
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
-    if cfg.cache_latents:
-        from trainer.data.cache import LatentCache, default_cache_dir, vae_fingerprint
-
-        cache = LatentCache(default_cache_dir(), vae_fingerprint(model.vae))
-        with accelerator.main_process_first():
-            t0 = time.time()
-            n = cache.fill(model.vae, data.all_jobs(), on_progress=lambda d, t: ev.emit("status", state="caching", message=f"Caching latents {d}/{t}", done=d, total=t))
-            ev.emit("log", message=f"Latent cache: {n} image(s) encoded in {time.time() - t0:.1f}s, {len(data.all_jobs()) - n} reused")
-        if cache.failed:
-            for path, reason in cache.failed.items():
-                ev.emit("warning", message=f"Skipped {path.name}: {reason}")
-            scan.items = [it for it in scan.items if it.path not in cache.failed]
-            if not scan.items:
-                raise TrainingError(f"No image in {cfg.dataset} could be decoded. See the skipped files above.")
-            data = TrainData(scan, cfg, accelerator.num_processes, accelerator.process_index)
-        data.cache = cache
-        model.vae.to("cpu")  # free VRAM; samples move it back
-    text_cache = None
-    if cfg.cache_text_encoder_outputs and not cfg.train_text_encoder:
-        with torch.no_grad():
-            caps = sorted(set(data.fixed_captions()))
-            text_cache = {}
-            for c in caps:
-                h, p = encode_prompts(model, model.text_encoders, [c], cfg.clip_skip, dev)
-                text_cache[c] = (h[0].cpu(), None if p is None else p[0].cpu())
-        for te in model.text_encoders:
-            te.to("cpu")
-
-    # 5. optimizer and schedule
-    groups = [{"params": lora.lora_parameters(model.unet), "lr": cfg.unet_lr}]
-    if cfg.train_text_encoder and cfg.text_encoder_lr > 0:
-        groups.append({"params": [p for te in model.text_encoders for p in lora.lora_parameters(te)], "lr": cfg.text_encoder_lr})
-    elif cfg.train_text_encoder:
-        for te in model.text_encoders:
-            for p in lora.lora_parameters(te):
-                p.requires_grad_(False)
-    optimizer = make_optimizer(cfg, groups, device)
-    steps_per_epoch = max(1, data.micro_per_epoch // cfg.gradient_accumulation)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
-    from diffusers.optimization import get_scheduler
-
-    n_proc = accelerator.num_processes  # accelerate steps the scheduler once per process
-    scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * n_proc, num_training_steps=total_steps * n_proc
-    )
-    trainable = [model.unet] + (list(model.text_encoders) if cfg.train_text_encoder else [])
-    prepared = accelerator.prepare(*trainable, optimizer, scheduler)
-    trainable = list(prepared[: len(trainable)])
-    optimizer, scheduler = prepared[-2], prepared[-1]
-    unet = trainable[0]
-    text_encoders = trainable[1:] if cfg.train_text_encoder else model.text_encoders
-
-    def parts() -> dict[str, tuple[dict, dict]]:
-        mods = dict(zip(alphas, trainable))  # same order: unet, te1, te2
-        return {k: (lora.lora_state(accelerator.unwrap_model(mods[k])), alphas[k]) for k in alphas}
-
-    layout = {
-        "family": model.family,
-        "layers_per_block": model.unet.config.layers_per_block,
-        "up_has_attn": {i: "CrossAttn" in t for i, t in enumerate(model.unet.config.up_block_types)},
-        "prediction_type": model.prediction_type,
-    }
-    info = {
-        "started_at": started_at,
-        "num_train_images": sum(it.repeats for it in data.items),
-        "tag_frequency": {name: tag_frequency([it.caption for it in data.items if it.subset == name]) for name in scan.subsets},
-        "dataset_dirs": scan.subsets,
-        "model_name": cfg.base_model,
-        "prediction_type": model.prediction_type,
-    }
-
-    # 6. resume
-    start_step = 0
-    if resume:
-        last = ckpt.latest_checkpoint(run_dir)
-        if last is None:
-            ev.emit("warning", message="--resume given but no checkpoint found: starting from step 0.")
-        else:
-            try:
-                saved_parts, state, opt_state = ckpt.read_checkpoint(last)
-            except ValueError as e:
-                raise TrainingError(str(e)) from None
-            for name, m in zip(alphas, trainable):
-                lora.load_lora_state(accelerator.unwrap_model(m), saved_parts[name][0])
-            if opt_state is not None:
-                optimizer.load_state_dict(opt_state)
-            scheduler.load_state_dict(state["scheduler"])
-            start_step = int(state["step"])
-            ev.emit("log", message=f"Resumed from {last.name} at step {start_step}/{total_steps}")
-
-    def save(step: int, final: bool = False) -> Path | None:
-        accelerator.wait_for_everyone()
-        if not main:
-            return None
-        p = parts()
-        state = {"step": step, "total_steps": total_steps, "scheduler": scheduler.state_dict(), "config": cfg.to_dict(), **layout}
-        folder = run_dir / ckpt.CKPT_DIR / f"step-{step:06d}"
-        with atomic_dir(folder) as tmp:
-            maybe_inject(step, "save")
-            ckpt.write_checkpoint(tmp, p, optimizer.state_dict(), state)
-            export_parts(p, cfg, layout, {**info, "steps": step, "epoch": data.entries(max(0, step * cfg.gradient_accumulation - 1))[0] + 1},
-                         tmp / f"{cfg.output_name}.safetensors")
-        ckpt.prune(run_dir, cfg.keep_last)
-        ev.emit("checkpoint", step=step, path=str(folder), message=f"Saved checkpoint at step {step}")
-        return folder
-
-    # 7. train
-    ev.emit("status", state="training", message=f"Training {total_steps} steps ({steps_per_epoch} per epoch)", total=total_steps)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps, initial=start_step, disable=not main, desc="train", dynamic_ncols=True)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
-    loss_acc = torch.zeros((), device=dev)
-    loss_n = 0
-    t_start, s_start = time.time(), start_step
-    v_pred = model.prediction_type == "v_prediction"
-    for m in trainable:
-        m.train()
-    step = start_step
-    try:
-        while step < total_steps:
-            maybe_inject(step + 1, "step")
-            for micro in range(step * cfg.gradient_accumulation, (step + 1) * cfg.gradient_accumulation):
-                batch = data.batch(micro, vae=None if data.cache is not None else model.vae)
-                g = torch.Generator().manual_seed(mix(cfg.seed, micro, accelerator.process_index))
-                torch.manual_seed(mix(cfg.seed, micro, accelerator.process_index, 1))  # LoRA dropout
-                latents = batch.latents.to(dev)
-                noise = torch.randn(latents.shape, generator=g)
-                if cfg.noise_offset:
-                    noise += cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g)
-                timesteps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
-                noise, timesteps = noise.to(dev), timesteps.to(dev)
-                noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
-                target = model.noise_scheduler.get_velocity(latents, noise, timesteps) if v_pred else noise
-                with accelerator.accumulate(*trainable):
-                    if text_cache is not None:
-                        hs = torch.stack([text_cache[c][0] for c in batch.captions]).to(dev)
-                        pooled = torch.stack([text_cache[c][1] for c in batch.captions]).to(dev) if model.is_sdxl else None
-                    else:
-                        with torch.set_grad_enabled(cfg.train_text_encoder):
-                            hs, pooled = encode_prompts(model, text_encoders, batch.captions, cfg.clip_skip, dev)
-                    kwargs = {}
-                    if model.is_sdxl:
-                        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch.time_ids.to(dev)}
-                    with accelerator.autocast():
-                        pred = unet(noisy.to(weight_dtype), timesteps, hs.to(weight_dtype), **kwargs).sample
-                    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
-                    if cfg.min_snr_gamma:
-                        loss = loss * snr_weights(model.noise_scheduler, timesteps, cfg.min_snr_gamma, v_pred)
-                    loss = loss.mean()
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_([p for g_ in groups for p in g_["params"]], cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                nonfinite |= ~torch.isfinite(loss.detach())
-                loss_acc += loss.detach()
-                loss_n += 1
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every_steps == 0 or step == total_steps:
-                if bool(nonfinite):  # the only host sync: at log intervals
-                    raise TrainingError(
-                        f"The loss became NaN/inf at step {step}. Likely causes: learning rate too high "
-                        f"(unet_lr={cfg.unet_lr:g}), fp16 overflow (try bf16 or fp32), or a broken base model. "
-                        "Lower the learning rate and resume from the last checkpoint."
-                    )
-                avg = float(loss_acc) / max(1, loss_n)
-                loss_acc.zero_()
-                loss_n = 0
-                elapsed = time.time() - t_start
-                its = (step - s_start) / elapsed if elapsed > 0 else 0.0
-                eta = (total_steps - step) / its if its > 0 else None
-                bar.set_postfix(loss=f"{avg:.4f}")
-                ev.emit("progress", step=step, total=total_steps, epoch=batch.epoch + 1, loss=avg,
-                        lr=scheduler.get_last_lr()[0], its=its, eta=eta)
-            if cfg.sample_every_steps and step % cfg.sample_every_steps == 0 and step < total_steps:
-                render_samples(cfg, model, accelerator, unet, text_encoders, run_dir, step, ev)
-            saving = bool(cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps)
-            want_save, want_stop = poll_requests(accelerator, run_dir)
-            if want_save or saving:
-                save(step)
-            if want_stop:
-                save(step)
-                ev.emit("stopped", step=step, message=f"Stopped at step {step}; resume to continue.")
-                raise Stopped()
-    except Stopped:
-        return run_dir
-    except torch.cuda.OutOfMemoryError:
-        raise TrainingError(
-            "The GPU ran out of memory. Lower batch_size or resolution, turn on gradient_checkpointing, use "
-            "optimizer = 'adamw8bit', cache latents, or pick the low-VRAM preset. The last checkpoint is kept."
-        ) from None
-    finally:
-        bar.close()  # ends the progress line, so an error message starts on a line of its own
-
-    # 8. finish
-    final = save(total_steps, final=True)
-    if cfg.sample_prompts and main:
-        render_samples(cfg, model, accelerator, unet, text_encoders, run_dir, total_steps, ev)
-    out = run_dir / f"{cfg.output_name}.safetensors"
-    # every rank must hold the same weights after DDP; record each rank's checksum in the done event
-    local = torch.stack([sum(p.detach().double().sum() for p in lora.lora_parameters(accelerator.unwrap_model(m))) for m in trainable])
-    checksums = accelerator.gather(local.to(dev).reshape(1, -1)).cpu().tolist()
-    if main:
-        import shutil
-
-        shutil.copyfile(final / f"{cfg.output_name}.safetensors", out.with_suffix(".tmp"))
-        os.replace(out.with_suffix(".tmp"), out)
-        ev.emit("done", path=str(out), step=total_steps, rank_checksums=checksums, message=f"Finished: {out}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return out
+    avg = float(state.loss_sum) / max(1, state.loss_n)
+    state.loss_sum, state.loss_n = 0.0, 0
+    elapsed = time.time() - state.t0
+    its = (state.step - state.step0) / elapsed if elapsed > 0 else 0.0
+    eta = (run.total_steps - state.step) / its if its > 0 else None
+    run.ev.emit("progress", step=state.step, total=run.total_steps, epoch=state.epoch, loss=avg,
+                lr=run.scheduler.get_last_lr()[0], its=its, eta=eta)
 
 
 def poll_requests(accelerator, run_dir: Path) -> tuple[bool, bool]:
@@ -419,45 +464,47 @@ def poll_requests(accelerator, run_dir: Path) -> tuple[bool, bool]:
     return bool(flags[0]), bool(flags[1])
 
 
-def export_parts(parts, cfg: TrainConfig, layout: dict, info: dict, path: Path, precision: str | None = None) -> None:
-    family = layout["family"]
-    up_has_attn = {int(k): v for k, v in layout.get("up_has_attn", {}).items()}
-    tensors = to_kohya(parts, family, layout["layers_per_block"], up_has_attn, DTYPES[precision or cfg.save_precision])
-    info = {"finished_at": time.time(), **info}
-    meta = build_metadata(cfg, family, info)
-    meta["ss_save_precision"] = precision or cfg.save_precision
-    import json
-
-    meta["ss_lora_studio_config"] = json.dumps(cfg.to_dict(), ensure_ascii=False)
-    write_lora(path, tensors, meta, modelspec(cfg, family, info))
-
-
-def render_samples(cfg, model: LoadedModel, accelerator, unet, text_encoders, run_dir: Path, step: int, ev: EventLog):
+def render_samples(run: Run, step: int) -> None:
     """Sample images with fixed prompts and seed, from the modules being trained."""
-    if not accelerator.is_main_process or not cfg.sample_prompts:
+    cfg, acc, model = run.cfg, run.accelerator, run.model
+    if not run.main or not cfg.sample_prompts:
         return
-    out_dir = run_dir / "samples"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dev = accelerator.device
+    run.files.samples.mkdir(parents=True, exist_ok=True)
+    dev = acc.device
     vae_dev = model.vae.device
     model.vae.to(dev)
-    model.unet = accelerator.unwrap_model(unet)
-    tes = [accelerator.unwrap_model(t) for t in text_encoders]
+    model.unet = acc.unwrap_model(run.unet)
     saved_tes = model.text_encoders
-    model.text_encoders = [t.to(dev) for t in tes]
+    model.text_encoders = [acc.unwrap_model(t).to(dev) for t in run.text_encoders]
     pipe = model.pipeline()
     pipe.set_progress_bar_config(disable=True)
     try:
         for i, prompt in enumerate(cfg.sample_prompts):
             text = prompt.replace("{trigger}", ", ".join(cfg.trigger_words))
             g = torch.Generator(device="cpu").manual_seed(cfg.sample_seed + i)
-            with torch.no_grad(), accelerator.autocast():
+            with torch.no_grad(), acc.autocast():
                 img = pipe(text, num_inference_steps=cfg.sample_steps, generator=g, height=cfg.resolution, width=cfg.resolution).images[0]
-            p = out_dir / f"step{step:06d}_{i:02d}.png"
+            p = run.files.sample(step, i)
             img.save(p)
-            ev.emit("sample", step=step, path=str(p), prompt=text)
+            run.ev.emit("sample", step=step, path=str(p), prompt=text)
     finally:
         model.text_encoders = saved_tes
         model.vae.to(vae_dev)
-        for m in [unet, *text_encoders]:
+        for m in run.trainable:
             m.train()
+
+
+# ----------------------------------------------------------------------------- the end
+def finish(run: Run, state: State) -> Path:
+    """Final checkpoint, final samples, the exported file in the run folder, the done event."""
+    final = ckpt.save(run, run.total_steps)
+    render_samples(run, run.total_steps)
+    out = run.files.final(run.cfg.output_name)
+    if run.main:
+        tmp = out.with_suffix(".tmp")
+        shutil.copyfile(final / out.name, tmp)
+        os.replace(tmp, out)
+        run.ev.emit("done", path=str(out), step=run.total_steps, message=f"Finished: {out}")
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return out

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from trainer.config import ConfigError, TrainConfig, dumps_toml, tomllib
 from trainer.fsutil import atomic_write_text, safe_name
+from trainer.models import families
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "presets"
 # Fields that belong to a person's run, not to a recipe
 PERSONAL = ("base_model", "dataset", "trigger", "output_dir", "output_name", "config_version", "class_caption", "sample_prompts")
-FAMILY_OF = {"sd1": "sd1", "sd2": "sd2", "sd2v": "sd2", "sdxl": "sdxl"}
 
 
 @dataclass
@@ -115,9 +115,8 @@ def family_mismatch(preset: Preset, model_family: str) -> str | None:
     """A plain warning when a preset is for another model family than the base model."""
     if preset.family in ("any", "") or model_family in ("auto", ""):
         return None
-    if FAMILY_OF.get(model_family, model_family) != FAMILY_OF.get(preset.family, preset.family):
-        names = {"sd1": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL"}
-        return (f"The preset '{preset.name}' is for {names.get(preset.family, preset.family)} but the base model is "
-                f"{names.get(FAMILY_OF.get(model_family, model_family), model_family)}: its resolution and learning rates "
+    if families.group(model_family) != families.group(preset.family):
+        return (f"The preset '{preset.name}' is for {families.group_name(preset.family)} but the base model is "
+                f"{families.group_name(model_family)}: its resolution and learning rates "
                 "will be wrong. Pick a preset for your model.")
     return None

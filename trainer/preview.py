@@ -17,11 +17,9 @@ import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
+from trainer.models import families
 from trainer.models.sniff import read_metadata, safetensors_keys
-
-SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC")
-FAMILY_OF_VERSION = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2", "sdxl_base_v1-0": "sdxl"}
-FAMILY_NAME = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+from trainer import samplers
 
 
 class PreviewError(ValueError):
@@ -55,26 +53,10 @@ class GenParams:
 
 
 def make_scheduler(name: str, config):
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-    )
-
-    table = {
-        "Euler": (EulerDiscreteScheduler, {}),
-        "Euler a": (EulerAncestralDiscreteScheduler, {}),
-        "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
-        "DPM++ 2M Karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-        "DDIM": (DDIMScheduler, {}),
-        "UniPC": (UniPCMultistepScheduler, {}),
-    }
-    if name not in table:
-        raise PreviewError(f"Unknown sampler '{name}'. Choose one of: {', '.join(SAMPLERS)}.")
-    cls, kw = table[name]
-    return cls.from_config(config, **kw)
+    try:
+        return samplers.make_scheduler(name, config)
+    except ValueError as e:
+        raise PreviewError(str(e)) from None
 
 
 def lora_family(path: str | Path) -> str | None:
@@ -84,8 +66,9 @@ def lora_family(path: str | Path) -> str | None:
         keys = safetensors_keys(path)
     except (OSError, ValueError) as e:
         raise PreviewError(f"{Path(path).name} is not a readable LoRA file ({e}).") from None
-    if md.get("ss_base_model_version") in FAMILY_OF_VERSION:
-        return FAMILY_OF_VERSION[md["ss_base_model_version"]]
+    fam = families.from_base_version(md.get("ss_base_model_version", ""))
+    if fam:
+        return fam.group
     if any(k.startswith(("lora_te1_", "lora_te2_")) or "input_blocks" in k for k in keys):
         return "sdxl"
     if any(k.startswith("lora_te_") or k.startswith("lora_unet_down_blocks") for k in keys):
@@ -93,21 +76,6 @@ def lora_family(path: str | Path) -> str | None:
     if not any(k.startswith("lora_") for k in keys):
         raise PreviewError(f"{Path(path).name} has no kohya LoRA keys (lora_unet_..., lora_te_...). Is it a LoRA?")
     return None
-
-
-def trigger_words(path: str | Path) -> list[str]:
-    try:
-        md = read_metadata(path)
-    except (OSError, ValueError):
-        return []
-    try:
-        words = json.loads(md.get("ss_trigger_words", "[]"))
-        if words:
-            return list(words)
-    except ValueError:
-        pass
-    phrase = md.get("modelspec.trigger_phrase", "")
-    return [w.strip() for w in phrase.split(",") if w.strip()]
 
 
 def a1111_parameters(p: GenParams, model_name: str, seed: int, loras: list[LoraSpec]) -> str:
@@ -160,7 +128,7 @@ class PreviewEngine:
 
         self.unload()  # free the old model before loading the new one
         m = load_model(base_model, "auto", model_config, dtype=self.dtype)
-        fam = {"sd2v": "sd2"}.get(m.family, m.family)
+        fam = families.group(m.family)
         pipe = m.pipeline()
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
@@ -187,9 +155,10 @@ class PreviewEngine:
             raise PreviewError(f"LoRA file not found: {path}")
         fam = lora_family(path)
         if fam and fam != self.family:
+            want, have = families.group_name(fam), families.group_name(self.family)
             raise PreviewError(
-                f"{Path(path).name} is a LoRA for {FAMILY_NAME[fam]}, but the base model is {FAMILY_NAME[self.family]}. "
-                f"Pick a {FAMILY_NAME[fam]} base model, or a LoRA trained for {FAMILY_NAME[self.family]}."
+                f"{Path(path).name} is a LoRA for {want}, but the base model is {have}. "
+                f"Pick a {want} base model, or a LoRA trained for {have}."
             )
         name = self.adapter_name(path)
         try:

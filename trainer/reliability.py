@@ -2,7 +2,6 @@
 `python -m trainer reliability`, which writes RELIABILITY.md from a fresh run so the figures stay true."""
 from __future__ import annotations
 
-import errno
 import os
 import random
 import signal
@@ -12,26 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-FAULT_ENV = "LORA_STUDIO_INJECT_FAULT"  # e.g. "oom@3" or "enospc@4": raise at that optimizer step (tests only)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def maybe_inject(step: int, where: str) -> None:
-    """Raise the fault named in $LORA_STUDIO_INJECT_FAULT when `step` and `where` match. No-op otherwise."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    kind, _, at = spec.partition("@")
-    if not at or int(at) != step:
-        return
-    if kind == "oom" and where == "step":
-        import torch
-
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-    if kind == "enospc" and where == "save":
-        raise OSError(errno.ENOSPC, "No space left on device (injected)", "checkpoint")
-    if kind == "eio" and where == "save":
-        raise OSError(errno.EIO, "Input/output error (injected)", "checkpoint")
 
 
 def check_files(run_dir: Path) -> list[str]:

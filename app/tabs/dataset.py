@@ -159,5 +159,8 @@ class DatasetTab:
         add_suffix.click(lambda n, t: self.bulk(n, "suffix", t), [ds, affix], status).then(refresh, [ds, res, trig], view)
         do_repl.click(lambda n, a, b: self.bulk(n, "replace", a, b), [ds, find, repl], status).then(refresh, [ds, res, trig], view)
         fill.click(lambda n, t: self.bulk(n, "fill", t), [ds, template], status).then(refresh, [ds, res, trig], view)
-        self.dropdown = ds
+        self.picker = ds
         return ds
+
+    def register_load(self, ui) -> None:
+        ui.load(lambda: gr.Dropdown(choices=self.ws.list_datasets()), None, self.picker)

@@ -11,22 +11,11 @@ from app.gpu import gpu_present
 from app.preview_client import PreviewClient
 from app.ui_util import friendly
 from trainer.fsutil import safe_name, unique_path
-from trainer.models.sniff import read_metadata
+from trainer.models.sniff import trigger_words
+from trainer.samplers import SAMPLERS
 
-SAMPLERS = ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC"]
 MODES = ["Single image", "Base vs LoRA", "Strength grid", "Checkpoint grid"]
 ROWS = 4
-
-
-def lora_triggers(path: str) -> list[str]:
-    import json
-
-    try:
-        md = read_metadata(path)
-        words = json.loads(md.get("ss_trigger_words", "[]"))
-    except (OSError, ValueError):
-        return []
-    return words or [w.strip() for w in md.get("modelspec.trigger_phrase", "").split(",") if w.strip()]
 
 
 def insert_triggers(prompt: str, words: list[str]) -> str:
@@ -35,24 +24,11 @@ def insert_triggers(prompt: str, words: list[str]) -> str:
 
 
 class PreviewTab:
-    def __init__(self, ws, runs, client: PreviewClient | None = None):
-        self.ws, self.runs = ws, runs
-        self.client = client or PreviewClient(ws.root / "previews")
+    def __init__(self, studio, client: PreviewClient | None = None):
+        self.studio, self.ws, self.runs = studio, studio.ws, studio.runs
+        self.client = client or PreviewClient(self.ws.root / "previews")
 
     # ------------------------------------------------------------------ handlers
-    def lora_choices(self) -> list[tuple[str, str]]:
-        out = []
-        for r in self.runs.list():
-            d = Path(r["dir"])
-            for f in sorted(d.glob("*.safetensors")):
-                out.append((f"{r['id']} · final · {f.name}", str(f)))
-            for f in sorted((d / "checkpoints").glob("step-*/*.safetensors"), reverse=True):
-                if f.name != "lora_state.safetensors":
-                    out.append((f"{r['id']} · {f.parent.name}", str(f)))
-        for f in sorted(self.ws.loras_dir.glob("*.safetensors")):
-            out.append((f"imported · {f.name}", str(f)))
-        return out
-
     def add_lora_file(self, path: str) -> str:
         """A LoRA dropped in from elsewhere is copied into the workspace's loras/ folder."""
         src = Path(path)
@@ -66,18 +42,6 @@ class PreviewTab:
         dst = unique_path(self.ws.loras_dir, safe_name(src.name, "lora.safetensors"))
         shutil.copyfile(src, dst)
         return str(dst)
-
-    def checkpoint_series(self, path: str) -> tuple[list[str], list[str]]:
-        """All files of the run a LoRA file belongs to: checkpoints oldest first, then the final one."""
-        p = self.ws.resolve_file(path)
-        run_dir = p.parents[2] if p.parent.name.startswith("step-") else p.parent
-        ckpts = sorted((run_dir / "checkpoints").glob("step-*/*.safetensors"))
-        ckpts = [c for c in ckpts if c.name != "lora_state.safetensors"]
-        files = [str(c) for c in ckpts] + [str(f) for f in sorted(run_dir.glob("*.safetensors"))]
-        labels = [c.parent.name.replace("step-", "step ").lstrip("0") for c in ckpts] + ["final"] * (len(files) - len(ckpts))
-        if not files:
-            raise ValueError("That LoRA is not part of a run with checkpoints.")
-        return files, labels
 
     def busy_message(self) -> str | None:
         if gpu_present() and any(r["status"] == "running" for r in self.runs.list()):
@@ -114,16 +78,19 @@ class PreviewTab:
             if not req["strengths"]:
                 return [], "Give the strengths for the grid, e.g. 0, 0.25, 0.5, 0.75, 1"
         elif mode == "Checkpoint grid":
-            files, labels = self.checkpoint_series(active[0]["path"])
+            files, labels = self.studio.checkpoint_series(active[0]["path"])
             req.update(mode="checkpoint_grid", files=files, labels=labels, strength=active[0]["strength"])
         ans = self.client.request(req)
         if not ans.get("ok"):
             return [], ans.get("error", "Preview failed.")
         return ans["images"], f"Done (seed {params['seed']})."
 
-    def on_page_load(self):
-        choices = self.lora_choices()
-        return [gr.Dropdown(choices=self.ws.settings().get("recent_models", []))] + [gr.Dropdown(choices=choices) for _ in range(ROWS)]
+    def register_load(self, ui) -> None:
+        def on_load():
+            choices = self.studio.lora_choices()
+            return [gr.Dropdown(choices=self.ws.settings().get("recent_models", []))] + [gr.Dropdown(choices=choices) for _ in range(ROWS)]
+
+        ui.load(on_load, None, [self.base_dd] + self.files)
 
     # ------------------------------------------------------------------ layout
     def build(self):
@@ -135,7 +102,7 @@ class PreviewTab:
         rows = []
         for i in range(ROWS):
             with gr.Row():
-                f = gr.Dropdown(choices=self.lora_choices(), label=f"LoRA {i + 1}", scale=4, elem_id=f"pv-lora-{i}")
+                f = gr.Dropdown(choices=self.studio.lora_choices(), label=f"LoRA {i + 1}", scale=4, elem_id=f"pv-lora-{i}")
                 en = gr.Checkbox(value=True, label="on", scale=1, elem_id=f"pv-on-{i}")
                 st = gr.Slider(-2, 2, value=1.0, step=0.05, label="strength", scale=3, elem_id=f"pv-strength-{i}")
                 trig = gr.Markdown(elem_id=f"pv-trig-{i}")
@@ -154,7 +121,7 @@ class PreviewTab:
         with gr.Row():
             width = gr.Slider(64, 2048, value=512, step=64, label="Width", elem_id="pv-width")
             height = gr.Slider(64, 2048, value=512, step=64, label="Height", elem_id="pv-height")
-            sampler = gr.Dropdown(SAMPLERS, value="Euler a", label="Sampler")
+            sampler = gr.Dropdown(list(SAMPLERS), value="Euler a", label="Sampler")
             batch = gr.Slider(1, 8, value=1, step=1, label="Batch count")
         with gr.Row():
             mode = gr.Radio(MODES, value="Single image", label="Mode", elem_id="pv-mode")
@@ -165,17 +132,17 @@ class PreviewTab:
 
         files = [r[0] for r in rows]
         self.files, self.base_dd = files, base
-        refresh.click(lambda: [gr.Dropdown(choices=self.lora_choices()) for _ in rows], None, files)
+        refresh.click(lambda: [gr.Dropdown(choices=self.studio.lora_choices()) for _ in rows], None, files)
         for f, en, st, trig, ins in rows:
-            f.change(lambda p: ", ".join(lora_triggers(p)) and f"trigger: `{', '.join(lora_triggers(p))}`" if p else "", f, trig)
-            ins.click(lambda pr, p: insert_triggers(pr, lora_triggers(p)) if p else pr, [prompt, f], prompt)
+            f.change(lambda p: ", ".join(trigger_words(p)) and f"trigger: `{', '.join(trigger_words(p))}`" if p else "", f, trig)
+            ins.click(lambda pr, p: insert_triggers(pr, trigger_words(p)) if p else pr, [prompt, f], prompt)
 
         @friendly
         def on_add(path):
             if not path:
                 return [gr.Dropdown() for _ in rows] + [""]
             dst = self.add_lora_file(path)
-            choices = self.lora_choices()
+            choices = self.studio.lora_choices()
             return ([gr.Dropdown(choices=choices, value=dst)] + [gr.Dropdown(choices=choices) for _ in range(ROWS - 1)]
                     + [f"Added {Path(dst).name}."])
 

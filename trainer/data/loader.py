@@ -1,20 +1,23 @@
-"""Batches for training: one bucket per batch, an order fixed by (seed, epoch), shared out across ranks.
+"""Batches for training: one bucket per batch, an order fixed by (seed, epoch), through torch's DataLoader.
 
 Everything random here is a function of (seed, position), not of a running RNG, so a resumed run sees
-exactly the batches and captions the uninterrupted run would have seen.
+exactly the batches and captions the uninterrupted run would have seen. `BucketBatchSampler` yields the
+global batches of every process in turn (batch `micro * world + rank`); accelerate's `prepare` hands
+batch number i to process `i % world`, so each rank gets its own share, as kohya and the diffusers
+examples share a DataLoader.
 """
 from __future__ import annotations
 
+import os
 import random
-from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainer.data.buckets import assign_bucket, make_buckets, resize_crop_box
-from trainer.data.cache import LatentCache, encode_pixels, pixel_tensor
+from trainer.data.cache import pixel_tensor
 from trainer.data.captions import CaptionOptions, build_caption
-from trainer.data.scan import ScanResult, file_hash
+from trainer.data.scan import ImageItem, file_hash
 
 
 def mix(*xs: int) -> int:
@@ -26,43 +29,32 @@ def mix(*xs: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-@dataclass
-class Batch:
-    latents: torch.Tensor | None
-    pixels: torch.Tensor | None
-    captions: list[str]
-    time_ids: torch.Tensor  # SDXL: original size, crop top-left, target size per image
-    epoch: int
+class TrainData(Dataset):
+    """The images of a run with their buckets and content hashes. An index is (micro, rank, slot, item, flip);
+    a sample is {'latents' or 'pixels', 'caption', 'time_ids'}."""
 
-
-class TrainData:
-    def __init__(self, scan: ScanResult, cfg, world_size: int = 1, rank: int = 0):
-        if not scan.items:
+    def __init__(self, items: list[ImageItem], cfg):
+        if not items:
             raise ValueError("no images")
-        self.items = scan.items
         self.cfg = cfg
         self.opts = CaptionOptions.from_config(cfg)
-        self.world_size, self.rank = world_size, rank
         if cfg.enable_buckets:
-            self.bucket_list = make_buckets(cfg.resolution, cfg.min_bucket, cfg.max_bucket, cfg.bucket_step)
+            bucket_list = make_buckets(cfg.resolution, cfg.min_bucket, cfg.max_bucket, cfg.bucket_step)
         else:
-            self.bucket_list = [(cfg.resolution, cfg.resolution)]
-        self.buckets = [
-            assign_bucket(it.width, it.height, self.bucket_list, cfg.no_upscale, cfg.bucket_step) for it in self.items
-        ]
-        self.hashes = [file_hash(it.path) for it in self.items]
-        self.cache: LatentCache | None = None
-        self.text_cache: dict[str, tuple] | None = None
-        n = len(self.global_batches(0))
-        self.micro_per_epoch = n // world_size
-        if self.micro_per_epoch == 0:
-            raise ValueError(
-                f"The dataset makes {n} batch(es) per epoch, fewer than the {world_size} processes: "
-                "add images or repeats, lower batch_size, or use fewer GPUs."
-            )
+            bucket_list = [(cfg.resolution, cfg.resolution)]
+        self.items = list(items)
+        self.buckets = [assign_bucket(it.width, it.height, bucket_list, cfg.no_upscale, cfg.bucket_step) for it in items]
+        self.hashes = [file_hash(it.path) for it in items]
+        self.cache = None  # a LatentCache once latents are cached
+
+    def drop(self, paths) -> None:
+        """Forget the images at `paths` (files the latent cache could not decode)."""
+        keep = [i for i, it in enumerate(self.items) if it.path not in paths]
+        self.items = [self.items[i] for i in keep]
+        self.buckets = [self.buckets[i] for i in keep]
+        self.hashes = [self.hashes[i] for i in keep]
 
     # ------------------------------------------------------------- order
-    @lru_cache(maxsize=2)
     def global_batches(self, epoch: int) -> list[list[tuple[int, bool]]]:
         """All batches of an epoch: lists of (item index, flip), each list within one bucket."""
         rng = random.Random(mix(self.cfg.seed, epoch, 17))
@@ -80,9 +72,15 @@ class TrainData:
         rng.shuffle(batches)
         return batches
 
-    def entries(self, micro: int) -> tuple[int, list[tuple[int, bool]]]:
-        epoch, pos = divmod(micro, self.micro_per_epoch)
-        return epoch, self.global_batches(epoch)[pos * self.world_size + self.rank]
+    def micro_per_epoch(self, world_size: int = 1) -> int:
+        """Batches each process sees per epoch (the same every epoch: bucket sizes do not change)."""
+        n = len(self.global_batches(0))
+        if n // world_size == 0:
+            raise ValueError(
+                f"The dataset makes {n} batch(es) per epoch, fewer than the {world_size} processes: "
+                "add images or repeats, lower batch_size, or use fewer GPUs."
+            )
+        return n // world_size
 
     def all_jobs(self) -> list:
         """Every (path, hash, bucket, flip) the run can ask for: what the latent cache must hold."""
@@ -90,26 +88,58 @@ class TrainData:
         return [(it.path, self.hashes[i], self.buckets[i], f) for i, it in enumerate(self.items) for f in flips]
 
     # ------------------------------------------------------------- data
-    def caption(self, idx: int, micro: int, slot: int) -> str:
-        rng = random.Random(mix(self.cfg.seed, micro, slot, self.rank, 29)) if self.opts.is_random else None
+    def caption(self, idx: int, micro: int, slot: int, rank: int) -> str:
+        rng = random.Random(mix(self.cfg.seed, micro, slot, rank, 29)) if self.opts.is_random else None
         return build_caption(self.items[idx].caption, self.opts, rng)
 
     def fixed_captions(self) -> list[str]:
         return [build_caption(it.caption, self.opts, None) for it in self.items]
 
-    def batch(self, micro: int, vae=None) -> Batch:
-        epoch, entries = self.entries(micro)
-        captions = [self.caption(i, micro, k) for k, (i, _) in enumerate(entries)]
-        time_ids = []
-        for i, _ in entries:
-            it, (bw, bh) = self.items[i], self.buckets[i]
-            rw, rh, (left, top, _, _) = resize_crop_box(it.width, it.height, bw, bh)
-            time_ids.append([it.height, it.width, top, left, bh, bw])
-        time_ids = torch.tensor(time_ids, dtype=torch.float32)
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: tuple[int, int, int, int, bool]) -> dict:
+        micro, rank, slot, i, flip = index
+        it, (bw, bh) = self.items[i], self.buckets[i]
+        _, _, (left, top, _, _) = resize_crop_box(it.width, it.height, bw, bh)
+        sample = {"caption": self.caption(i, micro, slot, rank),
+                  "time_ids": torch.tensor([it.height, it.width, top, left, bh, bw], dtype=torch.float32)}
         if self.cache is not None:
-            lat = torch.stack([self.cache.get(self.hashes[i], self.buckets[i], f) for i, f in entries])
-            return Batch(lat, None, captions, time_ids, epoch)
-        pixels = torch.stack([pixel_tensor(self.items[i].path, self.buckets[i], f) for i, f in entries])
-        if vae is not None:
-            return Batch(encode_pixels(vae, pixels), None, captions, time_ids, epoch)
-        return Batch(None, pixels, captions, time_ids, epoch)
+            sample["latents"] = self.cache.get(self.hashes[i], self.buckets[i], flip)
+        else:
+            sample["pixels"] = pixel_tensor(it.path, self.buckets[i], flip)
+        return sample
+
+
+class BucketBatchSampler(Sampler):
+    """The batches of micro-steps [start, end) of every rank, in the order (micro, rank)."""
+
+    drop_last = True  # every process gets exactly end - start batches; accelerate need not pad
+
+    def __init__(self, data: TrainData, world_size: int, start_micro: int, end_micro: int):
+        self.data, self.world = data, world_size
+        self.start, self.end = start_micro, end_micro
+        self.per_epoch = data.micro_per_epoch(world_size)
+
+    def __len__(self) -> int:
+        return (self.end - self.start) * self.world
+
+    def __iter__(self):
+        epoch_batches, cached_epoch = None, None
+        for micro in range(self.start, self.end):
+            epoch, pos = divmod(micro, self.per_epoch)
+            if epoch != cached_epoch:
+                epoch_batches, cached_epoch = self.data.global_batches(epoch), epoch
+            for rank in range(self.world):
+                entries = epoch_batches[pos * self.world + rank]
+                yield [(micro, rank, slot, i, flip) for slot, (i, flip) in enumerate(entries)]
+
+
+def loader_workers() -> int:
+    """Background processes that load batches ahead: about half the cores, at least one, at most four."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def make_loader(data: TrainData, world_size: int, start_micro: int, end_micro: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(data, batch_sampler=BucketBatchSampler(data, world_size, start_micro, end_micro),
+                      num_workers=loader_workers(), pin_memory=pin_memory)

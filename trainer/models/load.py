@@ -9,17 +9,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from trainer.models import families
+from trainer.models.families import name as family_name
 from trainer.models.sniff import family_from_folder, family_from_keys
 
 log = logging.getLogger(__name__)
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x (epsilon)", "sd2v": "SD 2.x 768-v (v-prediction)", "sdxl": "SDXL"}
 
 
 class ModelError(ValueError):
@@ -35,7 +36,6 @@ class LoadedModel:
     tokenizers: list
     noise_scheduler: object
     source: str
-    extra: dict = field(default_factory=dict)
 
     @property
     def is_sdxl(self) -> bool:
@@ -83,7 +83,7 @@ def from_pipeline(pipe, family: str, source: str = "memory") -> LoadedModel:
 
     tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
     toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
-    pred = "v_prediction" if family == "sd2v" else "epsilon"
+    pred = families.family(family).prediction_type
     return LoadedModel(family, pipe.unet, pipe.vae, tes, toks, DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=pred), source)
 
 
@@ -98,7 +98,7 @@ def random_full_size(family: str, device="cpu", dtype=torch.float32) -> LoadedMo
         unet = UNet2DConditionModel.from_config(rd("unet/config.json")).to(dtype)
         vae = AutoencoderKL.from_config(rd("vae/config.json")).to(dtype)
         tes = [CLIPTextModel(CLIPTextConfig(**rd("text_encoder/config.json"))).to(dtype)]
-        toks = [clip_tokenizer(pad="!" if family in ("sd2", "sd2v") else None)]
+        toks = [clip_tokenizer(pad="!" if families.family(family).is_v2 else None)]
         if family == "sdxl":
             tes.append(CLIPTextModelWithProjection(CLIPTextConfig(**rd("text_encoder_2/config.json"))).to(dtype))
             toks.append(clip_tokenizer(pad="!"))
@@ -233,16 +233,16 @@ def _from_single_file(path: Path, family: str, config_dir: str | None, dtype) ->
     fam = detected if family == "auto" else family
     if (fam == "sdxl") != (detected == "sdxl"):
         raise ModelError(
-            f"{path.name} is a {FAMILY_NAMES[detected]} checkpoint, but model_family is set to {FAMILY_NAMES[fam]}. "
+            f"{path.name} is a {family_name(detected)} checkpoint, but model_family is set to {family_name(fam)}. "
             "Set model_family to auto."
         )
     cfg_dir = Path(config_dir) if config_dir else shipped_config_dir(fam)
     if not (cfg_dir / "model_index.json").is_file():
-        raise ModelError(f"No model configs for {FAMILY_NAMES[fam]} at {cfg_dir}; the installation is incomplete.")
+        raise ModelError(f"No model configs for {family_name(fam)} at {cfg_dir}; the installation is incomplete.")
     cls = StableDiffusionXLPipeline if fam == "sdxl" else StableDiffusionPipeline
     extra = {} if fam == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     if not config_dir:  # the shipped configs carry no tokenizer files: use the one shipped CLIP BPE
-        extra["tokenizer"] = clip_tokenizer(pad="!" if fam in ("sd2", "sd2v") else None)
+        extra["tokenizer"] = clip_tokenizer(pad="!" if families.family(fam).is_v2 else None)
         if fam == "sdxl":
             extra["tokenizer_2"] = clip_tokenizer(pad="!")
     try:
@@ -251,7 +251,7 @@ def _from_single_file(path: Path, family: str, config_dir: str | None, dtype) ->
         )
     except Exception as e:
         raise ModelError(
-            f"Could not convert {path.name} as {FAMILY_NAMES[fam]} ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}). "
+            f"Could not convert {path.name} as {family_name(fam)} ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}). "
             "The file may be damaged, or of an architecture LoRA Studio does not train."
         ) from None
     del sd

@@ -43,6 +43,21 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return safetensors_header(path).get("__metadata__", {}) or {}
 
 
+def trigger_words(path: str | Path) -> list[str]:
+    """The trigger words a LoRA file's metadata names (ours: ss_trigger_words; others: modelspec.trigger_phrase)."""
+    try:
+        md = read_metadata(path)
+    except (OSError, ValueError):
+        return []
+    try:
+        words = json.loads(md.get("ss_trigger_words", "[]"))
+        if words:
+            return list(words)
+    except ValueError:
+        pass
+    return [w.strip() for w in md.get("modelspec.trigger_phrase", "").split(",") if w.strip()]
+
+
 def family_from_keys(keys) -> str | None:
     keys = list(keys)
     if any(k.startswith("conditioner.embedders.1.") for k in keys):

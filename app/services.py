@@ -1,0 +1,132 @@
+"""What the page and the scripting API do, in one place: the tabs and `gr.api` endpoints both call a `Studio`.
+
+No gradio and no torch here: plain values in, plain values out, unit-testable.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from app.forms import config_to_values, preflight, values_to_config
+from trainer.config import TrainConfig
+from trainer.presets import find_preset, list_presets
+from trainer.runfiles import RunFiles, step_of
+
+
+def run_metadata(run: dict) -> dict:
+    """The settings of a run a person recognises it by (from its config file)."""
+    try:
+        cfg = TrainConfig.load(RunFiles(run["dir"]).config)
+    except (ValueError, OSError):
+        return {}
+    return {"base": Path(cfg.base_model).name or cfg.base_model, "rank/alpha": f"{cfg.rank}/{cfg.alpha:g}",
+            "trigger": cfg.trigger, "steps": cfg.max_steps or f"{cfg.epochs} epochs", "name": cfg.output_name}
+
+
+class Studio:
+    def __init__(self, ws, runs):
+        self.ws, self.runs = ws, runs
+
+    # ------------------------------------------------------------------ presets
+    def preset_choices(self) -> list[tuple[str, str]]:
+        return [(("" if p.shipped else "★ ") + p.name, p.key) for p in list_presets(self.ws.presets_dir)]
+
+    def apply_preset(self, key: str, values: dict) -> tuple[dict, str]:
+        """Form values with the preset laid over them, and a description of the preset."""
+        if not key:
+            return values, ""
+        p = find_preset(key, self.ws.presets_dir)
+        cfg = values_to_config(values, self.ws.datasets_dir) if values else TrainConfig()
+        cfg = p.apply(cfg)
+        info = f"**{p.name}** ({p.family}) — {p.description}"
+        if p.steps:
+            info += f"\n\n*Typical length:* {p.steps}"
+        return config_to_values(cfg), info
+
+    # ------------------------------------------------------------------ runs
+    def check(self, values: dict, preset_key: str = "") -> tuple[bool, str]:
+        preset = find_preset(preset_key, self.ws.presets_dir) if preset_key else None
+        return preflight(values, self.ws.datasets_dir, preset)
+
+    def start(self, values: dict, preset_key: str = "") -> tuple[str | None, str]:
+        """(run id or None, what to tell the person): a run starts only after the pre-flight check passes."""
+        ok, text = self.check(values, preset_key)
+        if not ok:
+            return None, text
+        cfg = values_to_config(values, self.ws.datasets_dir)
+        self.ws.remember_model(cfg.base_model)
+        run_id, created = self.runs.create(cfg)
+        return run_id, ("Started." if created else "This run is already queued or running; showing it.") + "\n\n" + text
+
+    def run_choices(self) -> list[tuple[str, str]]:
+        return [(f"{r['id']} · {r['name']} · {r['status']}", r["id"]) for r in self.runs.list()]
+
+    def active_run(self) -> str | None:
+        """The running run, else the first queued one: what a (re)loaded page attaches to."""
+        runs = self.runs.list()
+        return next((r["id"] for r in runs if r["status"] == "running"), None) or next(
+            (r["id"] for r in runs if r["status"] == "queued"), None)
+
+    def status(self, run_id: str) -> dict:
+        run = self.runs.get(run_id)
+        if run is None:
+            return {"error": f"no run {run_id}"}
+        v = self.runs.view(run_id)
+        return {"status": run["status"], "state": v.state, "step": v.step, "total": v.total,
+                "loss": v.losses[-1][1] if v.losses else None, "error": v.error, "output": v.output}
+
+    def list_runs(self) -> list[dict]:
+        return [{k: r[k] for k in ("id", "name", "status", "dir")} for r in self.runs.list()]
+
+    # ------------------------------------------------------------------ outputs
+    def outputs_table(self) -> list[list[str]]:
+        rows = []
+        for r in self.runs.list():
+            md = run_metadata(r)
+            rows.append([r["id"], r["status"], md.get("name", ""), md.get("base", ""), md.get("rank/alpha", ""),
+                         str(md.get("steps", "")), md.get("trigger", "")])
+        return rows
+
+    def lora_files(self, run_id: str) -> list[str]:
+        """A run's LoRA files: the final one first, then each checkpoint's, newest first."""
+        run = self.runs.get(run_id) if run_id else None
+        return [str(p) for p in RunFiles(run["dir"]).lora_files()] if run else []
+
+    def lora_choices(self) -> list[tuple[str, str]]:
+        """(label, path) of every LoRA in the workspace: each run's final file and checkpoints, then imported ones."""
+        out = []
+        for r in self.runs.list():
+            files = RunFiles(r["dir"])
+            out += [(f"{r['id']} · final · {f.name}", str(f)) for f in files.final_loras()]
+            out += [(f"{r['id']} · {f.parent.name}", str(f)) for _, f in reversed(files.checkpoint_loras())]
+        out += [(f"imported · {f.name}", str(f)) for f in sorted(self.ws.loras_dir.glob("*.safetensors"))]
+        return out
+
+    def checkpoint_series(self, path: str) -> tuple[list[str], list[str]]:
+        """All files of the run a LoRA file belongs to: checkpoints oldest first, then the final one."""
+        files = RunFiles.of_lora(self.ws.resolve_file(path))
+        ckpts = files.checkpoint_loras()
+        finals = files.final_loras()
+        if not ckpts and not finals:
+            raise ValueError("That LoRA is not part of a run with checkpoints.")
+        return ([str(f) for _, f in ckpts] + [str(f) for f in finals],
+                [f"step {s}" for s, _ in ckpts] + ["final"] * len(finals))
+
+    def copy_to_webui(self, path: str) -> str:
+        """Copy a LoRA into the web UI's LoRA folder, named after its run (and step) so copies never collide."""
+        target = self.ws.settings().get("webui_lora_dir")
+        if not target:
+            return "Set your web UI's LoRA folder in Settings first."
+        src = self.ws.resolve_file(path)
+        dst_dir = Path(target).expanduser()
+        if not dst_dir.is_dir():
+            return f"The LoRA folder {dst_dir} does not exist."
+        step = step_of(src.parent)
+        dst = dst_dir / src.name
+        if src.name == "lora.safetensors" or step is not None:
+            run = RunFiles.of_lora(src).root.name
+            dst = dst_dir / f"{src.stem}-{run}{f'-{src.parent.name}' if step is not None else ''}.safetensors"
+        tmp = dst.with_suffix(".partial")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+        return f"Copied to {dst}"

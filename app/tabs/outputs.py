@@ -1,0 +1,59 @@
+"""Outputs tab: every run with its settings; its LoRA files (final and checkpoints) to inspect, download, copy."""
+from __future__ import annotations
+
+import gradio as gr
+
+from app.ui_util import friendly
+from trainer.models.sniff import read_metadata
+
+SHOWN_METADATA = ("ss_base_model_version", "ss_network_dim", "ss_network_alpha", "ss_steps", "ss_trigger_words",
+                  "ss_output_name", "modelspec.architecture")
+
+
+class OutputsTab:
+    def __init__(self, studio):
+        self.studio, self.ws = studio, studio.ws
+
+    def file_metadata(self, path: str) -> tuple[dict, str | None]:
+        if not path:
+            return {}, None
+        p = self.ws.resolve_file(path)
+        md = read_metadata(p)
+        return {k: md[k] for k in SHOWN_METADATA if k in md}, str(p)
+
+    def build(self):
+        studio, ws = self.studio, self.ws
+        self.table = gr.Dataframe(headers=["run", "status", "name", "base model", "rank/alpha", "steps", "trigger"],
+                                  value=studio.outputs_table(), interactive=False, elem_id="outputs-table")
+        with gr.Row():
+            self.pick = gr.Dropdown(choices=studio.run_choices(), label="Run", scale=3, elem_id="out-run")
+            refresh = gr.Button("Refresh", scale=1, elem_id="out-refresh")
+        files = gr.Dropdown(label="LoRA file (final or a checkpoint)", choices=[], elem_id="out-file")
+        meta = gr.JSON(label="Metadata")
+        with gr.Row():
+            download = gr.DownloadButton("Download", elem_id="out-download")
+            copy = gr.Button("Copy to my web UI's LoRA folder")
+            open_folder = gr.Button("Show folder")
+        msg = gr.Markdown()
+
+        @friendly
+        def on_pick(run_id):
+            run = studio.runs.get(run_id) if run_id else None
+            if not run:
+                return gr.Dropdown(choices=[]), {}, None
+            from app.services import run_metadata
+
+            fl = studio.lora_files(run_id)
+            return gr.Dropdown(choices=fl, value=fl[0] if fl else None), run_metadata(run), fl[0] if fl else None
+
+        refresh.click(self.lists, None, [self.table, self.pick])
+        self.pick.change(on_pick, self.pick, [files, meta, download])
+        files.change(friendly(self.file_metadata), files, [meta, download])
+        copy.click(friendly(lambda p: studio.copy_to_webui(p) if p else "Pick a file."), files, msg)
+        open_folder.click(friendly(lambda p: f"`{ws.resolve_file(p).parent}`" if p else "Pick a file."), files, msg)
+
+    def lists(self):
+        return self.studio.outputs_table(), gr.Dropdown(choices=self.studio.run_choices())
+
+    def register_load(self, ui) -> None:
+        ui.load(self.lists, None, [self.table, self.pick])
