@@ -70,7 +70,7 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
     report = None
     if cfg.dataset:
         try:
-            report = dataset_report(cfg.dataset, cfg.resolution, cfg.trigger, cfg.min_bucket, cfg.max_bucket,
+            report = dataset_report(cfg.dataset, cfg.resolution, cfg.trigger, *cfg.bucket_range,
                                     cfg.bucket_step, cfg.no_upscale)
         except FileNotFoundError:
             errors.append(f"Dataset folder not found: {cfg.dataset}")

@@ -157,23 +157,18 @@ def live_app(tmp_path):
 
 @pytest.mark.slow
 def test_server_binds_loopback_only_by_default(live_app):
+    import psutil
+
     _, _, port = live_app
-    out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout if shutil_which("ss") else ""
-    if out:
-        lines = [ln for ln in out.splitlines() if f":{port} " in ln]
-        assert lines and all("127.0.0.1:" in ln for ln in lines), lines
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening, f"nothing listens on port {port}"
+    assert all(c.laddr.ip in ("127.0.0.1", "::1") for c in listening), listening
     # and it is not reachable through another local address
     other = _non_loopback_ip()
     if other:
         with socket.socket() as s:
             s.settimeout(2)
             assert s.connect_ex((other, port)) != 0
-
-
-def shutil_which(name):
-    import shutil
-
-    return shutil.which(name)
 
 
 def _non_loopback_ip():

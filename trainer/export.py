@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from trainer.config import file_name
 from trainer.fsutil import atomic_write_bytes
 from trainer.models import families
 
@@ -102,7 +103,7 @@ def export_parts(parts, cfg, layout: dict, info: dict, path, precision: str | No
     info = {"finished_at": time.time(), **info}
     meta = build_metadata(cfg, family, info)
     meta["ss_save_precision"] = precision or cfg.save_precision
-    meta["ss_lora_studio_config"] = json.dumps(cfg.to_dict(), ensure_ascii=False)
+    meta["ss_lora_studio_config"] = json.dumps(cfg.public_dict(), ensure_ascii=False)
     write_lora(path, tensors, meta, modelspec(cfg, family, info))
 
 
@@ -148,15 +149,15 @@ def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
         "ss_noise_offset": _num(cfg.noise_offset) if cfg.noise_offset else None,
         "ss_min_snr_gamma": _num(cfg.min_snr_gamma) if cfg.min_snr_gamma else None,
         "ss_network_dropout": _num(cfg.dropout) if cfg.dropout else None,
-        "ss_sd_model_name": str(info.get("model_name", cfg.base_model)).replace("\\", "/").split("/")[-1],
+        "ss_sd_model_name": file_name(info.get("model_name", cfg.base_model)),
         "ss_keep_tokens": str(cfg.keep_tokens),
         "ss_shuffle_caption": str(cfg.shuffle_tags),
         "ss_caption_dropout_rate": _num(cfg.caption_dropout),
         "ss_flip_aug": str(cfg.flip),
         "ss_cache_latents": str(cfg.cache_latents),
         "ss_enable_bucket": str(cfg.enable_buckets),
-        "ss_min_bucket_reso": str(cfg.min_bucket),
-        "ss_max_bucket_reso": str(cfg.max_bucket),
+        "ss_min_bucket_reso": str(cfg.bucket_range[0]),
+        "ss_max_bucket_reso": str(cfg.bucket_range[1]),
         "ss_tag_frequency": json.dumps(info.get("tag_frequency", {}), ensure_ascii=False),
         "ss_dataset_dirs": json.dumps(info.get("dataset_dirs", {}), ensure_ascii=False),
         "ss_training_comment": f"trigger: {', '.join(triggers)}" if triggers else None,

@@ -157,7 +157,7 @@ def import_kohya_file(path: str | Path) -> tuple[dict, list[str]]:
 def to_sd_scripts_toml(cfg: TrainConfig) -> str:
     """An sd-scripts (train_network.py --config_file) TOML of the same run."""
     sdxl_hint = cfg.resolution >= 1024
-    values = cfg.to_dict()
+    values = {**cfg.to_dict(), "min_bucket": cfg.bucket_range[0], "max_bucket": cfg.bucket_range[1]}
     d = {
         "pretrained_model_name_or_path": cfg.base_model,
         "train_data_dir": cfg.dataset,

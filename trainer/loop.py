@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,8 +185,8 @@ def resolve_device_and_precision(cfg: TrainConfig) -> tuple[str, str, list[str]]
     device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and has_cuda)) else "cpu"
     mp = cfg.mixed_precision
     if device == "cpu" and mp != "no":
-        warns.append(f"mixed_precision = '{mp}' is not useful on the CPU: training in fp32 instead.")
-        mp = "no"
+        # the same code a GPU runs, for real: only slower (CPUs without bf16/fp16 units emulate them)
+        warns.append(f"mixed_precision = '{mp}' on the CPU: it runs, but slow; 'no' (fp32) is usually faster here.")
     if device == "cuda" and mp == "bf16" and not torch.cuda.is_bf16_supported():
         warns.append("This GPU has no bf16 support: using fp16 mixed precision instead.")
         mp = "fp16"
@@ -244,9 +245,10 @@ def prepare_data(cfg: TrainConfig, scan: ScanResult, model: LoadedModel, acceler
     data = TrainData(scan.items, cfg)
     if not cfg.cache_latents:
         return data
-    from trainer.data.cache import LatentCache, default_cache_dir, vae_fingerprint
+    from trainer.data.cache import LatentCache, MemoryLatentCache, default_cache_dir, vae_fingerprint
 
-    cache = LatentCache(default_cache_dir(), vae_fingerprint(model.vae))
+    vae_id = vae_fingerprint(model.vae)
+    cache = LatentCache(default_cache_dir(), vae_id) if cfg.cache_latents_to_disk else MemoryLatentCache(vae_id)
     with accelerator.main_process_first():
         t0 = time.time()
         jobs = data.all_jobs()
@@ -464,34 +466,44 @@ def poll_requests(accelerator, run_dir: Path) -> tuple[bool, bool]:
     return bool(flags[0]), bool(flags[1])
 
 
+@contextmanager
+def on_device(modules, dev):
+    """Move modules to `dev` for a phase and each back to where it was afterwards (frozen parts that were
+    parked on the CPU stay out of VRAM for the rest of the run)."""
+    homes = [next(m.parameters()).device for m in modules]
+    try:
+        yield [m.to(dev) for m in modules]
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
+
+
 def render_samples(run: Run, step: int) -> None:
     """Sample images with fixed prompts and seed, from the modules being trained."""
     cfg, acc, model = run.cfg, run.accelerator, run.model
     if not run.main or not cfg.sample_prompts:
         return
     run.files.samples.mkdir(parents=True, exist_ok=True)
-    dev = acc.device
-    vae_dev = model.vae.device
-    model.vae.to(dev)
-    model.unet = acc.unwrap_model(run.unet)
-    saved_tes = model.text_encoders
-    model.text_encoders = [acc.unwrap_model(t).to(dev) for t in run.text_encoders]
-    pipe = model.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        for i, prompt in enumerate(cfg.sample_prompts):
-            text = prompt.replace("{trigger}", ", ".join(cfg.trigger_words))
-            g = torch.Generator(device="cpu").manual_seed(cfg.sample_seed + i)
-            with torch.no_grad(), acc.autocast():
-                img = pipe(text, num_inference_steps=cfg.sample_steps, generator=g, height=cfg.resolution, width=cfg.resolution).images[0]
-            p = run.files.sample(step, i)
-            img.save(p)
-            run.ev.emit("sample", step=step, path=str(p), prompt=text)
-    finally:
-        model.text_encoders = saved_tes
-        model.vae.to(vae_dev)
-        for m in run.trainable:
-            m.train()
+    text_encoders = [acc.unwrap_model(t) for t in run.text_encoders]
+    saved = model.unet, model.text_encoders
+    with on_device([model.vae, *text_encoders], acc.device):
+        model.unet, model.text_encoders = acc.unwrap_model(run.unet), text_encoders
+        pipe = model.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        try:
+            for i, prompt in enumerate(cfg.sample_prompts):
+                text = prompt.replace("{trigger}", ", ".join(cfg.trigger_words))
+                g = torch.Generator(device="cpu").manual_seed(cfg.sample_seed + i)
+                with torch.no_grad(), acc.autocast():
+                    img = pipe(text, num_inference_steps=cfg.sample_steps, generator=g, height=cfg.resolution,
+                               width=cfg.resolution).images[0]
+                p = run.files.sample(step, i)
+                img.save(p)
+                run.ev.emit("sample", step=step, path=str(p), prompt=text)
+        finally:
+            model.unet, model.text_encoders = saved
+            for m in run.trainable:
+                m.train()
 
 
 # ----------------------------------------------------------------------------- the end

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from trainer.data.captions import with_triggers
+from app.ui_util import friendly
+from trainer.data.captions import split_tags, with_triggers
 from trainer.data.importer import import_sources, save_caption
 from trainer.data.report import dataset_report, format_report
 from trainer.data.scan import scan_dataset
@@ -64,7 +65,7 @@ class DatasetTab:
         for it in scan_dataset(folder).items:
             old = it.caption or ""
             if action == "trigger":
-                new = with_triggers(old, [t.strip() for t in a.split(",") if t.strip()]) if old else old
+                new = with_triggers(old, split_tags(a)) if old else old
             elif action == "prefix":
                 new = f"{a.strip()}, {old}" if old and a.strip() else old
             elif action == "suffix":
@@ -129,16 +130,16 @@ class DatasetTab:
                 res = gr.Number(value=512, label="Check against resolution", precision=0)
                 report = gr.Markdown(elem_id="ds-report")
 
+        @friendly
         def refresh(name, resolution, trigger):
             return self.items(name), self.report(name, resolution, trigger)
 
+        @friendly
         def on_create(name):
-            try:
-                made, msg = self.create(name)
-            except ValueError as e:
-                return gr.Dropdown(), str(e)
+            made, msg = self.create(name)
             return gr.Dropdown(choices=ws.list_datasets(), value=made), msg
 
+        @friendly
         def on_select(name, evt: gr.SelectData):
             items = self.items(name)
             if evt.index is None or evt.index >= len(items):
@@ -147,18 +148,24 @@ class DatasetTab:
             return path, cap
 
         view = [gallery, report]
-        create.click(on_create, new_name, [ds, status]).then(refresh, [ds, res, trig], view)
-        ds.change(refresh, [ds, res, trig], view)
-        res.change(refresh, [ds, res, trig], view)
-        upload.upload(self.import_files, [ds, upload], status).then(refresh, [ds, res, trig], view)
-        import_folder.click(self.import_folder, [ds, folder], status).then(refresh, [ds, res, trig], view)
+        view_in = [ds, res, trig]
+        create.click(on_create, new_name, [ds, status]).then(refresh, view_in, view)
+        ds.change(refresh, view_in, view)
+        res.change(refresh, view_in, view)
         gallery.select(on_select, ds, [current, caption])
-        save.click(self.save_caption, [ds, current, caption], status).then(refresh, [ds, res, trig], view)
-        add_trig.click(lambda n, t: self.bulk(n, "trigger", t), [ds, trig], status).then(refresh, [ds, res, trig], view)
-        add_prefix.click(lambda n, t: self.bulk(n, "prefix", t), [ds, affix], status).then(refresh, [ds, res, trig], view)
-        add_suffix.click(lambda n, t: self.bulk(n, "suffix", t), [ds, affix], status).then(refresh, [ds, res, trig], view)
-        do_repl.click(lambda n, a, b: self.bulk(n, "replace", a, b), [ds, find, repl], status).then(refresh, [ds, res, trig], view)
-        fill.click(lambda n, t: self.bulk(n, "fill", t), [ds, template], status).then(refresh, [ds, res, trig], view)
+        # every action answers in the status line with a plain sentence, then the gallery and report refresh
+        actions = [
+            (upload.upload, self.import_files, [ds, upload]),
+            (import_folder.click, self.import_folder, [ds, folder]),
+            (save.click, self.save_caption, [ds, current, caption]),
+            (add_trig.click, lambda n, t: self.bulk(n, "trigger", t), [ds, trig]),
+            (add_prefix.click, lambda n, t: self.bulk(n, "prefix", t), [ds, affix]),
+            (add_suffix.click, lambda n, t: self.bulk(n, "suffix", t), [ds, affix]),
+            (do_repl.click, lambda n, a, b: self.bulk(n, "replace", a, b), [ds, find, repl]),
+            (fill.click, lambda n, t: self.bulk(n, "fill", t), [ds, template]),
+        ]
+        for event, handler, inputs in actions:
+            event(friendly(handler), inputs, status).then(refresh, view_in, view)
         self.picker = ds
         return ds
 

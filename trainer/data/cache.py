@@ -59,6 +59,8 @@ def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 class LatentCache:
+    """On disk, shared by every run (cache_latents_to_disk = true): a second run never runs the VAE."""
+
     def __init__(self, folder: Path, vae_id: str):
         self.folder = Path(folder) / "latents" / vae_id
         self.vae_id = vae_id
@@ -104,3 +106,20 @@ class LatentCache:
                 if on_progress:
                     on_progress(done, len(pending))
         return done
+
+
+class MemoryLatentCache(LatentCache):
+    """In this run's memory only (cache_latents_to_disk = false): nothing is written anywhere."""
+
+    def __init__(self, vae_id: str = ""):
+        self.vae_id = vae_id
+        self.latents: dict[tuple, torch.Tensor] = {}
+
+    def has(self, content_hash: str, bucket, flip) -> bool:
+        return (content_hash, tuple(bucket), bool(flip)) in self.latents
+
+    def put(self, content_hash: str, bucket, flip, latent: torch.Tensor) -> None:
+        self.latents[(content_hash, tuple(bucket), bool(flip))] = latent.contiguous().cpu()
+
+    def get(self, content_hash: str, bucket, flip) -> torch.Tensor:
+        return self.latents[(content_hash, tuple(bucket), bool(flip))]

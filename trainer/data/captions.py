@@ -55,15 +55,24 @@ class CaptionOptions:
 
 
 def base_caption(raw: str | None, opts: CaptionOptions) -> tuple[list[str], int]:
-    """Tags of the caption before randomisation, and how many leading tags stay in place."""
+    """Tags of the caption before randomisation, and how many leading tags stay in place.
+
+    The trigger words lead every caption, wherever the caption had them: a tag that is a trigger moves to the
+    front, one that only mentions it ('photo of zwx') moves right behind, a missing trigger is added. The prefix
+    follows. keep_tokens counts from the caption's own start, as in kohya: a trigger the caption already had is
+    one of the kept tags, one we added is not. Shuffle and tag dropout touch only what comes after."""
     text = raw if raw and raw.strip() else opts.class_caption
     tags = split_tags(text)
-    lead = split_tags(opts.prefix)
-    missing = [t for t in opts.triggers if not has_trigger(text, t) and t not in lead]
-    head = missing + lead
-    tags = head + tags
-    keep = max(opts.keep_tokens, 0) + len(head)
-    return tags + split_tags(opts.suffix), keep
+    is_trigger = {t.lower() for t in opts.triggers}
+    present = {t.lower() for t in tags}
+    mentioning = [t for t in tags if t.lower() not in is_trigger and any(has_trigger(t, trig) for trig in opts.triggers)]
+    triggers = [t for t in opts.triggers if t.lower() in present or not any(has_trigger(tag, t) for tag in tags)]
+    from_caption = sum(t.lower() in present for t in triggers) + len(mentioning)
+    lead = [t for t in split_tags(opts.prefix) if t.lower() not in is_trigger]
+    head = triggers + mentioning + lead
+    rest = [t for t in tags if t.lower() not in is_trigger and t not in mentioning]
+    keep = len(head) + max(0, opts.keep_tokens - from_caption)
+    return head + rest + split_tags(opts.suffix), keep
 
 
 def build_caption(raw: str | None, opts: CaptionOptions, rng: random.Random | None = None) -> str:

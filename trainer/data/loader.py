@@ -39,7 +39,7 @@ class TrainData(Dataset):
         self.cfg = cfg
         self.opts = CaptionOptions.from_config(cfg)
         if cfg.enable_buckets:
-            bucket_list = make_buckets(cfg.resolution, cfg.min_bucket, cfg.max_bucket, cfg.bucket_step)
+            bucket_list = make_buckets(cfg.resolution, *cfg.bucket_range, cfg.bucket_step)
         else:
             bucket_list = [(cfg.resolution, cfg.resolution)]
         self.items = list(items)

@@ -130,14 +130,51 @@ def read_checkpoint(path: Path) -> dict:
     raise ModelError(f"{path.name}: unsupported file type '{suffix}'. Use a .safetensors (preferred) or .ckpt file.")
 
 
+SD2V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+
 def family_from_checkpoint(sd: dict) -> str:
-    fam = family_from_keys(sd.keys())
+    return _family(sd.keys(), lambda k: sd[k] if k in sd else None)
+
+
+def family_of_file(path: Path) -> str:
+    """The family of a single-file checkpoint. A .safetensors file is told from its header and at most one small
+    tensor, so the weights are read once, by the loader (an SDXL file is 7 GB: reading it twice doubles peak RAM)."""
+    if path.suffix.lower() != ".safetensors":
+        sd = read_checkpoint(path)
+        if not sd:
+            raise ModelError(f"{path.name} holds no weights. Download it again.")
+        return family_from_checkpoint(sd)
+    from safetensors import safe_open
+
+    from trainer.models.sniff import safetensors_keys
+
+    try:
+        keys = safetensors_keys(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"Could not read the checkpoint {path.name}: the file is damaged, incomplete or not a model "
+                         f"({e}). Download it again.") from None
+    if not keys:
+        raise ModelError(f"{path.name} holds no weights. Download it again.")
+
+    def tensor(k):
+        if k not in keys:
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(k)
+        except Exception:  # a damaged file is reported by the loader, with its own message
+            return None
+
+    return _family(keys, tensor)
+
+
+def _family(keys, tensor) -> str:
+    fam = family_from_keys(keys)
     if fam == "sd2":
         # ComfyUI's test: v-prediction SD2 models have a wide spread in this late norm bias
-        k = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
-        if k in sd and torch.std(sd[k].float(), unbiased=False) > 0.09:
-            return "sd2v"
-        return "sd2"
+        bias = tensor(SD2V_PROBE)
+        return "sd2v" if bias is not None and torch.std(bias.float(), unbiased=False) > 0.09 else "sd2"
     if fam:
         return fam
     raise ModelError(
@@ -226,10 +263,7 @@ def shipped_config_dir(family: str) -> Path:
 def _from_single_file(path: Path, family: str, config_dir: str | None, dtype) -> LoadedModel:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    sd = read_checkpoint(path)
-    if not sd:
-        raise ModelError(f"{path.name} holds no weights. Download it again.")
-    detected = family_from_checkpoint(sd)
+    detected = family_of_file(path)
     fam = detected if family == "auto" else family
     if (fam == "sdxl") != (detected == "sdxl"):
         raise ModelError(
@@ -254,5 +288,4 @@ def _from_single_file(path: Path, family: str, config_dir: str | None, dtype) ->
             f"Could not convert {path.name} as {family_name(fam)} ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}). "
             "The file may be damaged, or of an architecture LoRA Studio does not train."
         ) from None
-    del sd
     return from_pipeline(pipe, fam, str(path))
