@@ -88,7 +88,7 @@ class TrainConfig:
     conv_rank: int = _f(0, "LoCon: rank for the ResNet convolutions too (0 = off).", None, "network")
     conv_alpha: float = _f(1.0, "LoCon alpha for the convolution layers.", None, "network")
     dropout: float = _f(0.0, "Dropout on the LoRA path (0-1).", None, "network")
-    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (slower; some web UIs ignore the magnitude part).", None, "network")
+    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA, its magnitude written as kohya's dora_scale (ComfyUI, A1111 and Forge apply it; diffusers loads the file as plain LoRA). Slower to train.", None, "network")
     # --- schedule
     max_steps: int = _f(0, "Total optimizer steps; 0 = use epochs.")
     epochs: int = _f(10, "Passes over the dataset (each image counted 'repeats' times) when max_steps is 0.")

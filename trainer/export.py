@@ -71,26 +71,44 @@ def clip_path(module: str) -> str:
     return module if module.startswith("text_model.") else "text_model." + module
 
 
+def kohya_name(part: str, module: str, family: str, layers_per_block: int = 2,
+               up_has_attn: dict[int, bool] | None = None) -> str:
+    """The kohya name of a module: prefix + module path (SGM names for the SDXL UNet) with '.' -> '_'."""
+    if part == "unet":
+        path = diffusers_to_sgm(module, layers_per_block, up_has_attn) if family == "sdxl" else module
+    else:
+        path = clip_path(module)
+    return part_prefix(family, part) + path.replace(".", "_")
+
+
 def to_kohya(parts: dict[str, tuple[dict, dict]], family: str, layers_per_block: int = 2,
              up_has_attn: dict[int, bool] | None = None, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """parts: {'unet'|'te1'|'te2': (peft state dict, {module path: alpha})} -> kohya tensors."""
+    """parts: {'unet'|'te1'|'te2': (peft state dict, {module path: alpha})} -> kohya tensors.
+
+    DoRA modules (a `lora_magnitude_vector`, trained column-wise: see models/lora.py) also get `dora_scale`,
+    shaped [1, in] (conv: [1, in, 1, 1]) as ComfyUI and A1111 broadcast it, and their alpha / rank is folded into
+    `lora_up` with alpha written = rank: A1111 applies alpha / rank after the decomposition and ComfyUI before
+    it, so only a scale of 1 makes both compute the weight that was trained."""
     out: dict[str, torch.Tensor] = {}
     for part, (state, alphas) in parts.items():
-        prefix = part_prefix(family, part)
+        modules = {}
         for key, tensor in state.items():
-            m = re.match(r"(.+)\.lora_([AB])\.weight$", key)
+            m = re.match(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$", key)
             if not m:
-                raise ValueError(f"Unexpected LoRA key '{key}' (DoRA magnitudes and biases are not exported)")
-            module, ab = m[1], m[2]
-            if part == "unet":
-                path = diffusers_to_sgm(module, layers_per_block, up_has_attn) if family == "sdxl" else module
-            else:
-                path = clip_path(module)
-            name = prefix + path.replace(".", "_")
-            out[f"{name}.{'lora_down' if ab == 'A' else 'lora_up'}.weight"] = tensor.detach().to("cpu", dtype).contiguous()
+                raise ValueError(f"Unexpected LoRA key '{key}'")
+            modules.setdefault(m[1], {})[m[2]] = tensor.detach().float()
+        for module, t in modules.items():
             if module not in alphas:
                 raise ValueError(f"No alpha recorded for module '{module}'")
-            out[f"{name}.alpha"] = torch.tensor(float(alphas[module]), dtype=dtype)
+            name = kohya_name(part, module, family, layers_per_block, up_has_attn)
+            down, up, alpha = t["lora_A.weight"], t["lora_B.weight"], float(alphas[module])
+            if "lora_magnitude_vector" in t:
+                rank = down.shape[0]
+                up, alpha = up * (alpha / rank), float(rank)
+                out[f"{name}.dora_scale"] = t["lora_magnitude_vector"].reshape(1, -1, *[1] * (down.dim() - 2)).to(dtype).contiguous()
+            out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
+            out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
     return out
 
 
@@ -125,7 +143,7 @@ def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.rank),
         "ss_network_alpha": _num(cfg.alpha),
-        "ss_network_args": json.dumps({"conv_dim": str(cfg.conv_rank), "conv_alpha": _num(cfg.conv_alpha)}) if cfg.conv_rank else None,
+        "ss_network_args": network_args(cfg),
         "ss_base_model_version": families.family(family).base_version,
         "ss_v2": str(families.family(family).is_v2),
         "ss_output_name": cfg.output_name,
@@ -165,6 +183,16 @@ def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
         "ss_prediction_type": info.get("prediction_type", "epsilon"),
     }
     return {k: v for k, v in md.items() if v is not None}
+
+
+def network_args(cfg) -> str | None:
+    """kohya's ss_network_args: LoCon's conv_dim / conv_alpha, LyCORIS' dora_wd for DoRA."""
+    args = {}
+    if cfg.conv_rank:
+        args.update(conv_dim=str(cfg.conv_rank), conv_alpha=_num(cfg.conv_alpha))
+    if cfg.use_dora:
+        args["dora_wd"] = "True"
+    return json.dumps(args) if args else None
 
 
 def modelspec(cfg, family: str, info: dict) -> dict[str, str]:

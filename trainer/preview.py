@@ -172,8 +172,33 @@ class PreviewEngine:
                 f"{Path(path).name} does not fit this base model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}). "
                 "It was probably trained for another model family or is damaged."
             ) from None
+        self.attach_dora(path, name)
         self.loaded[name] = path
         return name
+
+    def attach_dora(self, path: str, adapter: str) -> int:
+        """diffusers drops `dora_scale` when it loads a kohya file; give those modules their magnitudes back, so
+        Preview shows a DoRA LoRA as ComfyUI and A1111 apply it (strength blends W + s * (W' - W))."""
+        from safetensors import safe_open
+
+        from trainer.export import kohya_name
+        from trainer.models.lora import use_column_dora
+
+        with safe_open(path, framework="pt") as f:
+            scales = {k[: -len(".dora_scale")]: f.get_tensor(k) for k in f.keys() if k.endswith(".dora_scale")}
+        if not scales:
+            return 0
+        cfg = self.pipe.unet.config
+        up_attn = {i: "CrossAttn" in t for i, t in enumerate(cfg.up_block_types)}
+        parts = [("unet", self.pipe.unet), ("te1", self.pipe.text_encoder)]
+        if getattr(self.pipe, "text_encoder_2", None) is not None:
+            parts.append(("te2", self.pipe.text_encoder_2))
+        n = 0
+        for part, model in parts:
+            names = {m: kohya_name(part, m, self.family, cfg.layers_per_block, up_attn) for m, _ in model.named_modules()}
+            found = {m: scales[k] for m, k in names.items() if k in scales}
+            n += use_column_dora(model, adapter, magnitudes=found) if found else 0
+        return n
 
     def apply(self, loras: list[LoraSpec]) -> None:
         """Set the strength of every LoRA (0 for those not listed or disabled): no reload, no rebuild."""

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.dora import DoraConv2dLayer, DoraLinearLayer
 
 ADAPTER = "default"
 UNET_ATTENTION_ONLY = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -32,8 +35,87 @@ def text_encoder_targets(te: torch.nn.Module) -> list[str]:
     return [n for n, m in te.named_modules() if n.endswith(TE_SUFFIXES) and isinstance(m, torch.nn.Linear)]
 
 
+# ----------------------------------------------------------------------------------------------- DoRA
+# peft's DoRA keeps one magnitude per *output* row. The files web UIs read (kohya/LyCORIS `dora_scale`, applied by
+# ComfyUI's weight_decompose and A1111's apply_weight_decompose) keep one per *input* column:
+#     W' = (W + s * up @ down) * dora_scale / ||W + s * up @ down||_column
+# The two are different models, so we train the one the file can hold: peft's DoRA layers with the norm taken
+# over columns. Scaling input channel i by g_i is scaling column i of W, so the forward is W(g*x) + s*B(A(g*x)).
+# `strength` (peft's scaling / the scaling at creation) blends as ComfyUI and A1111 do: W + strength * (W' - W).
+
+
+class _ColumnDora:
+    unit_scaling: float = 1.0  # alpha / rank when the layer was made: strength 1
+
+    def column_norm(self, weight, lora_weight, scaling):
+        w = weight + scaling * lora_weight
+        return w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
+
+    def get_weight_norm(self, weight, lora_weight, scaling, adapter_name=None):
+        return self.column_norm(weight, lora_weight, scaling)
+
+    def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
+        weight = base_layer.weight.to(x.dtype)
+        r = lora_A.weight.shape[0]
+        delta = (lora_B.weight.reshape(-1, r) @ lora_A.weight.reshape(r, -1)).reshape(weight.shape).to(x.dtype)
+        norm = self.column_norm(weight, delta.detach(), self.unit_scaling).detach()  # a constant, as in the paper
+        g = self.gain(self.weight / norm)
+        out = self.base_op(x * (g - 1), weight, base_layer) + lora_B(lora_A(x * g)) * self.unit_scaling
+        return out * (scaling / self.unit_scaling)
+
+
+class ColumnDoraLinear(_ColumnDora, DoraLinearLayer):
+    @staticmethod
+    def gain(g):
+        return g  # features are the last dimension
+
+    @staticmethod
+    def base_op(x, weight, base_layer):
+        return F.linear(x, weight)
+
+
+class ColumnDoraConv2d(_ColumnDora, DoraConv2dLayer):
+    @staticmethod
+    def gain(g):
+        return g.view(1, -1, 1, 1)  # channels are dimension 1
+
+    @staticmethod
+    def base_op(x, weight, base_layer):
+        return F.conv2d(x, weight, None, base_layer.stride, base_layer.padding, base_layer.dilation, base_layer.groups)
+
+
+def use_column_dora(model: torch.nn.Module, adapter: str = ADAPTER, magnitudes: dict | None = None) -> int:
+    """Give every DoRA (or, with `magnitudes` {module name: dora_scale}, every named LoRA) layer of `adapter` a
+    column-wise magnitude: initialised from the base weight's column norms, or taken from a file. Returns how many."""
+    n = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LoraLayer) or adapter not in mod.lora_A:
+            continue
+        if magnitudes is None and adapter not in mod.lora_magnitude_vector:
+            continue
+        if magnitudes is not None and name not in magnitudes:
+            continue
+        base = mod.get_base_layer()
+        layer = (ColumnDoraConv2d if isinstance(base, torch.nn.Conv2d) else ColumnDoraLinear)(fan_in_fan_out=False)
+        layer.unit_scaling = float(mod.scaling[adapter])
+        A, B = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
+        if magnitudes is None:
+            layer.update_layer(base_layer=base, lora_A=A, lora_B=B, scaling=layer.unit_scaling)
+        else:
+            layer.weight = torch.nn.Parameter(magnitudes[name].reshape(-1).to(A.device, torch.float32), requires_grad=False)
+            from peft.tuners.lora.variants import DoraConv2dVariant, DoraLinearVariant
+
+            mod.lora_variant[adapter] = DoraConv2dVariant() if isinstance(base, torch.nn.Conv2d) else DoraLinearVariant()
+            if "lora_magnitude_vector" not in mod.adapter_layer_names:
+                mod.adapter_layer_names = mod.adapter_layer_names[:] + ("lora_magnitude_vector",)
+        mod.lora_magnitude_vector[adapter] = layer
+        n += 1
+    return n
+
+
 def inject(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0,
-           conv_targets: list[str] | None = None, conv_rank: int = 0, conv_alpha: float = 1.0) -> dict[str, float]:
+           conv_targets: list[str] | None = None, conv_rank: int = 0, conv_alpha: float = 1.0,
+           dora: bool = False) -> dict[str, float]:
     """Add a LoRA adapter to `model` in place. Returns module name -> alpha (needed for export)."""
     conv_targets = conv_targets or []
     cfg = LoraConfig(
@@ -44,8 +126,11 @@ def inject(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, 
         rank_pattern={f"^{n}$".replace(".", r"\."): conv_rank for n in conv_targets},
         alpha_pattern={f"^{n}$".replace(".", r"\."): conv_alpha for n in conv_targets},
         init_lora_weights=True,  # kaiming-uniform down, zero up: training starts from the base model exactly
+        use_dora=dora,
     )
     inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
+    if dora:
+        use_column_dora(model)
     alphas = {n: float(alpha) for n in targets}
     alphas.update({n: float(conv_alpha) for n in conv_targets})
     for p_name, p in model.named_parameters():
@@ -82,10 +167,11 @@ def set_lora_scale(model: torch.nn.Module, scale: float) -> None:
 def inject_for_config(model, cfg) -> dict[str, dict[str, float]]:
     """Inject the adapters a TrainConfig asks for into a LoadedModel. Returns part -> {module: alpha}."""
     attn, conv = unet_targets(model.unet, conv=cfg.conv_rank > 0, target=cfg.network_target)
-    alphas = {"unet": inject(model.unet, attn, cfg.rank, cfg.alpha, cfg.dropout, conv, cfg.conv_rank, cfg.conv_alpha)}
+    alphas = {"unet": inject(model.unet, attn, cfg.rank, cfg.alpha, cfg.dropout, conv, cfg.conv_rank, cfg.conv_alpha,
+                             dora=cfg.use_dora)}
     if cfg.train_text_encoder:
         for name, te in zip(("te1", "te2"), model.text_encoders):
-            alphas[name] = inject(te, text_encoder_targets(te), cfg.rank, cfg.alpha, cfg.dropout)
+            alphas[name] = inject(te, text_encoder_targets(te), cfg.rank, cfg.alpha, cfg.dropout, dora=cfg.use_dora)
     return alphas
 
 
