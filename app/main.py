@@ -13,6 +13,7 @@ from app.tabs.dataset import DatasetTab
 from app.tabs.outputs import OutputsTab
 from app.tabs.preview import PreviewTab
 from app.tabs.settings import SettingsTab
+from app.tabs.tools import ToolsTab
 from app.tabs.train import TrainTab
 from app.workspace import Workspace
 
@@ -29,7 +30,7 @@ def build_ui(workspace: str | Workspace, runs: RunManager | None = None) -> gr.B
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     studio = Studio(ws, runs or RunManager(ws))
     dataset, train, outputs = DatasetTab(ws), TrainTab(studio), OutputsTab(studio)
-    preview, settings = PreviewTab(studio), SettingsTab(ws)
+    preview, tools, settings = PreviewTab(studio), ToolsTab(studio), SettingsTab(ws)
     with gr.Blocks(title="LoRA Studio") as ui:
         gr.Markdown("# LoRA Studio")
         banner = gpu_banner()
@@ -44,9 +45,11 @@ def build_ui(workspace: str | Workspace, runs: RunManager | None = None) -> gr.B
                 outputs.build()
             with gr.Tab("Preview", id="preview"):
                 preview.build()
+            with gr.Tab("Tools", id="tools"):
+                tools.build()
             with gr.Tab("Settings", id="settings"):
                 settings.build()
-        for tab in (dataset, train, outputs, preview, settings):
+        for tab in (dataset, train, outputs, preview, tools, settings):
             tab.register_load(ui)
         register_api(studio)
     ui.lora_studio = {"workspace": ws, "runs": studio.runs}

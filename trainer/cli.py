@@ -176,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("config-reference", help="print the TrainConfig reference (markdown) that the README embeds")
     r.set_defaults(fn=lambda a: print(config_reference()) or 0)
 
-    from trainer import presets_cli
+    from trainer import lora_cli, presets_cli
 
     presets_cli.add_commands(sub)
+    lora_cli.add_commands(sub)
 
     from trainer import bench, reliability
 

@@ -32,6 +32,18 @@ class LoraSpec:
     strength: float = 1.0
     enabled: bool = True
     name: str = ""
+    blocks: tuple = (1.0, 1.0, 1.0)  # IN / MID / OUT multipliers of the UNet part (A1111's LoRA Block Weight)
+
+    def weights(self, sdxl: bool):
+        """What diffusers' set_adapters takes for this LoRA: one strength, or per-block UNet strengths."""
+        s = self.strength if self.enabled else 0.0
+        if tuple(float(b) for b in self.blocks) == (1.0, 1.0, 1.0):
+            return s
+        i, m, o = (float(b) * s for b in self.blocks)
+        w = {"unet": {"down": i, "mid": m, "up": o}, "text_encoder": s}
+        if sdxl:
+            w["text_encoder_2"] = s
+        return w
 
     @property
     def display(self) -> str:
@@ -205,7 +217,7 @@ class PreviewEngine:
         wanted = {}
         for lo in loras:
             name = self.ensure_lora(lo.path)
-            wanted[name] = lo.strength if lo.enabled else 0.0
+            wanted[name] = lo.weights(self.family == "sdxl")
         if not self.loaded:
             return
         names = list(self.loaded)
@@ -240,7 +252,8 @@ class PreviewEngine:
         """One LoRA at several strengths (the others as set), one seed."""
         cells = []
         for s in strengths:
-            loras = [LoraSpec(lo.path, s if i == lora_index else lo.strength, True if i == lora_index else lo.enabled, lo.name)
+            loras = [LoraSpec(lo.path, s if i == lora_index else lo.strength, True if i == lora_index else lo.enabled, lo.name,
+                              lo.blocks)
                      for i, lo in enumerate(p.loras)]
             self.apply(loras)
             cells.append(self._gen(p, p.seed))

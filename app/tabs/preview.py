@@ -57,7 +57,12 @@ class PreviewTab:
             return [], busy
         if not v.get("base_model"):
             return [], "Pick a base model."
-        loras = [{"path": p, "enabled": bool(e), "strength": float(s)} for p, e, s in v["loras"] if p]
+        loras = []
+        for row in v["loras"]:  # (path, on, strength[, (IN, MID, OUT)])
+            blocks = row[3] if len(row) > 3 else (1.0, 1.0, 1.0)
+            if row[0]:
+                loras.append({"path": row[0], "enabled": bool(row[1]), "strength": float(row[2]),
+                              "blocks": [float(x) for x in blocks]})
         params = {k: v[k] for k in ("prompt", "negative", "steps", "cfg", "width", "height", "sampler", "batch")}
         params["seed"] = int(v["seed"])
         params["loras"] = loras
@@ -108,6 +113,13 @@ class PreviewTab:
                 trig = gr.Markdown(elem_id=f"pv-trig-{i}")
                 ins = gr.Button("Insert trigger words", scale=1)
             rows.append((f, en, st, trig, ins))
+        with gr.Accordion("Per-block strength (IN / MID / OUT of the UNet, as in A1111's LoRA Block Weight)", open=False):
+            blocks = []
+            for i in range(ROWS):
+                with gr.Row():
+                    gr.Markdown(f"LoRA {i + 1}")
+                    blocks.append(tuple(gr.Slider(0, 2, value=1.0, step=0.05, label=b, elem_id=f"pv-block-{i}-{b}")
+                                        for b in ("IN", "MID", "OUT")))
         add = gr.File(label="Add a LoRA .safetensors from elsewhere", file_types=[".safetensors"])
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="pv-prompt")
         negative = gr.Textbox(label="Negative prompt", lines=1)
@@ -150,15 +162,15 @@ class PreviewTab:
         rnd.click(lambda: random.randint(0, 2**31 - 1), None, seed)
         reuse.click(lambda s: s, last_seed, seed)
         inputs = {base, prompt, negative, seed, steps, cfg, width, height, sampler, batch, mode, strengths}
-        for f, en, st, _, _ in rows:
-            inputs |= {f, en, st}
+        for (f, en, st, _, _), bw in zip(rows, blocks):
+            inputs |= {f, en, st, *bw}
 
         @friendly
         def on_go(d):
             v = {"base_model": d[base], "prompt": d[prompt], "negative": d[negative], "seed": d[seed] or 0,
                  "steps": d[steps], "cfg": d[cfg], "width": d[width], "height": d[height], "sampler": d[sampler],
                  "batch": d[batch], "mode": d[mode], "strengths": d[strengths],
-                 "loras": [(d[f], d[en], d[st]) for f, en, st, _, _ in rows]}
+                 "loras": [(d[f], d[en], d[st], tuple(d[x] for x in bw)) for (f, en, st, _, _), bw in zip(rows, blocks)]}
             images, msg = self.generate(v)
             return images, msg, d[seed]
 
