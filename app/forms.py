@@ -102,3 +102,66 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
     if not errors:
         lines.insert(0, "### Ready to start")
     return not errors, "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ the block table
+def block_rows(values: dict[str, Any], family: str) -> list[list]:
+    """Rows (block, rank, alpha, LR weight) of the per-block table from form values; blanks become the
+    global rank / alpha and weight 1."""
+    from trainer.models import blocks
+
+    names = blocks.names(family)
+    n_side = (len(names) - 1) // 2
+    rank, alpha = int(values.get("rank") or 16), float(values.get("alpha") or 16)
+
+    def field(name, count, default, integer=False):
+        try:
+            got = blocks.parse(values.get(name) or "", count, name, integer)
+        except ValueError:
+            got = None  # written for the other family: start from the defaults
+        return got if got is not None else [default] * count
+
+    dims = field("block_dims", len(names), rank, True)
+    alphas = field("block_alphas", len(names), alpha)
+    lr = field("down_lr_weight", n_side, 1.0) + field("mid_lr_weight", 1, 1.0) + field("up_lr_weight", n_side, 1.0)
+    return [[b, int(d), float(a), float(w)] for b, d, a, w in zip(names, dims, alphas, lr)]
+
+
+def rows_to_values(rows: list[list], family: str) -> dict[str, str]:
+    """The table back into block_dims / block_alphas / *_lr_weight strings (kohya's format)."""
+    from trainer.models import blocks
+
+    names = blocks.names(family)
+    by = {str(r[0]): r for r in rows}
+    missing = [b for b in names if b not in by]
+    if missing:
+        raise ValueError(f"The block table lacks {', '.join(missing[:4])}: fill it for this model family first.")
+    num = lambda x: f"{float(x):g}"  # noqa: E731
+    dims = [str(int(float(by[b][1]))) for b in names]
+    alphas = [num(by[b][2]) for b in names]
+    lr = [num(by[b][3]) for b in names]
+    n_side = (len(names) - 1) // 2
+    return {"block_dims": ",".join(dims), "block_alphas": ",".join(alphas),
+            "down_lr_weight": ",".join(lr[:n_side]), "mid_lr_weight": lr[n_side], "up_lr_weight": ",".join(lr[n_side + 1:])}
+
+
+def suggest_ranks(spectrum: dict, family: str, energy: float, alpha_ratio: float = 1.0) -> list[list]:
+    """Rows of the block table from a trained LoRA's spectrum: per block the smallest rank at which the block's
+    modules, each cut to that rank, keep `energy` of the block's update (train once wide, then again lean)."""
+    from trainer.models import blocks
+
+    sq: dict[str, list[list[float]]] = {}
+    for name, m in spectrum["modules"].items():
+        b = blocks.of(name)
+        if b:
+            sq.setdefault(b, []).append([s * s for s in m["singular_values"]])
+    rows = []
+    for b in blocks.names(family):
+        mods = sq.get(b)
+        rank = 0
+        if mods:
+            total = sum(sum(x) for x in mods)
+            top = max(len(x) for x in mods)
+            rank = next((k for k in range(1, top + 1) if total == 0 or sum(sum(x[:k]) for x in mods) >= energy * total), top)
+        rows.append([b, rank, round(rank * alpha_ratio, 4), 1.0])
+    return rows

@@ -89,6 +89,15 @@ class TrainConfig:
     conv_alpha: float = _f(1.0, "LoCon alpha for the convolution layers.", None, "network")
     dropout: float = _f(0.0, "Dropout on the LoRA path (0-1).", None, "network")
     use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA, its magnitude written as kohya's dora_scale (ComfyUI, A1111 and Forge apply it; diffusers loads the file as plain LoRA). Slower to train.", None, "network")
+    # --- per block (kohya's numbering: see trainer/models/blocks.py and the README)
+    block_dims: str = _f("", "Rank per UNet block, comma-separated in kohya's order: SD1/SD2 IN00-IN11, MID, OUT00-OUT11 (25 values); SDXL IN00-IN08, MID, OUT00-OUT08 (19). 0 = no LoRA in that block. Empty = rank everywhere.", None, "blocks")
+    block_alphas: str = _f("", "Alpha per UNet block, in the same order as block_dims. Empty = alpha everywhere.", None, "blocks")
+    conv_block_dims: str = _f("", "LoCon rank per UNet block (same order). Empty = conv_rank everywhere.", None, "blocks")
+    conv_block_alphas: str = _f("", "LoCon alpha per UNet block (same order). Empty = conv_alpha everywhere.", None, "blocks")
+    down_lr_weight: str = _f("", "Learning-rate weight of each IN block (IN00..., 12 values for SD1/SD2, 9 for SDXL): the block trains at unet_lr x weight. Empty = 1.", None, "blocks")
+    mid_lr_weight: str = _f("", "Learning-rate weight of the MID block (one value). Empty = 1.", None, "blocks")
+    up_lr_weight: str = _f("", "Learning-rate weight of each OUT block (OUT00..., 12 or 9 values). Empty = 1.", None, "blocks")
+    block_lr_zero_threshold: float = _f(0.0, "Blocks whose learning-rate weight is at or below this are not trained and not written.", None, "blocks")
     # --- schedule
     max_steps: int = _f(0, "Total optimizer steps; 0 = use epochs.")
     epochs: int = _f(10, "Passes over the dataset (each image counted 'repeats' times) when max_steps is 0.")
@@ -259,6 +268,13 @@ class TrainConfig:
             errors.append("save_every_steps, sample_every_steps and keep_last must not be negative.")
         if self.log_every_steps < 1:
             errors.append("log_every_steps must be at least 1.")
+        from trainer.models import blocks
+
+        for name in blocks.FIELDS:
+            try:
+                blocks.parse(getattr(self, name), blocks.lengths(name), name, integer=name.endswith("dims"))
+            except ValueError as e:
+                errors.append(str(e))
         return errors, warns
 
     def validate(self) -> list[str]:

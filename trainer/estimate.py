@@ -10,7 +10,53 @@ from trainer.models import families
 
 GB = 1024**3
 ACT_GB = {"sd1": (3.0, 0.9), "sd2": (5.5, 1.4), "sdxl": (9.0, 2.2)}  # (no checkpointing, checkpointing) per image
-LORA_PER_RANK = {"sd1": 0.2e6, "sd2": 0.2e6, "sdxl": 0.72e6}  # LoRA params per unit of rank (UNet+TE)
+
+
+def _modules(unet: dict, te_configs: list[dict], attention_only: bool):
+    """(block, in + out) of every module kohya's LoRA targets, from the configs alone (no torch, no weights):
+    a rank-r LoRA on such a module has r * (in + out) parameters."""
+    tlpb = unet.get("transformer_layers_per_block", 1)
+    boc, lpb, cross = unet["block_out_channels"], unet["layers_per_block"], unet["cross_attention_dim"]
+    tl = tlpb if isinstance(tlpb, list) else [tlpb] * len(boc)
+
+    def attention(c: int, blocks: int):
+        per = [c + c] * 4 + [c + c, cross + c, cross + c, c + c]  # attn1 q k v out, attn2 q k v out
+        if not attention_only:
+            per += [c + 8 * c, 4 * c + c]  # ff.net.0.proj (GEGLU: 2 x 4c out), ff.net.2
+        return ([c + c, c + c] if not attention_only else []) + per * blocks  # proj_in, proj_out
+
+    for i, t in enumerate(unet["down_block_types"]):
+        if "CrossAttn" in t:
+            for j in range(lpb):
+                yield from ((f"IN{3 * i + j + 1:02d}", n) for n in attention(boc[i], tl[i]))
+    if "CrossAttn" in unet.get("mid_block_type", "UNetMidBlock2DCrossAttn"):
+        yield from (("MID", n) for n in attention(boc[-1], tl[-1]))
+    for i, t in enumerate(unet["up_block_types"]):
+        if "CrossAttn" in t:
+            c, tt = boc[::-1][i], tl[::-1][i]
+            for j in range(lpb + 1):
+                yield from ((f"OUT{3 * i + j:02d}", n) for n in attention(c, tt))
+    for te in te_configs:
+        d, m = te["hidden_size"], te["intermediate_size"]
+        yield from ((None, n) for n in [d + d] * 4 * te["num_hidden_layers"] + [d + m, m + d] * te["num_hidden_layers"])
+
+
+def lora_param_count(cfg, family: str, config_dir=None) -> int:
+    """LoRA parameters of this config on this family (UNet transformer modules and, when trained, the text
+    encoders), counted from the targeted modules' shapes with per-block ranks. LoCon convolutions are not
+    counted."""
+    import json
+    from pathlib import Path
+
+    from trainer.models.blocks import Plan
+
+    d = Path(config_dir) if config_dir else Path(__file__).parent / "models" / "configs" / family
+    unet = json.loads((d / "unet" / "config.json").read_text())
+    tes = [json.loads((d / s / "config.json").read_text()) for s in ("text_encoder", "text_encoder_2")
+           if cfg.train_text_encoder and (d / s / "config.json").is_file()]
+    plan = Plan(cfg, family)
+    return sum(plan.rank(block)[0] * n if block else cfg.rank * n
+               for block, n in _modules(unet, tes, cfg.network_target == "attention"))
 
 
 def estimate_vram_gb(cfg, family: str) -> dict:
@@ -24,7 +70,10 @@ def estimate_vram_gb(cfg, family: str) -> dict:
         weights += te * wbytes
     if not cfg.cache_latents:
         weights += vae * 4
-    lora = LORA_PER_RANK[fam] * cfg.rank * (1 if cfg.train_text_encoder else 0.8)
+    try:
+        lora = lora_param_count(cfg, fam if fam != "sd2" else (family if family in ("sd2", "sd2v") else "sd2"))
+    except ValueError:  # per-block values for another family: the pre-flight check says so
+        lora = 0
     opt_bytes = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}[cfg.optimizer]
     train_state = lora * (4 + 4 + opt_bytes)  # weight, grad, optimizer state
     scale = (cfg.resolution / families.family(fam).native_resolution) ** 2 * cfg.batch_size

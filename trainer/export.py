@@ -192,6 +192,13 @@ def network_args(cfg) -> str | None:
         args.update(conv_dim=str(cfg.conv_rank), conv_alpha=_num(cfg.conv_alpha))
     if cfg.use_dora:
         args["dora_wd"] = "True"
+    from trainer.models import blocks
+
+    for name in blocks.FIELDS:  # kohya writes per-block settings into network_args, as strings
+        if getattr(cfg, name):
+            args[name] = getattr(cfg, name)
+    if any(getattr(cfg, n) for n in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")):
+        args["block_lr_zero_threshold"] = _num(cfg.block_lr_zero_threshold)
     return json.dumps(args) if args else None
 
 

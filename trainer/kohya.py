@@ -31,11 +31,14 @@ FLAGS = (
     ("enable_bucket", "enable_buckets"), ("bucket_no_upscale", "no_upscale"),
     ("cache_text_encoder_outputs", "cache_text_encoder_outputs"),
 )
+# per-block settings: kohya_ss stores them as comma-separated strings, sd-scripts reads them from network_args
+BLOCK_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+              "mid_lr_weight", "up_lr_weight")
 # keys with rules of their own (precedence, percentages, names), handled one by one in import_kohya
 SPECIAL = {"learning_rate", "unet_lr", "text_encoder_lr", "network_train_unet_only", "optimizer", "lr_scheduler",
            "lr_warmup", "max_train_steps", "epoch", "max_resolution", "mixed_precision", "save_precision",
            "caption_extension", "v_parameterization"}
-KNOWN = {k for k, _, _ in NUMBERS} | {k for k, _ in FLAGS} | SPECIAL
+KNOWN = {k for k, _, _ in NUMBERS} | {k for k, _ in FLAGS} | SPECIAL | set(BLOCK_KEYS) | {"block_lr_zero_threshold"}
 # written to sd-scripts only when set: 0 means "off" to us, but e.g. save_every_n_steps = 0 divides by zero there
 TOML_ONLY_WHEN_SET = {"network_dropout", "min_snr_gamma", "noise_offset", "save_every_n_steps"}
 TOML_ELSEWHERE = {"conv_dim", "conv_alpha", "save_last_n_steps_state"}  # network_args; not sd-scripts' meaning
@@ -68,6 +71,10 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
     for key, target in FLAGS:
         if isinstance(data.get(key), bool):
             out[target] = data[key]
+    for key in BLOCK_KEYS:
+        if data.get(key) not in (None, ""):
+            out[key] = str(data[key]).strip()
+    take("block_lr_zero_threshold", "block_lr_zero_threshold", float)
     lr = _num(data.get("learning_rate")) if data.get("learning_rate") not in (None, "") else None
     unet = _num(data.get("unet_lr")) if data.get("unet_lr") not in (None, "") else None
     te = _num(data.get("text_encoder_lr")) if data.get("text_encoder_lr") not in (None, "") else None
@@ -189,8 +196,12 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
         d["max_train_steps"] = cfg.max_steps
     else:
         d["max_train_epochs"] = cfg.epochs
-    if cfg.conv_rank:
-        d["network_args"] = [f"conv_dim={cfg.conv_rank}", f"conv_alpha={cfg.conv_alpha:g}"]
+    args = [f"conv_dim={cfg.conv_rank}", f"conv_alpha={cfg.conv_alpha:g}"] if cfg.conv_rank else []
+    args += [f"{k}={getattr(cfg, k)}" for k in BLOCK_KEYS if getattr(cfg, k)]
+    if any(getattr(cfg, k) for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")):
+        args.append(f"block_lr_zero_threshold={cfg.block_lr_zero_threshold:g}")
+    if args:
+        d["network_args"] = args
     if cfg.prediction_type == "v_prediction":
         d["v_parameterization"] = True
     header = "# sd-scripts config exported by LoRA Studio. Run: accelerate launch "

@@ -224,7 +224,13 @@ def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventL
         m.requires_grad_(False)
     model.vae.to(dev, dtype=torch.float32)  # the VAE stays fp32: an fp16 SDXL VAE produces NaNs/black images
     torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same starting weights
-    alphas = lora.inject_for_config(model, cfg)
+    try:
+        alphas = lora.inject_for_config(model, cfg)
+    except ValueError as e:  # per-block values that do not fit this family's blocks
+        raise TrainingError(f"{e} The base model is {families.name(model.family)}.") from None
+    if not any(alphas.values()):
+        raise TrainingError("No module gets a LoRA: every block has rank 0 (or a learning-rate weight at or below "
+                            "block_lr_zero_threshold). Give some blocks a rank.")
     for m in [model.unet, *model.text_encoders]:
         m.to(dev, dtype=weight_dtype)
         for p in lora.lora_parameters(m):
@@ -236,7 +242,7 @@ def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventL
                 te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_te = sum(len(a) for k, a in alphas.items() if k != "unet")
     ev.emit("log", message=f"LoRA on {len(alphas['unet'])} UNet modules" + (f" and {n_te} text-encoder modules" if n_te else "")
-            + f", rank {cfg.rank}, alpha {cfg.alpha:g}")
+            + f", rank {cfg.rank}, alpha {cfg.alpha:g}" + (" (per-block ranks)" if cfg.block_dims else ""))
     return alphas
 
 
@@ -283,7 +289,7 @@ def make_schedule(cfg: TrainConfig, model: LoadedModel, accelerator, micro_per_e
     """(optimizer, LR scheduler, total steps, steps per epoch)."""
     from diffusers.optimization import get_scheduler
 
-    groups = [{"params": lora.lora_parameters(model.unet), "lr": cfg.unet_lr}]
+    groups = lora.unet_param_groups(model, cfg)
     if cfg.train_text_encoder and cfg.text_encoder_lr > 0:
         groups.append({"params": [p for te in model.text_encoders for p in lora.lora_parameters(te)], "lr": cfg.text_encoder_lr})
     elif cfg.train_text_encoder:

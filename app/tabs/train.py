@@ -104,6 +104,7 @@ class TrainTab:
             return [vals[n] for n in self.order] + [info]
 
         self.preset_dd.change(on_preset, self.inputs | {self.preset_dd}, self.outputs + [preset_info])
+        self.build_block_table()
         self.build_preset_tools()
         self.build_run_controls()
         if dataset_dropdown is not None:
@@ -113,6 +114,68 @@ class TrainTab:
 
     def values_of(self, data) -> dict:
         return {n: data[self.comps[n]] for n in self.order}
+
+    def build_block_table(self):
+        """Per-block rank, alpha and learning-rate weight as a table (kohya's IN / MID / OUT numbering), filled by
+        hand or suggested from a trained LoRA's spectrum; it writes the block_* fields of the form."""
+        from app.forms import block_rows, rows_to_values, suggest_ranks
+
+        comps = self.comps
+        block_fields = ["block_dims", "block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight"]
+        fams = {"SD 1.x / SD 2.x (25 blocks)": "sd1", "SDXL (19 blocks)": "sdxl"}
+        with gr.Accordion("Per-block rank, alpha and learning rate", open=False):
+            gr.Markdown("Rank 0 or LR weight 0: the block gets no LoRA. *Use these values* writes the table into the "
+                        "block fields above (Advanced, Blocks); empty fields mean one rank everywhere.")
+            with gr.Row():
+                fam = gr.Radio(list(fams), value=next(iter(fams)), label="Model family", elem_id="blocks-family")
+                fill = gr.Button("Show the current values", elem_id="blocks-fill")
+                use = gr.Button("Use these values", elem_id="blocks-use")
+                clear = gr.Button("One rank everywhere")
+            table = gr.Dataframe(headers=["block", "rank", "alpha", "LR weight"], datatype=["str", "number", "number", "number"],
+                                 value=block_rows({"rank": 16, "alpha": 16}, "sd1"), interactive=True, elem_id="blocks-table")
+            with gr.Row():
+                source = gr.Dropdown(choices=self.studio.lora_choices(), allow_custom_value=True, scale=3,
+                                     label="Suggest from a trained LoRA (train once wide, then again lean)")
+                energy = gr.Slider(0.5, 0.999, value=0.95, step=0.005, label="Energy to keep per block")
+                suggest = gr.Button("Suggest ranks", elem_id="blocks-suggest")
+            note = gr.Markdown(elem_id="blocks-note")
+
+        def values(data):
+            return {n: data[comps[n]] for n in ["rank", "alpha", *block_fields]}
+
+        @friendly
+        def on_fill(data):
+            return block_rows(values(data), fams[data[fam]])
+
+        @friendly
+        def on_use(rows, family):
+            vals = rows_to_values(rows.values.tolist() if hasattr(rows, "values") else rows, fams[family])
+            return [vals[n] for n in block_fields] + ["The block fields now hold the table."]
+
+        @friendly
+        def on_suggest(path, keep, family, rank, alpha):
+            from app.tabs.tools import run_tool
+
+            if not path:
+                yield gr.update(), "Pick a LoRA file to learn the ranks from."
+                return
+            for event in run_tool(["spectrum", path, "--json", "--progress"]):
+                if event[0] == "progress":
+                    yield gr.update(), f"Reading the spectrum: {event[1]}/{event[2]} modules"
+                elif event[0] == "error":
+                    yield gr.update(), f"**Could not read the spectrum:** {event[1]}"
+                else:
+                    ratio = float(alpha or 1) / float(rank or 1)
+                    rows = suggest_ranks(event[1], fams[family], float(keep), ratio)
+                    yield rows, (f"Suggested from {event[1]['file']}: the smallest rank per block keeping "
+                                 f"{100 * float(keep):g}% of its update (alpha keeps your alpha/rank ratio). "
+                                 "Check them, then *Use these values*.")
+
+        fill.click(on_fill, {fam} | {comps[n] for n in ["rank", "alpha", *block_fields]}, table)
+        use.click(on_use, [table, fam], [comps[n] for n in block_fields] + [note])
+        clear.click(lambda: [""] * len(block_fields) + ["One rank and alpha everywhere."], None,
+                    [comps[n] for n in block_fields] + [note])
+        suggest.click(on_suggest, [source, energy, fam, comps["rank"], comps["alpha"]], [table, note])
 
     def build_preset_tools(self):
         """Save / delete the person's presets, import a kohya_ss JSON, show an sd-scripts TOML."""

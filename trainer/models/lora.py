@@ -115,24 +115,32 @@ def use_column_dora(model: torch.nn.Module, adapter: str = ADAPTER, magnitudes: 
 
 def inject(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0,
            conv_targets: list[str] | None = None, conv_rank: int = 0, conv_alpha: float = 1.0,
-           dora: bool = False) -> dict[str, float]:
-    """Add a LoRA adapter to `model` in place. Returns module name -> alpha (needed for export)."""
+           dora: bool = False, ranks: dict[str, tuple[int, float]] | None = None) -> dict[str, float]:
+    """Add a LoRA adapter to `model` in place: `rank`/`alpha` for `targets`, `conv_rank`/`conv_alpha` for
+    `conv_targets`, `ranks` {module: (rank, alpha)} where a module has its own (rank 0: no LoRA there).
+    Returns module name -> alpha (needed for export)."""
     conv_targets = conv_targets or []
+    own = {n: (conv_rank, conv_alpha) for n in conv_targets}
+    own.update(ranks or {})
+    every = [n for n in list(targets) + list(conv_targets) if own.get(n, (rank, alpha))[0] > 0]
+    if not every:
+        return {}
+    special = {n: own[n] for n in every if n in own and (n in conv_targets or own[n] != (rank, alpha))}
+    pattern = lambda n: f"^{n}$".replace(".", r"\.")  # noqa: E731  (exact module names)
     cfg = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(targets) + list(conv_targets),
-        rank_pattern={f"^{n}$".replace(".", r"\."): conv_rank for n in conv_targets},
-        alpha_pattern={f"^{n}$".replace(".", r"\."): conv_alpha for n in conv_targets},
+        target_modules=every,
+        rank_pattern={pattern(n): r for n, (r, _) in special.items()},
+        alpha_pattern={pattern(n): a for n, (_, a) in special.items()},
         init_lora_weights=True,  # kaiming-uniform down, zero up: training starts from the base model exactly
         use_dora=dora,
     )
     inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
     if dora:
         use_column_dora(model)
-    alphas = {n: float(alpha) for n in targets}
-    alphas.update({n: float(conv_alpha) for n in conv_targets})
+    alphas = {n: float(own.get(n, (rank, alpha))[1]) for n in every}
     for p_name, p in model.named_parameters():
         p.requires_grad_("lora_" in p_name)
     return alphas
@@ -164,15 +172,50 @@ def set_lora_scale(model: torch.nn.Module, scale: float) -> None:
                 m.scaling[name] = scale * m.lora_alpha[name] / m.r[name]
 
 
+def unet_blocks(model, modules) -> dict[str, str | None]:
+    """kohya's block (IN04, MID, OUT02, ...) of each UNet module path."""
+    from trainer.export import kohya_name
+    from trainer.models import blocks
+
+    c = model.unet.config
+    up_attn = {i: "CrossAttn" in t for i, t in enumerate(c.up_block_types)}
+    return {n: blocks.of(kohya_name("unet", n, model.family, c.layers_per_block, up_attn)) for n in modules}
+
+
 def inject_for_config(model, cfg) -> dict[str, dict[str, float]]:
-    """Inject the adapters a TrainConfig asks for into a LoadedModel. Returns part -> {module: alpha}."""
-    attn, conv = unet_targets(model.unet, conv=cfg.conv_rank > 0, target=cfg.network_target)
+    """Inject the adapters a TrainConfig asks for into a LoadedModel (per-block ranks and alphas included).
+    Returns part -> {module: alpha}."""
+    from trainer.models.blocks import Plan
+
+    plan = Plan(cfg, model.family)
+    attn, conv = unet_targets(model.unet, conv=cfg.conv_rank > 0 or plan.conv_dims is not None, target=cfg.network_target)
+    ranks = None
+    if plan.active:
+        where = unet_blocks(model, attn + conv)
+        ranks = {n: plan.rank(where[n]) for n in attn}
+        ranks.update({n: plan.rank(where[n], conv=True) for n in conv})
     alphas = {"unet": inject(model.unet, attn, cfg.rank, cfg.alpha, cfg.dropout, conv, cfg.conv_rank, cfg.conv_alpha,
-                             dora=cfg.use_dora)}
+                             dora=cfg.use_dora, ranks=ranks)}
     if cfg.train_text_encoder:
         for name, te in zip(("te1", "te2"), model.text_encoders):
             alphas[name] = inject(te, text_encoder_targets(te), cfg.rank, cfg.alpha, cfg.dropout, dora=cfg.use_dora)
     return alphas
+
+
+def unet_param_groups(model, cfg) -> list[dict]:
+    """Optimizer groups of the UNet LoRA: one at unet_lr, or one per block learning-rate weight."""
+    from trainer.models.blocks import Plan
+
+    params = [(n, p) for n, p in model.unet.named_parameters() if "lora_" in n and p.requires_grad]
+    plan = Plan(cfg, model.family)
+    if plan.lr is None:
+        return [{"params": [p for _, p in params], "lr": cfg.unet_lr}]
+    modules = {n.split(".lora_")[0] for n, _ in params}
+    where = unet_blocks(model, modules)
+    groups: dict[float, list] = {}
+    for n, p in params:
+        groups.setdefault(plan.lr_weight(where[n.split(".lora_")[0]]), []).append(p)
+    return [{"params": ps, "lr": cfg.unet_lr * w} for w, ps in groups.items()]
 
 
 def part_modules(model) -> dict[str, torch.nn.Module]:
