@@ -268,14 +268,20 @@ class TrainConfig:
             errors.append("save_every_steps, sample_every_steps and keep_last must not be negative.")
         if self.log_every_steps < 1:
             errors.append("log_every_steps must be at least 1.")
+        errors += self.block_problems()
+        return errors, warns
+
+    def block_problems(self) -> list[str]:
+        """The per-block fields in kohya's format (their count per family is checked once the model is known)."""
         from trainer.models import blocks
 
+        errors = []
         for name in blocks.FIELDS:
             try:
                 blocks.parse(getattr(self, name), blocks.lengths(name), name, integer=name.endswith("dims"))
             except ValueError as e:
                 errors.append(str(e))
-        return errors, warns
+        return errors
 
     def validate(self) -> list[str]:
         """Raise ConfigError listing every error; return the warnings."""

@@ -78,6 +78,57 @@ class ToolsTab:
             lines.append(f"Size {rep['size_mb_before']} MB -> {rep['size_mb_after']} MB.")
         return "\n\n".join(lines)
 
+    # ------------------------------------------------------------------ handlers (generators: progress, then result)
+    @staticmethod
+    def rank_args(rank, energy) -> list[str]:
+        return ["--rank", str(int(rank))] if rank and int(rank) > 0 else ["--energy", str(float(energy))]
+
+    def finish(self, msg, rep):
+        if rep is None:
+            return msg, gr.update()
+        return msg, gr.Dropdown(choices=self.studio.lora_choices(), value=rep["file"])
+
+    def on_show(self, path):
+        if not path:
+            yield "Pick a LoRA file.", None, [], {}
+            return
+        info = None
+        for msg, rep in self.stream(["info", path], "Reading"):
+            if msg:
+                yield msg, None, [], {}
+                return
+            info = rep
+        for msg, rep in self.stream(["spectrum", path, "--json"], "Spectrum"):
+            if msg:
+                yield msg, None, [], info
+            else:
+                table, rows = spectrum_tables(rep)
+                yield (f"**{info['file']}**: {info['family']}, {info['modules']} modules, ranks "
+                       f"{', '.join(map(str, info['ranks']))}{', DoRA' if info['dora'] else ''}, {info['size_mb']} MB."), table, rows, info
+
+    def on_resize(self, path, rank, energy, name):
+        if not path:
+            yield "Pick a LoRA file.", gr.update()
+            return
+        for msg, rep in self.stream(["resize", path, *self.rank_args(rank, energy), "--out", self.out_path(name)], "Resizing"):
+            yield self.finish(msg or self.summary(rep), rep)
+
+    def on_merge(self, *values):
+        *pairs, rank, name = values
+        sources = [f"{pairs[i]}:{float(pairs[i + 1] or 0)}" for i in range(0, len(pairs), 2) if pairs[i] and pairs[i + 1]]
+        argv = ["merge", *sources] + (["--rank", str(int(rank))] if rank and int(rank) > 0 else []) + ["--out", self.out_path(name)]
+        for msg, rep in self.stream(argv, "Merging"):
+            yield self.finish(msg or self.summary(rep), rep)
+
+    def on_extract(self, base, tuned, rank, energy, name):
+        if not base or not tuned:
+            yield "Give both checkpoints.", gr.update()
+            return
+        argv = ["extract", "--base", base, "--tuned", tuned, *self.rank_args(rank, energy), "--out", self.out_path(name)]
+        for msg, rep in self.stream(argv, "Extracting"):
+            yield self.finish(msg or self.summary(rep), rep)
+
+    # ------------------------------------------------------------------ layout
     def build(self):
         choices = self.studio.lora_choices()
         with gr.Row():
@@ -117,62 +168,10 @@ class ToolsTab:
                 e_name = gr.Textbox(label="New file name")
                 e_go = gr.Button("Extract")
 
-        def rank_args(rank, energy):
-            return ["--rank", str(int(rank))] if rank and int(rank) > 0 else ["--energy", str(float(energy))]
-
-        def finish(msg, rep):
-            if rep is None:
-                return msg, gr.update()
-            return msg, gr.Dropdown(choices=self.studio.lora_choices(), value=rep["file"])
-
-        @friendly
-        def on_show(path):
-            if not path:
-                yield "Pick a LoRA file.", None, [], {}
-                return
-            info = None
-            for msg, rep in self.stream(["info", path], "Reading"):
-                if msg:
-                    yield msg, None, [], {}
-                    return
-                info = rep
-            for msg, rep in self.stream(["spectrum", path, "--json"], "Spectrum"):
-                if msg:
-                    yield msg, None, [], info
-                else:
-                    table, rows = spectrum_tables(rep)
-                    yield (f"**{info['file']}**: {info['family']}, {info['modules']} modules, ranks "
-                           f"{', '.join(map(str, info['ranks']))}{', DoRA' if info['dora'] else ''}, {info['size_mb']} MB."), table, rows, info
-
-        @friendly
-        def on_resize(path, rank, energy, name):
-            if not path:
-                yield "Pick a LoRA file.", gr.update()
-                return
-            for msg, rep in self.stream(["resize", path, *rank_args(rank, energy), "--out", self.out_path(name)], "Resizing"):
-                yield finish(msg or self.summary(rep), rep)
-
-        @friendly
-        def on_merge(*values):
-            *pairs, rank, name = values
-            sources = [f"{pairs[i]}:{float(pairs[i + 1] or 0)}" for i in range(0, len(pairs), 2) if pairs[i] and pairs[i + 1]]
-            argv = ["merge", *sources] + (["--rank", str(int(rank))] if rank and int(rank) > 0 else []) + ["--out", self.out_path(name)]
-            for msg, rep in self.stream(argv, "Merging"):
-                yield finish(msg or self.summary(rep), rep)
-
-        @friendly
-        def on_extract(base, tuned, rank, energy, name):
-            if not base or not tuned:
-                yield "Give both checkpoints.", gr.update()
-                return
-            argv = ["extract", "--base", base, "--tuned", tuned, *rank_args(rank, energy), "--out", self.out_path(name)]
-            for msg, rep in self.stream(argv, "Extracting"):
-                yield finish(msg or self.summary(rep), rep)
-
-        show.click(on_show, self.file, [status, curve, ranks, details])
-        r_go.click(on_resize, [self.file, r_rank, r_energy, r_name], [status, self.file])
-        m_go.click(on_merge, [x for row in merge_rows for x in row] + [m_rank, m_name], [status, self.file])
-        e_go.click(on_extract, [e_base, e_tuned, e_rank, e_energy, e_name], [status, self.file])
+        show.click(friendly(self.on_show), self.file, [status, curve, ranks, details])
+        r_go.click(friendly(self.on_resize), [self.file, r_rank, r_energy, r_name], [status, self.file])
+        m_go.click(friendly(self.on_merge), [x for row in merge_rows for x in row] + [m_rank, m_name], [status, self.file])
+        e_go.click(friendly(self.on_extract), [e_base, e_tuned, e_rank, e_energy, e_name], [status, self.file])
         self.merge_files = [row[0] for row in merge_rows]
 
     def register_load(self, ui) -> None:
