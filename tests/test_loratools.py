@@ -191,8 +191,9 @@ def test_the_tools_tab_shows_a_spectrum_and_resizes_through_a_worker_process(tin
         return next(f.fn for f in ui.fns.values() if any(t[0] == buttons[label] for t in f.targets))
 
     shown = list(handler("Info and rank spectrum")(str(lora_file)))
-    status, curve, rows, info = shown[-1]
+    status, curve, rows, modules, info = shown[-1]
     assert "SD 1.x" in status and "ranks 4" in status and info["modules"] > 0
+    assert len(modules) == info["modules"] and all(1 <= m[3] <= m[4] <= m[5] <= m[2] == 4 for m in modules)
     assert any("Spectrum:" in s[0] for s in shown[:-1])  # progress while it works
     assert {r[0] for r in rows} >= {"IN", "OUT", "TE"} and set(curve["block"]) >= {"IN", "OUT"}
     done = list(handler("Resize")(str(lora_file), 2, 0.95, "mine small"))

@@ -49,6 +49,11 @@ def spectrum_tables(rep: dict):
     return pd.DataFrame(curve or {"rank": [], "energy": [], "block": []}), rows
 
 
+def module_rows(rep: dict) -> list[list]:
+    """Per module: block, rank in the file, and the smallest rank keeping 90 / 95 / 99% of its update."""
+    return [[name, m["block"], m["rank"], m["rank_90"], m["rank_95"], m["rank_99"]] for name, m in rep["modules"].items()]
+
+
 class ToolsTab:
     def __init__(self, studio):
         self.studio, self.ws = studio, studio.ws
@@ -90,21 +95,22 @@ class ToolsTab:
 
     def on_show(self, path):
         if not path:
-            yield "Pick a LoRA file.", None, [], {}
+            yield "Pick a LoRA file.", None, [], [], {}
             return
         info = None
         for msg, rep in self.stream(["info", path], "Reading"):
             if msg:
-                yield msg, None, [], {}
+                yield msg, None, [], [], {}
                 return
             info = rep
         for msg, rep in self.stream(["spectrum", path, "--json"], "Spectrum"):
             if msg:
-                yield msg, None, [], info
+                yield msg, None, [], [], info
             else:
                 table, rows = spectrum_tables(rep)
                 yield (f"**{info['file']}**: {info['family']}, {info['modules']} modules, ranks "
-                       f"{', '.join(map(str, info['ranks']))}{', DoRA' if info['dora'] else ''}, {info['size_mb']} MB."), table, rows, info
+                       f"{', '.join(map(str, info['ranks']))}{', DoRA' if info['dora'] else ''}, {info['size_mb']} MB."), \
+                    table, rows, module_rows(rep), info
 
     def on_resize(self, path, rank, energy, name):
         if not path:
@@ -141,6 +147,9 @@ class ToolsTab:
                                 title="Energy of the update kept at each rank, per block")
             ranks = gr.Dataframe(headers=["block", "modules", "rank for 90%", "95%", "99%"], interactive=False,
                                  elem_id="tools-ranks")
+        with gr.Accordion("Per module", open=False):
+            per_module = gr.Dataframe(headers=["module", "block", "rank", "rank for 90%", "95%", "99%"],
+                                      interactive=False, elem_id="tools-modules")
         details = gr.JSON(label="File")
         with gr.Accordion("Resize (truncated SVD)", open=True):
             with gr.Row():
@@ -168,7 +177,7 @@ class ToolsTab:
                 e_name = gr.Textbox(label="New file name")
                 e_go = gr.Button("Extract")
 
-        show.click(friendly(self.on_show), self.file, [status, curve, ranks, details])
+        show.click(friendly(self.on_show), self.file, [status, curve, ranks, per_module, details])
         r_go.click(friendly(self.on_resize), [self.file, r_rank, r_energy, r_name], [status, self.file])
         m_go.click(friendly(self.on_merge), [x for row in merge_rows for x in row] + [m_rank, m_name], [status, self.file])
         e_go.click(friendly(self.on_extract), [e_base, e_tuned, e_rank, e_energy, e_name], [status, self.file])
