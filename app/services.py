@@ -112,6 +112,31 @@ class Studio:
         return ([str(f) for _, f in ckpts] + [str(f) for f in finals],
                 [f"step {s}" for s, _ in ckpts] + ["final"] * len(finals))
 
+    @staticmethod
+    def public_name(src: Path) -> str:
+        """A LoRA's file name outside its run folder: the run (and checkpoint step) in it, so that files from
+        different runs and steps never share a name ('lora-20261201-101500-ab12cd-step-000006.safetensors')."""
+        step = step_of(src.parent)
+        if src.name != "lora.safetensors" and step is None:
+            return src.name
+        run = RunFiles.of_lora(src).root.name
+        return f"{src.stem}-{run}{f'-{src.parent.name}' if step is not None else ''}.safetensors"
+
+    def download_copy(self, path: str) -> str:
+        """The file to hand to the browser, under its public name (a hard link in the workspace's downloads/)."""
+        import os
+
+        src = self.ws.resolve_file(path)
+        dst = self.ws.root / "downloads" / self.public_name(src)
+        dst.parent.mkdir(exist_ok=True)
+        if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
+            dst.unlink(missing_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:  # another file system, or no hard links there
+                shutil.copyfile(src, dst)
+        return str(dst)
+
     def copy_to_webui(self, path: str) -> str:
         """Copy a LoRA into the web UI's LoRA folder, named after its run (and step) so copies never collide."""
         target = self.ws.settings().get("webui_lora_dir")
@@ -121,11 +146,7 @@ class Studio:
         dst_dir = Path(target).expanduser()
         if not dst_dir.is_dir():
             return f"The LoRA folder {dst_dir} does not exist."
-        step = step_of(src.parent)
-        dst = dst_dir / src.name
-        if src.name == "lora.safetensors" or step is not None:
-            run = RunFiles.of_lora(src).root.name
-            dst = dst_dir / f"{src.stem}-{run}{f'-{src.parent.name}' if step is not None else ''}.safetensors"
+        dst = dst_dir / self.public_name(src)
         tmp = dst.with_suffix(".partial")
         shutil.copyfile(src, tmp)
         tmp.replace(dst)

@@ -134,6 +134,7 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         with page.expect_download() as dl:
             ui.click("out-download")
         target = tmp_path / "downloaded.safetensors"
+        assert re.fullmatch(r"lora-\d{8}-\d{6}-\w+\.safetensors", dl.value.suggested_filename), dl.value.suggested_filename
         dl.value.save_as(target)
         ui.shot("3-outputs")
         from diffusers import StableDiffusionPipeline

@@ -64,8 +64,8 @@ class DatasetTab:
         changed = 0
         for it in scan_dataset(folder).items:
             old = it.caption or ""
-            if action == "trigger":
-                new = with_triggers(old, split_tags(a)) if old else old
+            if action == "trigger":  # every image, also those without a caption yet (it gets one)
+                new = with_triggers(old, split_tags(a))
             elif action == "prefix":
                 new = f"{a.strip()}, {old}" if old and a.strip() else old
             elif action == "suffix":
@@ -165,7 +165,9 @@ class DatasetTab:
             (fill.click, lambda n, t: self.bulk(n, "fill", t), [ds, template]),
         ]
         for event, handler, inputs in actions:
-            event(friendly(handler), inputs, status).then(refresh, view_in, view)
+            done = event(friendly(handler), inputs, status).then(refresh, view_in, view)
+            if event == upload.upload:  # each drop imports what was dropped, then the drop zone is empty again
+                done.then(lambda: None, None, upload)
         self.picker = ds
         return ds
 

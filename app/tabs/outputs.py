@@ -19,7 +19,7 @@ class OutputsTab:
             return {}, None
         p = self.ws.resolve_file(path)
         md = read_metadata(p)
-        return {k: md[k] for k in SHOWN_METADATA if k in md}, str(p)
+        return {k: md[k] for k in SHOWN_METADATA if k in md}, self.studio.download_copy(str(p))
 
     def build(self):
         studio, ws = self.studio, self.ws
@@ -44,7 +44,8 @@ class OutputsTab:
             from app.services import run_metadata
 
             fl = studio.lora_files(run_id)
-            return gr.Dropdown(choices=fl, value=fl[0] if fl else None), run_metadata(run), fl[0] if fl else None
+            return (gr.Dropdown(choices=fl, value=fl[0] if fl else None), run_metadata(run),
+                    studio.download_copy(fl[0]) if fl else None)
 
         refresh.click(self.lists, None, [self.table, self.pick])
         self.pick.change(on_pick, self.pick, [files, meta, download])

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from trainer.data.images import ImageProblem, is_image_name, probe
-from trainer.data.scan import CAPTION_EXTS, REPEATS_DIR
+from trainer.data.scan import CAPTION_EXTS, REPEATS_DIR, file_hash
 from trainer.fsutil import atomic_write_text, inside, safe_name, unique_path
 
 MAX_ZIP_MEMBER = 256 * 1024 * 1024
@@ -72,6 +72,8 @@ def _import_group(entries, dataset_dir: Path, rep: ImportReport) -> None:
             captions.setdefault(key, (logical, read))
         elif not base.name.startswith(".") and base.name not in ("Thumbs.db", "desktop.ini"):
             rep.skipped.append((base.name, "not an image or caption file"))
+    known = {file_hash(p): str(p.relative_to(dataset_dir)) for p in sorted(dataset_dir.rglob("*"))
+             if p.is_file() and is_image_name(p.name) and not p.name.startswith(".")} if images else {}
     for key, (logical, read, src) in images.items():
         folder = _target_folder(dataset_dir, logical)
         folder.mkdir(parents=True, exist_ok=True)
@@ -85,6 +87,12 @@ def _import_group(entries, dataset_dir: Path, rep: ImportReport) -> None:
             else:
                 tmp.write_bytes(read())
             probe(tmp)
+            digest = file_hash(tmp)
+            if digest in known:  # the same picture dropped again: keep the one the dataset has
+                tmp.unlink(missing_ok=True)
+                rep.skipped.append((PurePosixPath(logical).name, f"already in the dataset as {known[digest]}"))
+                captions.pop(key, None)
+                continue
         except ImageProblem as e:
             tmp.unlink(missing_ok=True)
             rep.skipped.append((PurePosixPath(logical).name, str(e)))
@@ -95,6 +103,7 @@ def _import_group(entries, dataset_dir: Path, rep: ImportReport) -> None:
             continue
         tmp.replace(target)
         rep.imported.append(str(target.relative_to(dataset_dir)))
+        known[digest] = rep.imported[-1]
         cap = captions.pop(key, None)
         if cap is not None:
             try:

@@ -60,6 +60,12 @@ def _rel(root: Path, p: Path) -> str:
         return str(p)
 
 
+def listing(names: list[str], code=str, most: int = 10) -> str:
+    """'a, b, c and 7 more': a list that says when it stops."""
+    shown = ", ".join(code(x) for x in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def problem_lines(rep: dict, code=str) -> list[str]:
     """The report's problems in plain words, most serious first. `code` formats a file name."""
     out = [f"Blocker: {b}" for b in rep["blockers"]]
@@ -67,9 +73,10 @@ def problem_lines(rep: dict, code=str) -> list[str]:
     out += [f"Duplicate images (same bytes): {', '.join(code(x) for x in d)}" for d in rep["duplicates"]]
     out += [f"{code(s['file'])} is small ({s['size']}) for the training resolution and will be upscaled"
             for s in rep["below_resolution"][:20]]
+    if len(rep["below_resolution"]) > 20:
+        out.append(f"and {len(rep['below_resolution']) - 20} more small image(s)")
     if rep["missing_captions"]:
-        out.append(f"{len(rep['missing_captions'])} image(s) without a caption: "
-                   + ", ".join(code(x) for x in rep["missing_captions"][:10]))
+        out.append(f"{len(rep['missing_captions'])} image(s) without a caption: " + listing(rep["missing_captions"], code))
     if rep["trigger_coverage"] is not None and rep["captions_without_trigger"]:
         out.append(f"{len(rep['captions_without_trigger'])} caption(s) lack the trigger word(s) "
                    "(added automatically when training, or use 'Add trigger to captions')")

@@ -1,0 +1,69 @@
+"""The page a person lives in (issue 19): what the Dataset and Outputs tabs do with what a person gives them."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import make_images
+from trainer.data.importer import import_sources
+from trainer.data.report import dataset_report, format_report
+
+
+def test_dropping_the_same_images_again_imports_only_the_new_one(tmp_path):
+    src = tmp_path / "src"
+    make_images(src, 3)
+    ds = tmp_path / "ds"
+    first = import_sources(sorted(src.glob("img[01].png")), ds)
+    assert len(first.imported) == 2
+    again = import_sources(sorted(src.glob("img*.png")), ds)  # a second drop: two old pictures and one new
+    assert again.imported == ["img2.png"]
+    assert sorted(r for _, r in again.skipped) == ["already in the dataset as img0.png", "already in the dataset as img1.png"]
+    renamed = tmp_path / "renamed.png"
+    shutil.copyfile(src / "img0.png", renamed)  # same picture under another name is still the same picture
+    assert not import_sources([renamed], ds).imported
+    assert sorted(p.name for p in ds.glob("*.png")) == ["img0.png", "img1.png", "img2.png"]
+
+
+def test_add_trigger_reaches_every_image_even_without_a_caption(tmp_path):
+    from app.tabs.dataset import DatasetTab
+    from app.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    d = ws.dataset_path("d", create=True)
+    make_images(d, 2)
+    make_images(d / "more", 1, caption=None)
+    shutil.move(str(d / "more" / "img0.png"), str(d / "bare.png"))
+    msg = DatasetTab(ws).bulk("d", "trigger", "zwx")
+    assert msg == "Changed 3 caption(s)."
+    assert (d / "bare.txt").read_text() == "zwx"
+    assert (d / "img0.txt").read_text().startswith("zwx, ")
+
+
+def test_report_lists_say_when_they_stop(tmp_path):
+    d = tmp_path / "ds"
+    make_images(d, 14, caption=None)
+    text = format_report(dataset_report(d, 64))
+    assert "14 image(s) without a caption" in text and "and 4 more" in text
+
+
+@pytest.mark.slow
+def test_downloads_and_copies_are_named_after_their_run_and_step(tiny_sd1, tmp_path):
+    from app.runs import RunManager
+    from app.services import Studio
+    from app.workspace import Workspace
+    from conftest import wait_for
+    from test_app import quick_cfg
+
+    ws = Workspace(tmp_path / "ws")
+    data = ws.dataset_path("d", create=True)
+    make_images(data, 2)
+    rm = RunManager(ws)
+    run_id, _ = rm.create(quick_cfg(tiny_sd1, data, max_steps=2, save_every_steps=1, sample_every_steps=0))
+    wait_for(lambda: rm.get(run_id)["status"] == "finished")
+    studio = Studio(ws, rm)
+    names = [Studio.public_name(ws.resolve_file(f)) for f in studio.lora_files(run_id)]
+    assert names[0] == f"lora-{run_id}.safetensors" and f"lora-{run_id}-step-000001.safetensors" in names
+    assert len(set(names)) == len(names)
+    got = studio.download_copy(studio.lora_files(run_id)[1])
+    assert got.endswith(names[1]) and open(got, "rb").read() == open(studio.lora_files(run_id)[1], "rb").read()
