@@ -67,3 +67,32 @@ def test_downloads_and_copies_are_named_after_their_run_and_step(tiny_sd1, tmp_p
     assert len(set(names)) == len(names)
     got = studio.download_copy(studio.lora_files(run_id)[1])
     assert got.endswith(names[1]) and open(got, "rb").read() == open(studio.lora_files(run_id)[1], "rb").read()
+
+
+def test_grid_labels_are_words_with_their_spaces():
+    """PIL's bitmap default font all but drops spaces ('checkpointsatstrength 1'); grids use a real font."""
+    from PIL import Image, ImageFont
+
+    from trainer.preview import grid, label_font
+
+    for cell in (64, 512):
+        font = label_font(cell)
+        assert font.getlength("at strength") - font.getlength("atstrength") >= 3, cell
+    assert ImageFont.load_default().getlength("a b") - ImageFont.load_default().getlength("ab") < 3  # the old one
+    out = grid([Image.new("RGB", (512, 512))] * 2, ["strength 0", "strength 0.5"], 2, "mine at several strengths")
+    assert out.size[0] == 1024 and out.size[1] > 512 + 2 * 20  # whole cells, with room for a readable title and labels
+
+
+def test_a_bad_lora_file_gets_its_message_and_leaves_the_pickers_alone(tmp_path):
+    import gradio as gr
+
+    from app.main import build_ui
+
+    ui = build_ui(tmp_path / "ws")
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    add = next(i for i, b in ui.blocks.items() if isinstance(b, gr.File) and "Add a LoRA" in (b.label or ""))
+    fn = next(f for f in ui.fns.values() if any(t[0] == add for t in f.targets))
+    out = fn.fn(str(bad))  # before: a gr.Error, which Gradio shows on every output, the four pickers included
+    *pickers, status = out
+    assert all(p == gr.update() for p in pickers) and status.startswith("**Not added:**") and "safetensors" in status

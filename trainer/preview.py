@@ -106,20 +106,33 @@ def save_png(img: Image.Image, path: Path, parameters: str) -> Path:
     return path
 
 
+def label_font(cell_width: int):
+    """A real (FreeType) font sized to the cells: PIL's old bitmap default all but drops spaces
+    ('checkpointsatstrength 1')."""
+    from PIL import ImageFont
+
+    size = max(12, min(28, cell_width // 20))
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
 def grid(images: list[Image.Image], labels: list[str], cols: int, title: str = "") -> Image.Image:
-    """Images in a labelled grid (label under each image)."""
+    """Images in a labelled grid (label under each image), labels and title in words."""
     w, h = images[0].size
-    pad = 18
+    font = label_font(w)
+    pad = int(font.getbbox("Ag")[3]) + 8
     rows = (len(images) + cols - 1) // cols
     top = pad if title else 0
     out = Image.new("RGB", (cols * w, top + rows * (h + pad)), "white")
     d = ImageDraw.Draw(out)
     if title:
-        d.text((4, 3), title, fill="black")
+        d.text((4, 3), title, fill="black", font=font)
     for i, (im, lab) in enumerate(zip(images, labels)):
         x, y = (i % cols) * w, top + (i // cols) * (h + pad)
         out.paste(im, (x, y))
-        d.text((x + 4, y + h + 3), lab, fill="black")
+        d.text((x + 4, y + h + 3), lab, fill="black", font=font)
     return out
 
 
@@ -258,7 +271,7 @@ class PreviewEngine:
             self.apply(loras)
             cells.append(self._gen(p, p.seed))
         name = p.loras[lora_index].display
-        return grid(cells, [f"{s:g}" for s in strengths], len(cells), f"{name}: strength"), cells
+        return grid(cells, [f"strength {s:g}" for s in strengths], len(cells), f"{name} at several strengths"), cells
 
     def checkpoint_grid(self, p: GenParams, files: list[str], labels: list[str], strength: float = 1.0):
         """The same prompt and seed through each checkpoint's LoRA file."""

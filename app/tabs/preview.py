@@ -140,7 +140,7 @@ class PreviewTab:
             strengths = gr.Textbox(value="0, 0.25, 0.5, 0.75, 1", label="Grid strengths")
         go = gr.Button("Generate", variant="primary", elem_id="pv-generate")
         status = gr.Markdown(elem_id="pv-status")
-        out = gr.Gallery(label="Result", columns=2, height=520, elem_id="pv-gallery")
+        out = gr.Gallery(label="Result", columns=2, height=520, elem_id="pv-gallery", object_fit="contain")  # grids whole
 
         files = [r[0] for r in rows]
         self.files, self.base_dd = files, base
@@ -153,7 +153,10 @@ class PreviewTab:
         def on_add(path):
             if not path:
                 return [gr.Dropdown() for _ in rows] + [""]
-            dst = self.add_lora_file(path)
+            try:
+                dst = self.add_lora_file(path)
+            except (ValueError, OSError) as e:  # one bad file: its message, and the pickers stay as they were
+                return [gr.update() for _ in rows] + [f"**Not added:** {e}"]
             choices = self.studio.lora_choices()
             return ([gr.Dropdown(choices=choices, value=dst)] + [gr.Dropdown(choices=choices) for _ in range(ROWS - 1)]
                     + [f"Added {Path(dst).name}."])
