@@ -113,18 +113,21 @@ def test_import_files_folder_and_zip_copy_and_sanitise(tmp_path, zoo):
     assert sorted(rep.imported) == ["img0.png", "img1.png"] and rep.captions == 1
     assert (ds / "img0.txt").read_text() == "red square, tag0"
     assert {p: p.read_bytes() for p in src.iterdir()} == before  # originals untouched
-    # a second import of the same names does not overwrite and does not steal captions
-    rep2 = import_sources([src / "img0.png"], ds)
+    # a second import of the same name (another picture) does not overwrite and does not steal captions
+    other = tmp_path / "other" / "img0.png"
+    other.parent.mkdir()
+    other.write_bytes(png_bytes(color=(1, 2, 3)))
+    rep2 = import_sources([other], ds)
     assert rep2.imported == ["img0_2.png"] and not (ds / "img0_2.txt").exists()
 
     # a zip with nested folders, a kohya folder, hostile names, and junk
     z = tmp_path / "pack.zip"
     with zipfile.ZipFile(z, "w") as zf:
-        zf.writestr("deep/nested/a.png", png_bytes())
+        zf.writestr("deep/nested/a.png", png_bytes(color=(4, 5, 6)))  # distinct pictures: a copy would be skipped
         zf.writestr("deep/nested/a.txt", "cat, sitting")
-        zf.writestr("5_person/b.png", png_bytes())
-        zf.writestr("../../escape.png", png_bytes())
-        zf.writestr("/abs/olute.png", png_bytes())
+        zf.writestr("5_person/b.png", png_bytes(color=(7, 8, 9)))
+        zf.writestr("../../escape.png", png_bytes(color=(10, 11, 12)))
+        zf.writestr("/abs/olute.png", png_bytes(color=(13, 14, 15)))
         zf.writestr("__MACOSX/._a.png", b"junk")
         zf.writestr("bad.png", b"nope")
         zf.writestr("notes.md", b"hello")
@@ -153,8 +156,9 @@ def test_unicode_and_traversal_names_from_a_browser_upload(tmp_path):
     from trainer.data.importer import _import_group, ImportReport
 
     rep = ImportReport()
-    _import_group([("../../x.png", lambda: png_bytes(), None), ("..\\..\\y.png", lambda: png_bytes(), None),
-                   ("名前 😀.png", lambda: png_bytes(), None)], ds, rep)
+    _import_group([("../../x.png", lambda: png_bytes(color=(1, 1, 1)), None),
+                   ("..\\..\\y.png", lambda: png_bytes(color=(2, 2, 2)), None),
+                   ("名前 😀.png", lambda: png_bytes(color=(3, 3, 3)), None)], ds, rep)
     assert sorted(rep.imported) == sorted(["x.png", "y.png", "名前 _.png"]) or len(rep.imported) == 3
     for p in ds.rglob("*"):
         assert ds.resolve() in p.resolve().parents

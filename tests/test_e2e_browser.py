@@ -97,12 +97,13 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         ui.wait_text("ds-report", r"4 image\(s\)")
         ui.text("ds-trigger", "zwx")
         ui.click("ds-add-trigger")
-        ui.wait_text("ds-status", "Changed 0 caption")  # no captions yet: nothing to prefix
+        ui.wait_text("ds-status", "Changed 4 caption")  # every image gets the trigger, those without a caption too
         page.locator("#ds-gallery img").first.click()
         ui.text("ds-caption", "zwx, red square")
         ui.click("ds-save-caption")
         ui.wait_text("ds-status", "Saved the caption")
-        ui.wait_text("ds-report", r"3 image\(s\) without a caption")
+        ui.wait_text("ds-report", r"trigger coverage: 100%")
+        assert (ws / "datasets" / "mychar" / f"{imgs[1].stem}.txt").read_text() == "zwx"
         assert (ws / "datasets" / "mychar").is_dir() and len(list((ws / "datasets" / "mychar").glob("*.png"))) == 4
         ui.shot("1-dataset")
 
