@@ -163,3 +163,19 @@ def stop_process_tree(proc) -> None:
         proc.kill()
     for c in children:
         kill_tree(c.pid)
+
+
+def finished_run(model, tmp_path: Path, images: int = 2, **cfg):
+    """A workspace with a dataset 'd' of `images` pictures and one run of `model` trained to the end through a real
+    worker process. Returns (workspace, run manager, run id)."""
+    from app.runs import RunManager
+    from app.workspace import Workspace
+    from test_app import quick_cfg
+
+    ws = Workspace(tmp_path / "ws")
+    data = ws.dataset_path("d", create=True)
+    make_images(data, images)
+    rm = RunManager(ws)
+    run_id, _ = rm.create(quick_cfg(model, data, **cfg))
+    wait_for(lambda: rm.get(run_id)["status"] == "finished")
+    return ws, rm, run_id

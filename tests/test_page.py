@@ -49,18 +49,10 @@ def test_report_lists_say_when_they_stop(tmp_path):
 
 @pytest.mark.slow
 def test_downloads_and_copies_are_named_after_their_run_and_step(tiny_sd1, tmp_path):
-    from app.runs import RunManager
     from app.services import Studio
-    from app.workspace import Workspace
-    from conftest import wait_for
-    from test_app import quick_cfg
+    from conftest import finished_run
 
-    ws = Workspace(tmp_path / "ws")
-    data = ws.dataset_path("d", create=True)
-    make_images(data, 2)
-    rm = RunManager(ws)
-    run_id, _ = rm.create(quick_cfg(tiny_sd1, data, max_steps=2, save_every_steps=1, sample_every_steps=0))
-    wait_for(lambda: rm.get(run_id)["status"] == "finished")
+    ws, rm, run_id = finished_run(tiny_sd1, tmp_path, max_steps=2, save_every_steps=1, sample_every_steps=0)
     studio = Studio(ws, rm)
     names = [Studio.public_name(ws.resolve_file(f)) for f in studio.lora_files(run_id)]
     assert names[0] == f"lora-{run_id}.safetensors" and f"lora-{run_id}-step-000001.safetensors" in names

@@ -185,19 +185,10 @@ def test_saved_png_carries_a1111_parameters(tiny_sd1, tmp_path):
 @pytest.mark.slow
 def test_preview_tab_through_the_worker_process(tiny_sd1, tmp_path):
     """The tab's handler -> a real preview worker process; pipeline stays cached; grids from a run's checkpoints."""
-    from app.runs import RunManager
     from app.tabs.preview import PreviewTab
-    from app.workspace import Workspace
-    from conftest import make_images
-    from conftest import wait_for
-    from test_app import quick_cfg
+    from conftest import finished_run
 
-    ws = Workspace(tmp_path / "ws")
-    data = ws.dataset_path("d", create=True)
-    make_images(data, 2)
-    rm = RunManager(ws)
-    run_id, _ = rm.create(quick_cfg(tiny_sd1, data, max_steps=4, save_every_steps=2, sample_every_steps=0))
-    wait_for(lambda: rm.get(run_id)["status"] == "finished")
+    ws, rm, run_id = finished_run(tiny_sd1, tmp_path, max_steps=4, save_every_steps=2, sample_every_steps=0)
     from app.services import Studio
 
     tab = PreviewTab(Studio(ws, rm))
