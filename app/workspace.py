@@ -26,6 +26,11 @@ class Workspace:
         return self.root / "presets"
 
     @property
+    def trash_dir(self) -> Path:
+        """Images removed from datasets, restorable (trainer/data/manage.py)."""
+        return self.root / "trash"
+
+    @property
     def loras_dir(self) -> Path:
         return self.root / "loras"
 

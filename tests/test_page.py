@@ -88,3 +88,61 @@ def test_a_bad_lora_file_gets_its_message_and_leaves_the_pickers_alone(tmp_path)
     out = fn.fn(str(bad))  # before: a gr.Error, which Gradio shows on every output, the four pickers included
     *pickers, status = out
     assert all(p == gr.update() for p in pickers) and status.startswith("**Not added:**") and "safetensors" in status
+
+
+def test_an_excluded_image_stays_in_the_folder_but_out_of_training(tmp_path):
+    """Exclude is the person's 'not this one': training (scan), the report and the gallery agree; undo is one click."""
+    from app.tabs.dataset import DatasetTab
+    from app.workspace import Workspace
+    from trainer.data.scan import scan_dataset
+
+    ws = Workspace(tmp_path / "ws")
+    d = ws.dataset_path("d", create=True)
+    make_images(d, 3)
+    make_images(d / "5_sub", 1)
+    tab = DatasetTab(ws)
+    msg = tab.toggle_exclude("d", str(d / "5_sub" / "img0.png"))
+    assert "excluded from training" in msg and (d / "5_sub" / "img0.png").exists()
+    scan = scan_dataset(d)
+    assert sorted(it.path.name for it in scan.items) == ["img0.png", "img1.png", "img2.png"]
+    assert [it.path for it in scan.excluded] == [d / "5_sub" / "img0.png"] and "5_sub" not in scan.subsets
+    assert "1 image(s) excluded from training: 5_sub/img0.png" in format_report(dataset_report(d, 64))
+    assert sum(cap.startswith("⊘ excluded") for _, cap in tab.items("d")) == 1 and len(tab.items("d")) == 4
+    assert "excluded from training" in tab.info("d", str(d / "5_sub" / "img0.png"))
+    assert "included in training again" in tab.toggle_exclude("d", str(d / "5_sub" / "img0.png"))
+    assert len(scan_dataset(d).items) == 4
+
+
+def test_removing_an_image_moves_it_and_its_caption_to_a_trash_it_can_come_back_from(tmp_path):
+    from app.tabs.dataset import DatasetTab
+    from app.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    d = ws.dataset_path("d", create=True)
+    make_images(d, 2)
+    before = (d / "img1.png").read_bytes(), (d / "img1.txt").read_text()
+    tab = DatasetTab(ws)
+    tab.toggle_exclude("d", str(d / "img1.png"))
+    assert "to the trash" in tab.remove("d", str(d / "img1.png"))
+    assert not (d / "img1.png").exists() and not (d / "img1.txt").exists()
+    assert [p for p, _ in tab.items("d")] == [str(d / "img0.png")]
+    assert len(list(ws.trash_dir.rglob("img1.*"))) == 2
+    with pytest.raises(ValueError, match="outside the workspace"):
+        tab.remove("d", str(tmp_path / "elsewhere.png"))
+    assert tab.restore("d") == "Restored img1.png, img1.txt."
+    assert ((d / "img1.png").read_bytes(), (d / "img1.txt").read_text()) == before
+    assert len(tab.items("d")) == 2 and not any(ws.trash_dir.rglob("*.png"))
+    with pytest.raises(ValueError, match="Nothing of this dataset is in the trash"):
+        tab.restore("d")
+
+
+def test_the_caption_editor_names_the_image_and_its_size(tmp_path):
+    from app.tabs.dataset import DatasetTab
+    from app.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    d = ws.dataset_path("d", create=True)
+    make_images(d, 1, size=(80, 48))
+    text = DatasetTab(ws).info("d", str(d / "img0.png"))
+    kb = (d / "img0.png").stat().st_size / 1024
+    assert text.startswith("**img0.png** · 80×48 px · ") and f"{kb:.0f} KB" in text

@@ -7,6 +7,7 @@ import gradio as gr
 
 from app.ui_util import friendly
 from trainer.data.captions import split_tags, with_triggers
+from trainer.data import manage
 from trainer.data.importer import import_sources, save_caption
 from trainer.data.report import dataset_report, format_report
 from trainer.data.scan import scan_dataset
@@ -19,7 +20,8 @@ class DatasetTab:
         self.ws = ws
 
     # ------------------------------------------------------------------ handlers (plain, unit-tested)
-    def items(self, name: str) -> list[tuple[str, str]]:
+    def entries(self, name: str) -> list[tuple[object, bool]]:
+        """(ImageItem, excluded) for every image in the dataset, excluded ones too, in file order."""
         if not name:
             return []
         try:
@@ -27,7 +29,50 @@ class DatasetTab:
         except ValueError:
             return []
         res = scan_dataset(folder)
-        return [(str(it.path), it.caption or "") for it in res.items]
+        both = [(it, False) for it in res.items] + [(it, True) for it in res.excluded]
+        return sorted(both, key=lambda e: str(e[0].path))
+
+    def items(self, name: str) -> list[tuple[str, str]]:
+        """The gallery: each image with its caption; an excluded one says so first."""
+        return [(str(it.path), ("⊘ excluded · " if ex else "") + (it.caption or "")) for it, ex in self.entries(name)]
+
+    def image_in(self, name: str, image: str) -> Path:
+        p = self.ws.resolve_file(image)
+        if self.ws.dataset_path(name).resolve() not in p.parents:
+            raise ValueError("That image is not in this dataset.")
+        return p
+
+    def info(self, name: str, image: str) -> str:
+        """What the caption editor is editing: file name, size in pixels and bytes, excluded or not."""
+        if not image:
+            return "Click an image to edit its caption."
+        p = self.image_in(name, image)
+        it, ex = next(((it, ex) for it, ex in self.entries(name) if it.path.resolve() == p), (None, False))
+        size = p.stat().st_size
+        kb = f"{size / 1024:.0f} KB" if size < 1 << 20 else f"{size / (1 << 20):.1f} MB"
+        dims = f"{it.width}×{it.height} px · " if it else ""
+        rel = p.relative_to(self.ws.dataset_path(name).resolve()).as_posix()
+        return f"**{rel}** · {dims}{kb}" + (" · **excluded from training**" if ex else "")
+
+    def toggle_exclude(self, name: str, image: str) -> str:
+        if not image:
+            return "Click an image first."
+        p, folder = self.image_in(name, image), self.ws.dataset_path(name)
+        now = manage.set_excluded(folder, p, p.relative_to(folder.resolve()).as_posix() not in manage.excluded(folder))
+        return (f"{p.name} is excluded from training (it stays in the folder; click it and Include to undo)."
+                if now else f"{p.name} is included in training again.")
+
+    def remove(self, name: str, image: str) -> str:
+        if not image:
+            return "Click an image first."
+        p = self.image_in(name, image)
+        batch = manage.remove_to_trash(self.ws.dataset_path(name), p, self.ws.trash_dir)
+        return (f"Moved {p.name} and its caption to the trash (`{batch.relative_to(self.ws.root).as_posix()}`). "
+                "*Restore last removed* puts it back.")
+
+    def restore(self, name: str) -> str:
+        names = manage.restore_last(self.ws.dataset_path(name), self.ws.trash_dir)
+        return f"Restored {', '.join(names)}." if names else "Nothing restored: those files exist in the dataset again."
 
     def create(self, name: str) -> tuple[str, str]:
         folder = self.ws.dataset_path(name, create=True)
@@ -52,9 +97,7 @@ class DatasetTab:
     def save_caption(self, name: str, image: str, text: str) -> str:
         if not image:
             return "Click an image first."
-        p = self.ws.resolve_file(image)
-        if self.ws.dataset_path(name).resolve() not in p.parents:
-            return "That image is not in this dataset."
+        p = self.image_in(name, image)
         save_caption(p, text)
         return f"Saved the caption of {p.name}."
 
@@ -62,7 +105,7 @@ class DatasetTab:
         """action: trigger | prefix | suffix | replace | fill."""
         folder = self.ws.dataset_path(name)
         changed = 0
-        for it in scan_dataset(folder).items:
+        for it, _ in self.entries(name):  # excluded images too: they are still part of the dataset
             old = it.caption or ""
             if action == "trigger":  # every image, also those without a caption yet (it gets one)
                 new = with_triggers(old, split_tags(a))
@@ -108,9 +151,14 @@ class DatasetTab:
                 gallery = gr.Gallery(label="Images (click one to edit its caption)", columns=6, height=360,
                                      elem_id="ds-gallery", allow_preview=False)
                 current = gr.State("")
+                image_info = gr.Markdown("Click an image to edit its caption.", elem_id="ds-image-info")
                 with gr.Row():
                     caption = gr.Textbox(label="Caption", lines=2, scale=5, elem_id="ds-caption")
                     save = gr.Button("Save caption", scale=1, elem_id="ds-save-caption")
+                with gr.Row():
+                    exclude = gr.Button("Exclude from training / include again", size="sm", elem_id="ds-exclude")
+                    remove = gr.Button("Remove (to the workspace trash)", size="sm", variant="stop", elem_id="ds-remove")
+                    restore = gr.Button("Restore last removed", size="sm", elem_id="ds-restore")
                 with gr.Accordion("Bulk caption edits", open=True):
                     with gr.Row():
                         trig = gr.Textbox(label="Trigger word(s)", placeholder="zwx, ohwx", elem_id="ds-trigger")
@@ -141,18 +189,18 @@ class DatasetTab:
 
         @friendly
         def on_select(name, evt: gr.SelectData):
-            items = self.items(name)
-            if evt.index is None or evt.index >= len(items):
-                return "", ""
-            path, cap = items[evt.index]
-            return path, cap
+            entries = self.entries(name)
+            if evt.index is None or evt.index >= len(entries):
+                return "", "", self.info(name, "")
+            it = entries[evt.index][0]
+            return str(it.path), it.caption or "", self.info(name, str(it.path))
 
         view = [gallery, report]
         view_in = [ds, res, trig]
         create.click(on_create, new_name, [ds, status]).then(refresh, view_in, view)
         ds.change(refresh, view_in, view)
         res.change(refresh, view_in, view)
-        gallery.select(on_select, ds, [current, caption])
+        gallery.select(on_select, ds, [current, caption, image_info])
         # every action answers in the status line with a plain sentence, then the gallery and report refresh
         actions = [
             (upload.upload, self.import_files, [ds, upload]),
@@ -163,11 +211,18 @@ class DatasetTab:
             (add_suffix.click, lambda n, t: self.bulk(n, "suffix", t), [ds, affix]),
             (do_repl.click, lambda n, a, b: self.bulk(n, "replace", a, b), [ds, find, repl]),
             (fill.click, lambda n, t: self.bulk(n, "fill", t), [ds, template]),
+            (exclude.click, self.toggle_exclude, [ds, current]),
+            (restore.click, self.restore, [ds]),
         ]
         for event, handler, inputs in actions:
             done = event(friendly(handler), inputs, status).then(refresh, view_in, view)
             if event == upload.upload:  # each drop imports what was dropped, then the drop zone is empty again
                 done.then(lambda: None, None, upload)
+        exclude.click(friendly(self.info), [ds, current], image_info)
+        # a removed image is no longer the one being edited
+        remove.click(friendly(self.remove), [ds, current], status).then(
+            lambda: ("", "", "Click an image to edit its caption."), None, [current, caption, image_info]).then(
+            refresh, view_in, view)
         self.picker = ds
         return ds
 

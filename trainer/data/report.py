@@ -49,6 +49,7 @@ def dataset_report(path: str | Path, resolution: int = 512, trigger: str = "", m
         "buckets": dict(sorted(hist.items(), key=lambda kv: -kv[1])),
         "skipped": [{"file": _rel(scan.root, s.path), "reason": s.reason} for s in scan.skipped],
         "notes": scan.notes,
+        "excluded": [_rel(scan.root, it.path) for it in scan.excluded],
         "blockers": ["No usable images in the folder."] if not items else [],
     }
 
@@ -85,6 +86,8 @@ def problem_lines(rep: dict, code=str) -> list[str]:
 
 def summary_lines(rep: dict, code=str) -> list[str]:
     out = [f"{rep['image_count']} image(s), {rep['images_with_repeats']} per epoch with repeats"]
+    if rep.get("excluded"):
+        out.append(f"{len(rep['excluded'])} image(s) excluded from training: " + listing(rep["excluded"], code))
     out += [f"{code(name)}: {s['img_count']} image(s) x {s['n_repeats']} repeats" for name, s in rep["subsets"].items()]
     if rep["smallest"]:
         out.append(f"sizes from {rep['smallest'][0]}x{rep['smallest'][1]} to {rep['largest'][0]}x{rep['largest'][1]}")

@@ -15,6 +15,7 @@ from trainer.data.images import ImageProblem, is_image_name, probe
 
 REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
 CAPTION_EXTS = (".txt", ".caption")
+EXCLUDE_FILE = ".excluded"  # images left out of training, one relative name per line (trainer/data/manage.py)
 
 
 @dataclass
@@ -41,6 +42,16 @@ class ScanResult:
     skipped: list[Skipped] = field(default_factory=list)
     subsets: dict[str, dict] = field(default_factory=dict)  # name -> {"n_repeats", "img_count"}
     notes: list[str] = field(default_factory=list)
+    excluded: list[ImageItem] = field(default_factory=list)  # in the folder, left out of training by the person
+
+
+def excluded(root: str | Path) -> set[str]:
+    """Relative names of the images the person excluded from training."""
+    try:
+        text = (Path(root) / EXCLUDE_FILE).read_text(encoding="utf-8")
+    except OSError:
+        return set()
+    return {line.strip() for line in text.splitlines() if line.strip()}
 
 
 def read_caption(path: Path) -> str | None:
@@ -83,6 +94,7 @@ def scan_dataset(root: str | Path, caption_ext: str = ".txt") -> ScanResult:
     if not root.is_dir():
         raise FileNotFoundError(f"Dataset folder not found: {root}")
     res = ScanResult(root=root)
+    left_out = excluded(root)
     groups: list[tuple[Path, int, str]] = [(root, 1, root.name)]
     for d, repeats, name in _subfolders(root):
         if not REPEATS_DIR.match(name):
@@ -108,7 +120,11 @@ def scan_dataset(root: str | Path, caption_ext: str = ".txt") -> ScanResult:
                 alt = caption_path_for(p, ".caption")
                 if alt.exists():
                     cap_path, caption = alt, read_caption(alt)
-            res.items.append(ImageItem(p, w, h, caption, cap_path, repeats, name))
+            item = ImageItem(p, w, h, caption, cap_path, repeats, name)
+            if p.relative_to(root).as_posix() in left_out:
+                res.excluded.append(item)
+                continue
+            res.items.append(item)
             count += 1
         if count:
             res.subsets[name] = {"n_repeats": repeats, "img_count": count}
