@@ -43,6 +43,8 @@ class RunView:
     error: str | None = None
     output: str | None = None
     checkpoints: list = field(default_factory=list)
+    phase: tuple[int, int] | None = None  # (done, count) of the phase in `state` that has its own progress
+    stopping: bool = False  # a stop was asked for and the run has not stopped yet
 
     def fold(self, events: list[dict]) -> None:
         for e in events:
@@ -52,16 +54,22 @@ class RunView:
                 self.log.append(f"{time.strftime('%H:%M:%S', time.localtime(e['time']))} {t}: {msg}")
             if t == "status":
                 self.state = e.get("state", self.state)
-                self.total = e.get("total", self.total)
+                # caching counts what is done; sampling names the image being drawn (1-based)
+                self.phase = ((e["index"] + 1 if "index" in e else e["done"]), e["count"]) if "count" in e else None
+                if self.state == "training":
+                    self.total = e.get("total", self.total)
             elif t == "progress":
-                self.state = "training"
+                self.state, self.phase = "training", None
                 self.step, self.total, self.epoch = e["step"], e["total"], e.get("epoch", 0)
                 self.its, self.eta = e.get("its", 0.0), e.get("eta")
                 self.losses.append((e["step"], e["loss"]))
             elif t == "sample":
                 self.samples.append((e["path"], f"step {e['step']}: {e.get('prompt', '')}"))
+                if "count" in e and e["index"] + 1 >= e["count"]:  # the last sample of a round: back to training
+                    self.state, self.phase = "training", None
             elif t == "checkpoint":
                 self.checkpoints.append(e["path"])
+                self.state, self.phase = "training", None
             elif t == "error":
                 self.state, self.error = "failed", msg
             elif t == "stopped":
@@ -161,6 +169,9 @@ class RunManager:
                 v.state = "queued"
             if run["status"] == "crashed" and not v.error:
                 v.state, v.error = "failed", run["message"]
+            if run["status"] == "running" and (RunFiles(run["dir"]).control / "stop").exists():
+                v.stopping = True  # stays until the run has stopped (it saves first)
+            v.stopping = v.stopping and run["status"] == "running" and v.state not in ("stopped", "failed", "finished")
         return v
 
     # ------------------------------------------------------------- actions

@@ -75,6 +75,12 @@ class Studio:
         return {"status": run["status"], "state": v.state, "step": v.step, "total": v.total,
                 "loss": v.losses[-1][1] if v.losses else None, "error": v.error, "output": v.output}
 
+    def runs_signature(self) -> str:
+        """Changes whenever a run is added, changes status or writes a LoRA file: what lists follow."""
+        import json
+
+        return json.dumps([(r["id"], r["status"], len(RunFiles(r["dir"]).lora_files())) for r in self.runs.list()])
+
     def list_runs(self) -> list[dict]:
         return [{k: r[k] for k in ("id", "name", "status", "dir")} for r in self.runs.list()]
 

@@ -8,6 +8,7 @@ import pytest
 from conftest import make_images
 from trainer.data.importer import import_sources
 from trainer.data.report import dataset_report, format_report
+from trainer.events import read_events
 
 
 def test_dropping_the_same_images_again_imports_only_the_new_one(tmp_path):
@@ -146,3 +147,86 @@ def test_the_caption_editor_names_the_image_and_its_size(tmp_path):
     text = DatasetTab(ws).info("d", str(d / "img0.png"))
     kb = (d / "img0.png").stat().st_size / 1024
     assert text.startswith("**img0.png** · 80×48 px · ") and f"{kb:.0f} KB" in text
+
+
+def test_every_phase_of_a_run_is_shown_as_it_happens(tiny_sd1, dataset, tmp_path):
+    """Fold a real run's event log one event at a time, as the page does: rendering sample N/M, saving and
+    writing the file each show while they happen, and the ETA is gone once the run ended."""
+    from app.runs import RunView
+    from app.tabs.train import progress_markdown
+    from conftest import base_config
+    from trainer.cli import main as cli
+
+    out = tmp_path / "run"
+    cfg = base_config(tiny_sd1, dataset, out, max_steps=4, sample_every_steps=2, save_every_steps=2,
+                      sample_prompts=["a", "b", "c"], sample_steps=1)
+    cfg.save(tmp_path / "c.toml")
+    assert cli(["train", str(tmp_path / "c.toml")]) == 0
+    events, _ = read_events(out)
+    v, seen = RunView(), []
+    for e in events:
+        v.fold([e])
+        text = progress_markdown({"id": "r"}, v).split("\n\n")
+        seen.append(text[0])
+        if v.state in ("finished",):
+            assert "ETA" not in "\n".join(text)
+    shown = list(dict.fromkeys(seen))  # in order, without repeats
+    want = ["**Run `r`: loading the model**", "**Run `r`: caching latents", "**Run `r`: training**",
+            "**Run `r`: rendering sample 1/3**", "**Run `r`: rendering sample 2/3**",
+            "**Run `r`: rendering sample 3/3**", "**Run `r`: saving a checkpoint**",
+            "**Run `r`: writing the LoRA file**", "**Run `r`: finished**"]
+    positions = [next((i for i, s in enumerate(shown) if s.startswith(w.rstrip("*")) ), None) for w in want]
+    assert None not in positions and positions == sorted(positions), (shown, positions)
+    # after a round of samples the view is back to training, not stuck on 'rendering'
+    assert shown[shown.index("**Run `r`: rendering sample 3/3**") + 1] in ("**Run `r`: training**", "**Run `r`: saving a checkpoint**")
+
+
+def test_a_stopping_run_says_so_and_drops_its_eta():
+    from app.runs import RunView
+    from app.tabs.train import progress_markdown
+
+    v = RunView()
+    v.fold([{"type": "progress", "time": 0, "step": 3, "total": 10, "loss": 0.5, "its": 1.0, "eta": 7}])
+    assert "ETA 0m07s" in progress_markdown({"id": "r"}, v)
+    v.stopping = True
+    text = progress_markdown({"id": "r"}, v)
+    assert "stopping (saves first)" in text and "ETA" not in text
+    v.stopping = False
+    v.fold([{"type": "stopped", "time": 1, "step": 3, "message": "Stopped at step 3"}])
+    text = progress_markdown({"id": "r"}, v)
+    assert "stopped" in text and "ETA" not in text
+
+
+@pytest.mark.slow
+def test_run_picker_and_outputs_follow_a_run_to_its_end_without_refresh(tiny_sd1, tmp_path):
+    """The page's timers call `follow`: a run that finishes shows 'finished' in the picker and the Outputs table
+    on the next tick, and nothing is re-sent while nothing changed."""
+    import gradio as gr
+
+    from app.runs import RunManager
+    from app.services import Studio
+    from app.tabs.outputs import OutputsTab
+    from app.tabs.train import TrainTab
+    from app.workspace import Workspace
+    from conftest import wait_for
+    from test_app import quick_cfg
+
+    ws = Workspace(tmp_path / "ws")
+    data = ws.dataset_path("d", create=True)
+    make_images(data, 2)
+    studio = Studio(ws, RunManager(ws))
+    train, outputs = TrainTab(studio), OutputsTab(studio)
+    run_id, _ = studio.runs.create(quick_cfg(tiny_sd1, data, max_steps=2))
+    follow, picked, shown = train.follow(None, {})  # a page with no run picked picks up the active one
+    assert picked == run_id and follow["picker"].value == run_id
+    _, _, _, out_sig = outputs.follow(None, None, "")
+    wait_for(lambda: studio.runs.get(run_id)["status"] == "finished")
+    follow, _, shown2 = train.follow(run_id, shown)
+    labels = [label for label, _ in follow["picker"].choices]
+    assert labels == [f"{run_id} · lora · finished"] and not follow["same_state"]
+    follow, _, _ = train.follow(run_id, shown2)
+    assert follow["picker"] == gr.update() and follow["same_state"]  # nothing new: nothing sent
+    table, pick, files, sig = outputs.follow(run_id, None, out_sig)
+    assert sig != out_sig and table[0][:2] == [run_id, "finished"]
+    assert files.value.endswith("lora.safetensors")
+    assert outputs.follow(run_id, files.value, sig) == (gr.update(), gr.update(), gr.update(), sig)

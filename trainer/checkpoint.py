@@ -71,6 +71,7 @@ def save(run, step: int) -> Path | None:
     state = {"step": step, "total_steps": run.total_steps, "scheduler": run.scheduler.state_dict(), "config": cfg.to_dict(),
              **run.layout}
     folder = run.files.checkpoint(step)
+    run.ev.emit("status", state="saving", step=step, message=f"Saving checkpoint at step {step}")
     epoch = run.epoch_of(max(0, step * cfg.gradient_accumulation - 1))
     with atomic_dir(folder) as tmp:
         maybe_inject(step, "save")

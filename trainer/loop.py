@@ -259,7 +259,7 @@ def prepare_data(cfg: TrainConfig, scan: ScanResult, model: LoadedModel, acceler
         t0 = time.time()
         jobs = data.all_jobs()
         n = cache.fill(model.vae, jobs, on_progress=lambda d, t: ev.emit(
-            "status", state="caching", message=f"Caching latents {d}/{t}", done=d, total=t))
+            "status", state="caching", message=f"Caching latents {d}/{t}", done=d, count=t))
         ev.emit("log", message=f"Latent cache: {n} image(s) encoded in {time.time() - t0:.1f}s, {len(jobs) - n} reused")
     for path, reason in cache.failed.items():
         ev.emit("warning", message=f"Skipped {path.name}: {reason}")
@@ -497,7 +497,10 @@ def render_samples(run: Run, step: int) -> None:
         pipe = model.pipeline()
         pipe.set_progress_bar_config(disable=True)
         try:
+            n = len(cfg.sample_prompts)
             for i, prompt in enumerate(cfg.sample_prompts):
+                run.ev.emit("status", state="sampling", index=i, count=n, step=step,
+                            message=f"Rendering sample {i + 1}/{n} at step {step}")
                 text = prompt.replace("{trigger}", ", ".join(cfg.trigger_words))
                 g = torch.Generator(device="cpu").manual_seed(cfg.sample_seed + i)
                 with torch.no_grad(), acc.autocast():
@@ -505,7 +508,7 @@ def render_samples(run: Run, step: int) -> None:
                                width=cfg.resolution).images[0]
                 p = run.files.sample(step, i)
                 img.save(p)
-                run.ev.emit("sample", step=step, path=str(p), prompt=text)
+                run.ev.emit("sample", step=step, path=str(p), prompt=text, index=i, count=n)
         finally:
             model.unet, model.text_encoders = saved
             for m in run.trainable:
@@ -519,6 +522,7 @@ def finish(run: Run, state: State) -> Path:
     render_samples(run, run.total_steps)
     out = run.files.final(run.cfg.output_name)
     if run.main:
+        run.ev.emit("status", state="exporting", message=f"Writing {out.name}")
         tmp = out.with_suffix(".tmp")
         shutil.copyfile(final / out.name, tmp)
         os.replace(tmp, out)

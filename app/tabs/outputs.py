@@ -48,10 +48,23 @@ class OutputsTab:
                     studio.download_copy(fl[0]) if fl else None)
 
         refresh.click(self.lists, None, [self.table, self.pick])
+        shown = gr.State("")
+        # the table, the run list and the picked run's files follow the runs by themselves (Refresh is a convenience)
+        gr.Timer(2.0).tick(friendly(self.follow), [self.pick, files, shown], [self.table, self.pick, files, shown],
+                           show_progress="hidden")
         self.pick.change(on_pick, self.pick, [files, meta, download])
         files.change(friendly(self.file_metadata), files, [meta, download])
         copy.click(friendly(lambda p: studio.copy_to_webui(p) if p else "Pick a file."), files, msg)
         open_folder.click(friendly(lambda p: f"`{ws.resolve_file(p).parent}`" if p else "Pick a file."), files, msg)
+
+    def follow(self, run_id: str | None, file: str | None, shown: str):
+        """Updates only when a run was added, changed status or wrote a LoRA file since the page last looked."""
+        sig = self.studio.runs_signature()
+        if sig == shown:
+            return gr.update(), gr.update(), gr.update(), shown
+        fl = self.studio.lora_files(run_id) if run_id else []
+        files = gr.Dropdown(choices=fl, value=file if file in fl else (fl[0] if fl else None)) if run_id else gr.update()
+        return (self.studio.outputs_table(), gr.Dropdown(choices=self.studio.run_choices(), value=run_id), files, sig)
 
     def lists(self):
         return self.studio.outputs_table(), gr.Dropdown(choices=self.studio.run_choices())

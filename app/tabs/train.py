@@ -21,16 +21,32 @@ def fmt_eta(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+PHASES = {"training": "training", "loading": "loading the model", "caching": "caching latents",
+          "sampling": "rendering sample", "saving": "saving a checkpoint", "exporting": "writing the LoRA file",
+          "starting": "starting", "queued": "waiting in the queue", "failed": "failed", "stopped": "stopped",
+          "finished": "finished"}
+MOVING = ("training", "sampling", "saving")  # the phases an ETA means something in
+
+
 def progress_markdown(run: dict | None, v) -> str:
+    """What a run is doing right now, from its folded event log: the phase (with its own progress where it
+    has one), steps, speed and ETA while it moves, and the outcome once it ended."""
     if run is None or v is None:
         return "No run selected."
-    state = {"training": "training", "loading": "loading the model", "caching": "caching latents",
-             "starting": "starting", "queued": "waiting in the queue", "failed": "failed", "stopped": "stopped",
-             "finished": "finished"}.get(v.state, v.state)
+    state = PHASES.get(v.state, v.state)
+    if v.phase:
+        state += f" {v.phase[0]}/{v.phase[1]}"
+    if v.stopping:
+        state = f"stopping (saves first) · {state}"
     pct = (100 * v.step / v.total) if v.total else 0
     bar = f'<progress value="{v.step}" max="{max(v.total, 1)}" style="width:100%"></progress>'
-    lines = [f"**Run `{run['id']}`: {state}**", bar,
-             f"step {v.step}/{v.total} ({pct:.0f}%) · epoch {v.epoch} · {v.its:.2f} it/s · ETA {fmt_eta(v.eta)}"]
+    lines = [f"**Run `{run['id']}`: {state}**", bar]
+    if v.phase:
+        lines.append(f'<progress value="{v.phase[0]}" max="{max(v.phase[1], 1)}" style="width:40%"></progress>')
+    line = f"step {v.step}/{v.total} ({pct:.0f}%) · epoch {v.epoch}"
+    if v.state in MOVING and not v.stopping:
+        line += f" · {v.its:.2f} it/s · ETA {fmt_eta(v.eta)}"
+    lines.append(line)
     if v.losses:
         lines.append(f"loss {v.losses[-1][1]:.4f}")
     if v.error:
@@ -54,6 +70,24 @@ class TrainTab:
 
         plot = pd.DataFrame(v.losses, columns=["step", "loss"]) if v.losses else pd.DataFrame({"step": [], "loss": []})
         return progress_markdown(run, v), plot, list(v.samples[-12:]), "\n".join(v.log[-30:])
+
+    def follow(self, run_id: str | None, shown: dict) -> tuple[dict, str | None, dict]:
+        """Keep the run picker and the run's status true to the event log, with no Refresh button: the picker's
+        labels change when a run's status does, a run started elsewhere is picked up when none is shown, and
+        `same_state` says whether the shown run is still in the phase it was (else its last message is stale)."""
+        choices = self.studio.run_choices()
+        if not run_id:
+            run_id = self.studio.active_run()
+        picker = gr.update()
+        if [list(c) for c in choices] != shown.get("choices") or run_id != shown.get("run"):
+            picker = gr.Dropdown(choices=choices, value=run_id)
+        state = None
+        if run_id and self.runs.get(run_id):
+            v = self.runs.view(run_id)
+            state = f"{v.state}{' stopping' if v.stopping else ''}"
+        same = state == shown.get("state") and run_id == shown.get("run")
+        return ({"picker": picker, "same_state": same}, run_id,
+                {"choices": [list(c) for c in choices], "run": run_id, "state": state})
 
     # ------------------------------------------------------------------ layout
     def field(self, name: str):
@@ -239,15 +273,15 @@ class TrainTab:
             save_now = gr.Button("Save now", elem_id="save-now")
             resume = gr.Button("Resume", elem_id="resume")
         preflight_md = gr.Markdown(elem_id="preflight")
-        with gr.Row():
-            self.run_pick = gr.Dropdown(choices=self.studio.run_choices(), label="Run", scale=4, elem_id="run-pick")
-            refresh_runs = gr.Button("Refresh list", scale=1)
+        self.run_pick = gr.Dropdown(choices=self.studio.run_choices(), label="Run", elem_id="run-pick")
+        run_msg = gr.Markdown(elem_id="run-msg")  # what Stop / Save now / Resume answered, until the run moves on
         progress = gr.Markdown("No run selected.", elem_id="progress")
         with gr.Row():
             loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=260, elem_id="loss-plot")
             samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples")
         logs = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="log", autoscroll=True)
         timer = gr.Timer(1.0)
+        seen = gr.State({})  # what the page shows now: run list and the run's state, to update only on change
 
         @friendly
         def on_check(data):
@@ -262,13 +296,19 @@ class TrainTab:
 
         check.click(on_check, self.inputs | {preset}, preflight_md)
         start.click(on_start, self.inputs | {preset}, [self.run_pick, preflight_md])
-        stop.click(friendly(lambda r: runs.stop(r) if r else "Pick a run."), self.run_pick, preflight_md)
-        save_now.click(friendly(lambda r: runs.save_now(r) if r else "Pick a run."), self.run_pick, preflight_md)
-        resume.click(friendly(lambda r: runs.resume(r) if r else "Pick a run."), self.run_pick, preflight_md)
-        refresh_runs.click(lambda: gr.Dropdown(choices=self.studio.run_choices()), None, self.run_pick)
+        stop.click(friendly(lambda r: runs.stop(r) if r else "Pick a run."), self.run_pick, run_msg)
+        save_now.click(friendly(lambda r: runs.save_now(r) if r else "Pick a run."), self.run_pick, run_msg)
+        resume.click(friendly(lambda r: runs.resume(r) if r else "Pick a run."), self.run_pick, run_msg)
         live_out = [progress, loss_plot, samples, logs]
         self.run_pick.change(friendly(self.live), self.run_pick, live_out)
-        timer.tick(friendly(self.live), self.run_pick, live_out, show_progress="hidden")
+
+        @friendly
+        def on_tick(run_id, shown):
+            follow, run_id, shown = self.follow(run_id, shown)
+            msg = gr.update() if follow["same_state"] else ""
+            return [follow["picker"], *self.live(run_id), msg, shown]
+
+        timer.tick(on_tick, [self.run_pick, seen], [self.run_pick, *live_out, run_msg, seen], show_progress="hidden")
 
     def register_load(self, ui) -> None:
         """A (re)loaded page gets fresh lists and re-attaches the live view to the active run."""
