@@ -13,6 +13,37 @@ FIELDS = {f["name"]: f for f in field_help()}
 ADVANCED = [n for n in FIELDS if n not in BASIC and n not in HIDDEN]
 
 
+LABELS = {"base_model": "Base model (checkpoint file, diffusers folder or hub id)", "unet_lr": "UNet learning rate",
+          "text_encoder_lr": "Text-encoder learning rate", "max_steps": "Max steps (0 = use epochs)"}
+
+
+def label(name: str) -> str:
+    """The label a form field shows."""
+    return LABELS.get(name, name.replace("_", " ").capitalize())
+
+
+def in_ui_words(text: str) -> str:
+    """A message for the page: config keys (`min_bucket`) become the labels the person sees, with where to find
+    them ('**Min bucket** (Advanced › Images)'); the CLI keeps the keys, which is what a config file holds."""
+    import re
+
+    def short(name):
+        return label(name).split(" (")[0]
+
+    def repl(m):
+        name = m.group(1)
+        where = "" if name in BASIC else f" (Advanced › {FIELDS[name]['section'].capitalize()})"
+        return f"**{short(name)}**{where}"
+
+    keys = sorted((n for n in FIELDS if "_" in n and n not in HIDDEN), key=len, reverse=True)
+    return re.sub(r"(?<![\w/.-])(" + "|".join(keys) + r")(?![\w/.-])", repl, text)
+
+
+def machine_defaults(gpu: bool) -> dict[str, Any]:
+    """Form defaults that depend on the machine: without an NVIDIA GPU, fp32 (bf16 on a CPU is emulated, slower)."""
+    return {} if gpu else {"mixed_precision": "no"}
+
+
 def values_to_config(values: dict[str, Any], datasets_dir: Path | None = None) -> TrainConfig:
     """Form values (by field name) -> TrainConfig. The dataset may be a workspace dataset name."""
     data = TrainConfig().to_dict()
@@ -40,11 +71,22 @@ def config_to_values(cfg: TrainConfig) -> dict[str, Any]:
     return d
 
 
-def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=None) -> tuple[bool, str]:
-    """(ok to start, plain-language markdown): config errors, conflicts, dataset blockers, VRAM estimate."""
+def planned_steps(cfg: TrainConfig, images_per_epoch: int) -> int:
+    """Optimizer steps of a run (max_steps, or epochs of the dataset at this batch): about, before bucketing."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    micro = -(-max(1, images_per_epoch) // max(1, cfg.batch_size))
+    return cfg.epochs * max(1, micro // max(1, cfg.gradient_accumulation))
+
+
+def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=None,
+              timings: list[dict] | None = None, device: str | None = None) -> tuple[bool, str]:
+    """(ok to start, plain-language markdown): config errors, conflicts, dataset blockers, VRAM estimate and,
+    given this machine's `device` ('cuda' | 'cpu') and measured `timings`, how long the run will take."""
     from trainer.data.report import dataset_report
     from trainer.estimate import estimate_vram_gb
     from trainer.models import families
+    from trainer.models.hub import hub_status, is_hub_id
     from trainer.models.sniff import sniff_family
     from trainer.presets import family_mismatch
 
@@ -58,10 +100,15 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
     errors += e
     warns += w
     family = "auto"
+    notes: list[str] = []
     if cfg.base_model:
         p = Path(cfg.base_model).expanduser()
-        if not p.exists() and ("/" not in cfg.base_model or p.suffix in (".safetensors", ".ckpt") or cfg.base_model.startswith(("/", "."))):
-            errors.append(f"Base model not found: {cfg.base_model}")
+        if not p.exists() and is_hub_id(cfg.base_model) and p.suffix.lower() not in (".safetensors", ".ckpt"):
+            hub = hub_status(cfg.base_model)  # in the cache, downloadable, or neither (and what to do)
+            (notes if hub.usable else errors).append(hub.message)
+        elif not p.exists():
+            errors.append(f"Base model not found: {cfg.base_model}. Give the path of a .safetensors / .ckpt file, "
+                          "a diffusers folder (with model_index.json) or a hub id like 'org/name'.")
         family = sniff_family(cfg.base_model) if cfg.model_family == "auto" else cfg.model_family
     if preset is not None:
         mm = family_mismatch(preset, family)
@@ -97,8 +144,17 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
     if report:
         lines.append(f"- {report['image_count']} images ({report['images_with_repeats']} per epoch with repeats)")
     lines.append(f"- Model family: {fam_name}")
+    lines += [f"- {n}" for n in notes]
     lines.append(f"- Estimated peak VRAM: about {est['total_gb']} GB (weights {est['weights_gb']} GB, "
                  f"activations {est['activations_gb']} GB, LoRA {est['lora_params_m']}M parameters)")
+    if device:
+        from trainer import timing
+
+        run_device = device if cfg.device == "auto" else cfg.device
+        steps = planned_steps(cfg, report["images_with_repeats"] if report else 1)
+        est = timing.estimate(cfg, family, steps, run_device, timings or [])
+        lines.append(f"- Time on this machine ({'GPU' if run_device == 'cuda' else 'CPU'}): "
+                     + timing.describe(est, steps))
     if not errors:
         lines.insert(0, "### Ready to start")
     return not errors, "\n".join(lines)

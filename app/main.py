@@ -52,7 +52,8 @@ def build_ui(workspace: str | Workspace, runs: RunManager | None = None) -> gr.B
         for tab in (dataset, train, outputs, preview, tools, settings):
             tab.register_load(ui)
         register_api(studio)
-    ui.lora_studio = {"workspace": ws, "runs": studio.runs}
+    ui.lora_studio = {"workspace": ws, "runs": studio.runs, "tabs": {"dataset": dataset, "train": train,
+                      "outputs": outputs, "preview": preview, "tools": tools, "settings": settings}}
     return ui
 
 

@@ -284,6 +284,7 @@ class RunManager:
             return
         events, _ = read_events(run["dir"], run["event_offset"] or 0)  # this attempt's events only
         final = next((e for e in reversed(events) if e["type"] in ("done", "error", "stopped")), None)
+        self._record_timing(run, events)
         if final and final["type"] == "done" and code == 0:
             self._set(run_id, status="finished")
         elif final and final["type"] == "stopped":
@@ -293,6 +294,15 @@ class RunManager:
         else:
             tail = _tail(RunFiles(run["dir"]).worker_log)
             self._set(run_id, status="crashed", message=explain_crash(tail, code))
+
+    def _record_timing(self, run: dict, events: list[dict]) -> None:
+        """What this attempt measured (s/step, start-up) goes into the workspace's timings, for the next estimate."""
+        from trainer import timing
+
+        try:
+            timing.record(self.ws.timings_path, TrainConfig.load(RunFiles(run["dir"]).config), events, run["id"])
+        except (OSError, ValueError):
+            pass  # an estimate is a convenience: never a reason for a run's status to go unrecorded
 
     def reconcile(self) -> None:
         """After an app restart: runs marked running whose worker is gone get their final status;

@@ -31,22 +31,34 @@ class Studio:
     def preset_choices(self) -> list[tuple[str, str]]:
         return [(("" if p.shipped else "★ ") + p.name, p.key) for p in list_presets(self.ws.presets_dir)]
 
-    def apply_preset(self, key: str, values: dict) -> tuple[dict, str]:
-        """Form values with the preset laid over them, and a description of the preset."""
+    def apply_preset(self, key: str, values: dict, gpu: bool | None = None) -> tuple[dict, str]:
+        """Form values with the preset laid over them, and a description of the preset. Without a GPU the
+        preset's [cpu] values apply and the precision is fp32, and the description says so."""
+        from app.forms import machine_defaults
+        from app.gpu import gpu_present
+
         if not key:
             return values, ""
+        gpu = gpu_present() if gpu is None else gpu
         p = find_preset(key, self.ws.presets_dir)
         cfg = values_to_config(values, self.ws.datasets_dir) if values else TrainConfig()
-        cfg = p.apply(cfg)
+        cfg = p.apply(cfg, gpu).replace(**machine_defaults(gpu))
         info = f"**{p.name}** ({p.family}) — {p.description}"
         if p.steps:
             info += f"\n\n*Typical length:* {p.steps}"
+        if not gpu:
+            changed = ", ".join(f"{k} = {v}" for k, v in {**p.cpu, **machine_defaults(gpu)}.items())
+            info += f"\n\n*No NVIDIA GPU here, so for this machine:* {changed}."
         return config_to_values(cfg), info
 
     # ------------------------------------------------------------------ runs
     def check(self, values: dict, preset_key: str = "") -> tuple[bool, str]:
+        from app.gpu import gpu_present
+        from trainer import timing
+
         preset = find_preset(preset_key, self.ws.presets_dir) if preset_key else None
-        return preflight(values, self.ws.datasets_dir, preset)
+        return preflight(values, self.ws.datasets_dir, preset, timing.load(self.ws.timings_path),
+                         "cuda" if gpu_present() else "cpu")
 
     def start(self, values: dict, preset_key: str = "") -> tuple[str | None, str]:
         """(run id or None, what to tell the person): a run starts only after the pre-flight check passes."""

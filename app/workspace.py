@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from trainer.fsutil import atomic_write_text, inside, safe_name
 
 
 class Workspace:
+    _state_lock = threading.Lock()  # handlers run in threads: one read-modify-write of ui_state.json at a time
+
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
         for d in ("datasets", "runs", "presets", "loras", "previews"):
@@ -64,6 +67,35 @@ class Workspace:
         s = {**self.settings(), **changes}
         atomic_write_text(self.settings_path, json.dumps(s, indent=1))
         return s
+
+    @property
+    def timings_path(self) -> Path:
+        """Measured step costs of this machine's runs (trainer/timing.py)."""
+        return self.root / "timings.json"
+
+    # ------------------------------------------------------------ what the page last showed
+    @property
+    def ui_state_path(self) -> Path:
+        return self.root / "ui_state.json"
+
+    def ui_state(self, part: str) -> dict:
+        """The last values of a part of the page ('train', 'preview'): a reload restores them."""
+        try:
+            data = json.loads(self.ui_state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        got = data.get(part) if isinstance(data, dict) else None
+        return got if isinstance(got, dict) else {}
+
+    def save_ui_state(self, part: str, values: dict) -> None:
+        with self._state_lock:
+            try:
+                data = json.loads(self.ui_state_path.read_text())
+            except (OSError, ValueError):
+                data = {}
+            data = data if isinstance(data, dict) else {}
+            data[part] = values
+            atomic_write_text(self.ui_state_path, json.dumps(data, indent=1, default=str))
 
     def remember_model(self, model: str) -> list[str]:
         recent = [m for m in self.settings().get("recent_models", []) if m != model]

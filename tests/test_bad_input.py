@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import ROOT, base_config
+from conftest import ROOT, base_config, make_images
 from trainer.cli import main as cli
 from trainer.config import ConfigError, TrainConfig
 from trainer.events import read_events
@@ -114,3 +115,40 @@ def test_nan_loss_stops_with_a_cause(tiny_sd1, dataset, tmp_path, capsys):
     cfg = base_config(tiny_sd1, dataset, tmp_path / "run", unet_lr=1e12, text_encoder_lr=1e12, max_steps=30, max_grad_norm=0.0)
     code, msg = train_err(cfg, tmp_path, capsys)
     assert code == 2 and "NaN" in msg and "learning rate" in msg
+
+
+def fake_hub_cache(cache: Path, repo_id: str) -> None:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "model_index.json").write_text("{}")
+
+
+def test_a_hub_id_offline_is_diagnosed_before_start_and_at_load(tmp_path, monkeypatch):
+    """Issue 19.6: 'org/name' offline with no local copy said 'Ready to start', then failed with 'Check the path'."""
+    import huggingface_hub.constants
+
+    from app.forms import preflight
+    from trainer.models.load import ModelError, load_model
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "d"
+    make_images(data, 1)
+    ok, text = preflight({"base_model": "someone/some-model", "dataset": str(data)})
+    assert not ok and "not in the local Hugging Face cache" in text and "hf download someone/some-model" in text
+    with pytest.raises(ModelError) as e:
+        load_model("someone/some-model")
+    assert "Check the path" not in str(e.value) and "not in the local Hugging Face cache" in str(e.value)
+    fake_hub_cache(tmp_path / "hub", "someone/some-model")
+    ok, text = preflight({"base_model": "someone/some-model", "dataset": str(data)})
+    assert ok and "is in the local Hugging Face cache" in text, text
+    # no network at all (this machine and CI): said as such, without waiting long
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    from trainer.models.hub import hub_status
+
+    st = hub_status("someone/other-model", timeout=2)
+    assert st.state in ("offline", "missing", "reachable") and st.message

@@ -230,3 +230,106 @@ def test_run_picker_and_outputs_follow_a_run_to_its_end_without_refresh(tiny_sd1
     assert sig != out_sig and table[0][:2] == [run_id, "finished"]
     assert files.value.endswith("lora.safetensors")
     assert outputs.follow(run_id, files.value, sig) == (gr.update(), gr.update(), gr.update(), sig)
+    # choosing the run puts its settings back into the form, by the names the form uses
+    vals = train.run_values(run_id)
+    assert vals["dataset"] == "d" and vals["max_steps"] == 2 and vals["base_model"] == str(tiny_sd1)
+    assert vals["output_name"] == "lora" and "output_dir" not in vals
+    # and the run measured this machine for the next estimate
+    from trainer import timing
+
+    assert [m["run"] for m in timing.load(ws.timings_path)] == [run_id]
+
+
+def test_the_train_form_and_preview_come_back_as_the_person_left_them(tmp_path):
+    """Edits are kept per workspace; a new page (or a restarted app) restores them instead of the defaults."""
+    from app.gpu import gpu_present
+    from app.main import build_ui
+
+    ws_dir = tmp_path / "ws"
+    ui = build_ui(ws_dir)
+    train, preview = ui.lora_studio["tabs"]["train"], ui.lora_studio["tabs"]["preview"]
+    assert train.default_values()["mixed_precision"] == ("bf16" if gpu_present() else "no")
+    ui.lora_studio["workspace"].dataset_path("d", create=True)
+    edits = {"base_model": "/models/base.safetensors", "dataset": "d", "trigger": "zwx", "max_steps": 77, "rank": 8}
+    data = {train.comps[n]: edits.get(n, v) for n, v in train.default_values().items() if n in train.comps}
+    train.remember({**data, train.preset_dd: "quick_test"})
+    pv = {c: c.value for c in preview.kept.values()}
+    preview.remember({**pv, preview.kept["prompt"]: "zwx, red square", preview.kept["strength-0"]: 0.6})
+
+    ui2 = build_ui(ws_dir)  # a reload, or the app started again
+    train2, preview2 = ui2.lora_studio["tabs"]["train"], ui2.lora_studio["tabs"]["preview"]
+    picker, preset, *form = train2.page_load()
+    got = dict(zip(train2.order, form))
+    assert preset.value == "quick_test"
+    assert got["base_model"].value == "/models/base.safetensors" and got["dataset"].value == "d"
+    assert (got["trigger"], got["max_steps"], got["rank"]) == ("zwx", 77, 8)
+    assert got["mixed_precision"] == train2.default_values()["mixed_precision"]  # untouched fields keep the default
+    loads = [f for f in ui2.fns.values() if f.targets and f.targets[0][1] == "load"]
+    values = None
+    for f in loads:
+        outs = f.fn()
+        if isinstance(outs, list) and len(outs) == len(preview2.kept):
+            values = dict(zip(preview2.kept, outs))
+    assert values and values["prompt"] == "zwx, red square" and values["strength-0"] == 0.6
+    # a broken state file is no reason not to start
+    (ws_dir / "ui_state.json").write_text("{broken")
+    assert build_ui(ws_dir).lora_studio["tabs"]["train"].restored_values() == (train.default_values(), None)
+
+
+def test_page_messages_name_the_labels_the_person_sees(tmp_path):
+    from app.forms import in_ui_words, preflight
+
+    ok, text = preflight({"base_model": "", "dataset": str(tmp_path), "max_bucket": 256})
+    page = in_ui_words(text)
+    assert not ok and "base_model" not in page and "max_bucket" not in page
+    assert "**Base model** is empty" in page and "**Max bucket** (Advanced › Images) (256) is below" in page
+    # paths and words that merely contain a key are left alone
+    assert in_ui_words("/data/min_bucket_test/x.png") == "/data/min_bucket_test/x.png"
+
+
+def test_check_setup_says_how_long_the_run_takes_here_from_what_this_machine_measured(tiny_sd1, dataset, tmp_path):
+    from app.forms import config_to_values, preflight
+    from conftest import base_config
+    from trainer import timing
+    from trainer.cli import main as cli
+
+    cfg = base_config(tiny_sd1, dataset, tmp_path / "run", max_steps=5)
+    values = config_to_values(cfg)
+    ok, text = preflight(values, None, None, [], "cpu")
+    assert ok and "Time on this machine (CPU): about" in text and "rough figure" in text
+    cfg.save(tmp_path / "c.toml")
+    assert cli(["train", str(tmp_path / "c.toml")]) == 0
+    events, _ = read_events(tmp_path / "run")
+    m = timing.record(tmp_path / "timings.json", cfg, events, "r1")
+    assert m["device"] == "cpu" and m["family"] == "sd1" and m["step_s"] > 0
+    # steps 1..5 were reported: the cost per step is the time between the first and last report over 4 steps
+    prog = [e for e in events if e["type"] == "progress"]
+    assert m["step_s"] == pytest.approx((prog[-1]["time"] - prog[0]["time"]) / 4, rel=1e-3)
+    measured = timing.load(tmp_path / "timings.json")
+    _, text = preflight({**values, "max_steps": 40}, None, None, measured, "cpu")
+    assert "measured on this machine (r1)" in text
+    est = timing.estimate(cfg.replace(max_steps=40), "sd1", 40, "cpu", measured)
+    double = timing.estimate(cfg.replace(max_steps=40, resolution=2 * cfg.resolution), "sd1", 40, "cpu", measured)
+    assert double["step_s"] == pytest.approx(4 * est["step_s"])  # scaled by pixels
+    assert est["seconds"] == pytest.approx(m["startup_s"] + 40 * m["step_s"])
+    # a GPU estimate does not borrow a CPU measurement
+    assert "rough figure" in timing.estimate(cfg, "sd1", 40, "cuda", measured)["source"]
+
+
+def test_without_a_gpu_quick_test_and_every_preset_run_in_fp32_and_say_so(tmp_path):
+    from app.runs import RunManager
+    from app.services import Studio
+    from app.workspace import Workspace
+    from trainer.presets import find_preset, list_presets
+
+    ws = Workspace(tmp_path / "ws")
+    studio = Studio(ws, RunManager(ws))
+    for p in list_presets():
+        vals, info = studio.apply_preset(p.key, {}, gpu=False)
+        assert vals["mixed_precision"] == "no" and "No NVIDIA GPU here" in info, p.key
+        gpu_vals, gpu_info = studio.apply_preset(p.key, {}, gpu=True)
+        assert gpu_vals["mixed_precision"] == p.config.get("mixed_precision", "bf16") and "No NVIDIA" not in gpu_info
+    quick = find_preset("quick_test")
+    assert quick.cpu, "Quick test has settings for a machine without a GPU"
+    vals, _ = studio.apply_preset("quick_test", {}, gpu=False)
+    assert all(vals[k] == v for k, v in quick.cpu.items())

@@ -105,7 +105,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
     state = restore(run) if resume else State()
     batches = batch_iterator(run, state.step)
     run.ev.emit("status", state="training", message=f"Training {run.total_steps} steps ({run.steps_per_epoch} per epoch)",
-                total=run.total_steps)
+                total=run.total_steps, device=run.accelerator.device.type, precision=run.accelerator.mixed_precision,
+                family=run.model.family)  # what the app's duration estimates are keyed by (trainer/timing.py)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=run.total_steps, initial=state.step, disable=not run.main, desc="train", dynamic_ncols=True)

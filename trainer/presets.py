@@ -12,6 +12,9 @@ A preset file:
     rank = 32
     ...
 
+    [cpu]                     # optional: laid over [config] on a machine without an NVIDIA GPU
+    max_steps = 10
+
 Shipped presets live in the repository's `presets/`; a user's own in the workspace's `presets/` (never
 overwriting a shipped one).
 """
@@ -40,9 +43,11 @@ class Preset:
     path: Path
     shipped: bool = True
     meta: dict = field(default_factory=dict)
+    cpu: dict = field(default_factory=dict)  # what changes on a machine without a GPU
 
-    def apply(self, cfg: TrainConfig) -> TrainConfig:
-        return TrainConfig.from_dict({**cfg.to_dict(), **self.config}, source=f"preset '{self.name}'")
+    def apply(self, cfg: TrainConfig, gpu: bool = True) -> TrainConfig:
+        over = self.config if gpu else {**self.config, **self.cpu}
+        return TrainConfig.from_dict({**cfg.to_dict(), **over}, source=f"preset '{self.name}'")
 
 
 def load_preset(path: str | Path, shipped: bool = True) -> Preset:
@@ -51,10 +56,10 @@ def load_preset(path: str | Path, shipped: bool = True) -> Preset:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ConfigError(f"Preset {path.name} cannot be read ({e}).") from None
-    meta, cfg = data.get("preset", {}), data.get("config", {})
-    TrainConfig.from_dict(cfg, source=f"preset {path.name}")  # unknown keys / bad types fail here
+    meta, cfg, cpu = data.get("preset", {}), data.get("config", {}), data.get("cpu", {})
+    TrainConfig.from_dict({**cfg, **cpu}, source=f"preset {path.name}")  # unknown keys / bad types fail here
     return Preset(path.stem, meta.get("name", path.stem), meta.get("family", "any"), meta.get("description", ""),
-                  meta.get("steps", ""), cfg, path, shipped, meta)
+                  meta.get("steps", ""), cfg, path, shipped, meta, cpu)
 
 
 def list_presets(user_dir: str | Path | None = None) -> list[Preset]:

@@ -91,11 +91,26 @@ class PreviewTab:
         return ans["images"], f"Done (seed {params['seed']})."
 
     def register_load(self, ui) -> None:
+        """A reload shows the tab as the person left it (a LoRA file that is gone is dropped from its picker)."""
         def on_load():
             choices = self.studio.lora_choices()
-            return [gr.Dropdown(choices=self.ws.settings().get("recent_models", []))] + [gr.Dropdown(choices=choices) for _ in range(ROWS)]
+            saved = self.ws.ui_state("preview")
+            paths = {path for _, path in choices}
+            out = []
+            for key, comp in self.kept.items():
+                value = saved.get(key, gr.update()) if key in saved else gr.update()
+                if comp is self.base_dd:
+                    out.append(gr.Dropdown(choices=self.ws.settings().get("recent_models", []), value=value))
+                elif comp in self.files:
+                    out.append(gr.Dropdown(choices=choices, value=value if value in paths else None))
+                else:
+                    out.append(value)
+            return out
 
-        ui.load(on_load, None, [self.base_dd] + self.files)
+        ui.load(friendly(on_load), None, list(self.kept.values()))
+
+    def remember(self, data) -> None:
+        self.ws.save_ui_state("preview", {key: data[comp] for key, comp in self.kept.items()})
 
     # ------------------------------------------------------------------ layout
     def build(self):
@@ -144,10 +159,20 @@ class PreviewTab:
 
         files = [r[0] for r in rows]
         self.files, self.base_dd = files, base
+        # what the person sets here survives a reload (register_load)
+        self.kept = {"base": base, "prompt": prompt, "negative": negative, "seed": seed, "steps": steps, "cfg": cfg,
+                     "width": width, "height": height, "sampler": sampler, "batch": batch, "mode": mode,
+                     "strengths": strengths}
+        for i, ((f, en, st, _, _), bw) in enumerate(zip(rows, blocks)):
+            self.kept |= {f"lora-{i}": f, f"on-{i}": en, f"strength-{i}": st}
+            self.kept |= {f"block-{i}-{b}": x for b, x in zip(("IN", "MID", "OUT"), bw)}
+        kept = set(self.kept.values())
+        gr.on([c.input for c in kept], self.remember, kept, show_progress="hidden")
         refresh.click(lambda: [gr.Dropdown(choices=self.studio.lora_choices()) for _ in rows], None, files)
         for f, en, st, trig, ins in rows:
             f.change(lambda p: ", ".join(trigger_words(p)) and f"trigger: `{', '.join(trigger_words(p))}`" if p else "", f, trig)
-            ins.click(lambda pr, p: insert_triggers(pr, trigger_words(p)) if p else pr, [prompt, f], prompt)
+            ins.click(lambda pr, p: insert_triggers(pr, trigger_words(p)) if p else pr, [prompt, f], prompt).then(
+                self.remember, kept)
 
         @friendly
         def on_add(path):
@@ -161,9 +186,9 @@ class PreviewTab:
             return ([gr.Dropdown(choices=choices, value=dst)] + [gr.Dropdown(choices=choices) for _ in range(ROWS - 1)]
                     + [f"Added {Path(dst).name}."])
 
-        add.upload(on_add, add, files + [status])
-        rnd.click(lambda: random.randint(0, 2**31 - 1), None, seed)
-        reuse.click(lambda s: s, last_seed, seed)
+        add.upload(on_add, add, files + [status]).then(self.remember, kept)
+        rnd.click(lambda: random.randint(0, 2**31 - 1), None, seed).then(self.remember, kept)
+        reuse.click(lambda s: s, last_seed, seed).then(self.remember, kept)
         inputs = {base, prompt, negative, seed, steps, cfg, width, height, sampler, batch, mode, strengths}
         for (f, en, st, _, _), bw in zip(rows, blocks):
             inputs |= {f, en, st, *bw}

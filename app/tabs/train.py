@@ -5,13 +5,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.forms import ADVANCED, BASIC, FIELDS, config_to_values, values_to_config
+from app.forms import ADVANCED, BASIC, FIELDS, HIDDEN, config_to_values, in_ui_words, label, values_to_config
 from app.ui_util import friendly
 from trainer.config import TrainConfig
 from trainer.presets import delete_user_preset, save_user_preset
-
-LABELS = {"base_model": "Base model (checkpoint file, diffusers folder or hub id)", "unet_lr": "UNet learning rate",
-          "text_encoder_lr": "Text-encoder learning rate", "max_steps": "Max steps (0 = use epochs)"}
+from trainer.runfiles import RunFiles
 
 
 def fmt_eta(s):
@@ -93,8 +91,7 @@ class TrainTab:
     def field(self, name: str):
         """The input for one TrainConfig field, with its help text as the tooltip."""
         f, ws = FIELDS[name], self.ws
-        label = LABELS.get(name, name.replace("_", " ").capitalize())
-        kw = dict(label=label, info=f["help"], value=config_to_values(TrainConfig())[name], elem_id=f"f-{name}")
+        kw = dict(label=label(name), info=f["help"], value=self.default_values()[name], elem_id=f"f-{name}")
         if name == "base_model":
             return gr.Dropdown(choices=ws.settings().get("recent_models", []), allow_custom_value=True, **kw)
         if name == "dataset":
@@ -137,14 +134,49 @@ class TrainTab:
             vals, info = self.studio.apply_preset(data[self.preset_dd], self.values_of(data))
             return [vals[n] for n in self.order] + [info]
 
-        self.preset_dd.change(on_preset, self.inputs | {self.preset_dd}, self.outputs + [preset_info])
+        # .input: a person's choice only, so restoring the form on load does not re-apply the preset over it
+        self.preset_dd.input(on_preset, self.inputs | {self.preset_dd}, self.outputs + [preset_info]).then(
+            self.remember, self.inputs | {self.preset_dd})
         self.build_block_table()
         self.build_preset_tools()
         self.build_run_controls()
         if dataset_dropdown is not None:
             dataset_dropdown.change(lambda v: gr.Dropdown(choices=self.ws.list_datasets(), value=v), dataset_dropdown,
-                                    comps["dataset"])
+                                    comps["dataset"]).then(self.remember, self.inputs | {self.preset_dd})
+        # every edit of the form is kept in the workspace; a reload puts it back (register_load)
+        gr.on([c.input for c in comps.values()], self.remember, self.inputs | {self.preset_dd}, show_progress="hidden")
         return comps
+
+    # ------------------------------------------------------------------ the form's memory
+    def remember(self, data) -> None:
+        """Keep the form's values (and the chosen preset) in the workspace, for the next page load."""
+        self.ws.save_ui_state("train", {**self.values_of(data), "preset": data[self.preset_dd]})
+
+    def default_values(self) -> dict:
+        """The form on a first visit: TrainConfig's defaults, adjusted to this machine (fp32 without a GPU)."""
+        from app.forms import machine_defaults
+        from app.gpu import gpu_present
+
+        return {**config_to_values(TrainConfig()), **machine_defaults(gpu_present())}
+
+    def restored_values(self) -> tuple[dict, str | None]:
+        """(form values, preset key) as the person left them: saved values over the defaults, unknown ones dropped."""
+        saved = self.ws.ui_state("train")
+        vals = {**self.default_values(), **{k: v for k, v in saved.items() if k in self.comps}}
+        keys = {key for _, key in self.studio.preset_choices()}
+        return vals, saved.get("preset") if saved.get("preset") in keys else None
+
+    def run_values(self, run_id: str) -> dict:
+        """A run's settings as form values: what 'choosing a run' puts back into the form."""
+        run = self.runs.get(run_id)
+        if not run:
+            raise ValueError(f"No run {run_id}.")
+        cfg = TrainConfig.load(RunFiles(run["dir"]).config)
+        vals = config_to_values(cfg.replace(output_dir=TrainConfig().output_dir))
+        ds = Path(cfg.dataset)
+        if ds.parent == self.ws.datasets_dir:  # a workspace dataset shows by its name, as the picker lists it
+            vals["dataset"] = ds.name
+        return {k: v for k, v in vals.items() if k in FIELDS and k not in HIDDEN}
 
     def values_of(self, data) -> dict:
         return {n: data[self.comps[n]] for n in self.order}
@@ -206,9 +238,10 @@ class TrainTab:
                                  "Check them, then *Use these values*.")
 
         fill.click(on_fill, {fam} | {comps[n] for n in ["rank", "alpha", *block_fields]}, table)
-        use.click(on_use, [table, fam], [comps[n] for n in block_fields] + [note])
+        keep = self.inputs | {self.preset_dd}
+        use.click(on_use, [table, fam], [comps[n] for n in block_fields] + [note]).then(self.remember, keep)
         clear.click(lambda: [""] * len(block_fields) + ["One rank and alpha everywhere."], None,
-                    [comps[n] for n in block_fields] + [note])
+                    [comps[n] for n in block_fields] + [note]).then(self.remember, keep)
         suggest.click(on_suggest, [source, energy, fam, comps["rank"], comps["alpha"]], [table, note])
 
     def build_preset_tools(self):
@@ -258,9 +291,10 @@ class TrainTab:
 
             return gr.Code(value=to_sd_scripts_toml(values_to_config(self.values_of(data), ws.datasets_dir)), visible=True)
 
-        save_preset.click(on_save_preset, self.inputs | {preset_name}, [preset, preset_msg])
-        delete_preset.click(on_delete_preset, preset, [preset, preset_msg])
-        kohya_file.upload(on_kohya, self.inputs | {kohya_file}, self.outputs + [preset_msg])
+        keep = self.inputs | {preset}
+        save_preset.click(on_save_preset, self.inputs | {preset_name}, [preset, preset_msg]).then(self.remember, keep)
+        delete_preset.click(on_delete_preset, preset, [preset, preset_msg]).then(self.remember, keep)
+        kohya_file.upload(on_kohya, self.inputs | {kohya_file}, self.outputs + [preset_msg]).then(self.remember, keep)
         export_btn.click(on_export, self.inputs, export_text)
 
     def build_run_controls(self):
@@ -285,11 +319,12 @@ class TrainTab:
 
         @friendly
         def on_check(data):
-            return self.studio.check(self.values_of(data), data[preset])[1]
+            return in_ui_words(self.studio.check(self.values_of(data), data[preset])[1])
 
         @friendly
         def on_start(data):
             run_id, text = self.studio.start(self.values_of(data), data[preset])
+            text = in_ui_words(text)
             if run_id is None:
                 return gr.Dropdown(), text
             return gr.Dropdown(choices=self.studio.run_choices(), value=run_id), text
@@ -303,6 +338,17 @@ class TrainTab:
         self.run_pick.change(friendly(self.live), self.run_pick, live_out)
 
         @friendly
+        def on_choose_run(run_id):
+            if not run_id:
+                return [gr.update()] * len(self.order) + [""]
+            vals = self.run_values(run_id)
+            return [vals.get(n, gr.update()) for n in self.order] + [
+                f"The form now holds the settings of run `{run_id}`: change what you like and Start a new run."]
+
+        self.run_pick.input(on_choose_run, self.run_pick, self.outputs + [run_msg]).then(
+            self.remember, self.inputs | {preset})
+
+        @friendly
         def on_tick(run_id, shown):
             follow, run_id, shown = self.follow(run_id, shown)
             msg = gr.update() if follow["same_state"] else ""
@@ -312,12 +358,14 @@ class TrainTab:
 
     def register_load(self, ui) -> None:
         """A (re)loaded page gets fresh lists and re-attaches the live view to the active run."""
-        def on_load():
-            active = self.studio.active_run()
-            runs = self.studio.run_choices()
-            return (gr.Dropdown(choices=runs, value=active) if active else gr.Dropdown(choices=runs),
-                    gr.Dropdown(choices=self.ws.list_datasets()),
-                    gr.Dropdown(choices=self.ws.settings().get("recent_models", [])),
-                    gr.Dropdown(choices=self.studio.preset_choices()))
+        ui.load(friendly(self.page_load), None, [self.run_pick, self.preset_dd, *self.outputs])
 
-        ui.load(on_load, None, [self.run_pick, self.comps["dataset"], self.comps["base_model"], self.preset_dd])
+    def page_load(self) -> list:
+        """Run picker (attached to the active run), preset and every form field as the person left them."""
+        active = self.studio.active_run()
+        runs = self.studio.run_choices()
+        vals, preset = self.restored_values()
+        lists = {"dataset": self.ws.list_datasets(), "base_model": self.ws.settings().get("recent_models", [])}
+        form = [gr.Dropdown(choices=lists[n], value=vals[n]) if n in lists else vals[n] for n in self.order]
+        return [gr.Dropdown(choices=runs, value=active) if active else gr.Dropdown(choices=runs),
+                gr.Dropdown(choices=self.studio.preset_choices(), value=preset), *form]

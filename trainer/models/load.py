@@ -16,6 +16,7 @@ import torch
 
 from trainer.models import families
 from trainer.models.families import name as family_name
+from trainer.models.hub import how_to_get, hub_status, is_hub_id
 from trainer.models.sniff import family_from_folder, family_from_keys
 
 log = logging.getLogger(__name__)
@@ -106,11 +107,6 @@ def random_full_size(family: str, device="cpu", dtype=torch.float32) -> LoadedMo
     return LoadedModel(family, unet, vae, tes, toks, sched, f"random {family}")
 
 
-def _is_hub_id(s: str) -> bool:
-    parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~")) and "\\" not in s and ":" not in s
-
-
 def read_checkpoint(path: Path) -> dict:
     """State dict of a single-file checkpoint, through safetensors or weights-only torch.load."""
     suffix = path.suffix.lower()
@@ -198,10 +194,11 @@ def load_model(base_model: str, family: str = "auto", config_dir: str | None = N
         return _from_pretrained(str(path), family if family != "auto" else detected, dtype, local_only=True)
     if path.is_file():
         return _from_single_file(path, family, config_dir, dtype)
+    # 'org/name' is a hub id, even on Linux where it also reads as a relative path (it used to get "Check the path")
+    if is_hub_id(base_model) and path.suffix.lower() not in (".safetensors", ".ckpt"):
+        return _from_hub(base_model, family, dtype)
     if path.suffix.lower() in (".safetensors", ".ckpt") or os.sep in base_model or base_model.startswith("."):
         raise ModelError(f"Base model not found: {base_model}. Check the path.")
-    if _is_hub_id(base_model):
-        return _from_hub(base_model, family, dtype)
     raise ModelError(
         f"Base model '{base_model}' is neither an existing file or folder nor a hub id like 'org/name'."
     )
@@ -216,10 +213,9 @@ def _from_hub(repo_id: str, family: str, dtype) -> LoadedModel:
             ignore_patterns=["*.fp16.*", "*non_ema*", "*.ema.*"],
         )
     except Exception as e:
-        raise ModelError(
-            f"Could not fetch '{repo_id}' from the hub ({type(e).__name__}). Check the id and your connection, "
-            "or download the model and give its file or folder."
-        ) from None
+        status = hub_status(repo_id)
+        raise ModelError(status.message if not status.usable else (
+            f"Could not fetch '{repo_id}' from the hub ({type(e).__name__}: {str(e)[:200]}). {how_to_get(repo_id)}")) from None
     detected = family_from_folder(Path(folder))
     return _from_pretrained(folder, family if family != "auto" else detected, dtype, local_only=True)
 
