@@ -32,7 +32,11 @@ class UI:
     def __init__(self, page):
         self.p = page
 
-    def shot(self, name):
+    def shot(self, name, focus=None):
+        """A screenshot, with the element `focus` (an elem_id) scrolled into view first."""
+        if focus:
+            self.p.locator(f"#{focus}").first.scroll_into_view_if_needed()
+            self.p.wait_for_timeout(300)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.p.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
 
@@ -99,13 +103,35 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         ui.click("ds-add-trigger")
         ui.wait_text("ds-status", "Changed 4 caption")  # every image gets the trigger, those without a caption too
         page.locator("#ds-gallery img").first.click()
+        ui.wait_text("ds-image-info", re.escape(imgs[0].name))  # the editor holds this image (and its caption) now
         ui.text("ds-caption", "zwx, red square")
         ui.click("ds-save-caption")
         ui.wait_text("ds-status", "Saved the caption")
         ui.wait_text("ds-report", r"trigger coverage: 100%")
         assert (ws / "datasets" / "mychar" / f"{imgs[1].stem}.txt").read_text() == "zwx"
         assert (ws / "datasets" / "mychar").is_dir() and len(list((ws / "datasets" / "mychar").glob("*.png"))) == 4
-        ui.shot("1-dataset")
+        ui.shot("1-dataset", "ds-upload")
+
+        # 1b. A second drop: one picture already there, one new: only the new one comes in. Then the new one is
+        # removed to the trash, and an image is excluded from training and included again.
+        extra = make_images(tmp_path / "more", 1, size=(96, 80), caption=None, seed=7)[0]
+        extra = extra.rename(extra.with_name("zz_new.png"))  # sorts last in the gallery
+        page.locator("#ds-upload input[type=file]").set_input_files([str(imgs[0]), str(extra)])
+        ui.wait_text("ds-status", r"Imported 1 image.*already in the dataset")
+        ui.wait_text("ds-report", r"5 image\(s\)")
+        page.locator("#ds-gallery img").nth(4).click()  # file order: the new one sorts last
+        ui.wait_text("ds-image-info", re.escape(extra.name) + r".*96×80 px")
+        ui.click("ds-remove")
+        ui.wait_text("ds-status", "to the trash")
+        ui.wait_text("ds-report", r"4 image\(s\)")
+        assert not (ws / "datasets" / "mychar" / extra.name).exists() and list((ws / "trash").rglob(extra.name))
+        page.locator("#ds-gallery img").first.click()
+        ui.click("ds-exclude")
+        ui.wait_text("ds-image-info", "excluded from training")
+        ui.wait_text("ds-report", r"1 image\(s\) excluded from training")
+        ui.click("ds-exclude")
+        ui.wait_text("ds-status", "included in training again")
+        ui.wait_text("ds-report", r"4 image\(s\), 4 per epoch")
 
         # 2. Train: Quick test preset, the tiny model, pre-flight, Start, progress and loss chart, finished
         ui.tab("Train")
@@ -120,16 +146,36 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         ui.text("f-save_every_steps", 4)
         ui.click("check")
         ui.wait_text("preflight", "Ready to start")
+        ui.wait_text("preflight", r"Time on this machine \(CPU\): about")
+
+        # 2b. A reload keeps the filled form (preset, model, dataset, trigger, steps, an Advanced field)
+        page.wait_for_timeout(1000)  # the last edit's save
+        page.reload()
+        ui.tab("Train")
+        page.wait_for_timeout(1500)
+        assert page.locator("#f-max_steps input").first.input_value() == "12"
+        assert page.locator("#f-trigger textarea, #f-trigger input").first.input_value() == "zwx"
+        assert page.locator("#f-dataset input[role=combobox]").input_value() == "mychar"
+        assert page.locator("#f-base_model input[role=combobox]").input_value() == str(tiny_sd1)
+        assert page.locator("#preset input[role=combobox]").input_value() == "Quick test"
+        assert page.locator("#f-mixed_precision input[role=combobox]").input_value() == "no"  # no GPU here
         ui.click("start")
         ui.wait_text("progress", r"step [1-9]\d*/12")
         ui.wait_text("progress", r"finished", timeout=300)
         assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0  # the chart rendered
-        ui.shot("2-train")
+        # the picker follows the run's end by itself, no Refresh
+        deadline = time.time() + 10
+        while "finished" not in page.locator("#run-pick input[role=combobox]").input_value() and time.time() < deadline:
+            page.wait_for_timeout(300)
+        assert "finished" in page.locator("#run-pick input[role=combobox]").input_value()
+        # the log box shows its newest line
+        page.wait_for_timeout(1500)
+        assert page.locator("#log textarea").evaluate("e => e.scrollHeight - e.scrollTop - e.clientHeight < 4")
+        ui.shot("2-train", "progress")
 
-        # 3. Outputs: the LoRA is listed; download it; it loads in diffusers
+        # 3. Outputs: the finished run is listed without Refresh; download its LoRA; it loads in diffusers
         ui.tab("Outputs")
-        ui.click("out-refresh")
-        page.wait_for_timeout(800)
+        ui.wait_text("outputs-table", r"finished", timeout=15)
         ui.choose("out-run", re.compile(r"\d{8}-\d{6}"))  # the one run
         page.wait_for_timeout(1500)
         with page.expect_download() as dl:
@@ -149,6 +195,11 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         ui.custom("pv-base", str(tiny_sd1))
         ui.click("pv-refresh")
         page.wait_for_timeout(500)
+        # a bad LoRA file next to good ones: its message, and the pickers keep working
+        broken = tmp_path / "broken.safetensors"
+        broken.write_bytes(b"this is not a safetensors file")
+        page.locator("#pv-add input[type=file]").set_input_files(str(broken))
+        ui.wait_text("pv-status", r"Not added:")
         ui.choose("pv-lora-0", re.compile(r"final"))
         ui.text("pv-prompt", "zwx, red square")
         ui.text("pv-steps", 2)
@@ -179,11 +230,13 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         page.get_by_label("Strength grid").check()
         grid_png = generate()
         assert "strength_grid" in grid_png.name and Image.open(grid_png).size[0] == 5 * 64
-        ui.shot("4-preview")
+        page.locator("#pv-gallery img").first.wait_for(state="visible")
+        ui.shot("4-preview", "pv-gallery")
 
         # 5. A second, longer run: reload the page mid-run and see the live view re-attach
         ui.tab("Train")
         ui.text("f-max_steps", 400)
+        page.get_by_text("Advanced", exact=True).click()  # closed again since the reload
         ui.text("f-seed", 7)
         ui.click("start")
         ui.wait_text("progress", r"step [1-9]\d*/400", timeout=180)

@@ -264,13 +264,12 @@ def test_the_train_form_and_preview_come_back_as_the_person_left_them(tmp_path):
     assert got["base_model"].value == "/models/base.safetensors" and got["dataset"].value == "d"
     assert (got["trigger"], got["max_steps"], got["rank"]) == ("zwx", 77, 8)
     assert got["mixed_precision"] == train2.default_values()["mixed_precision"]  # untouched fields keep the default
-    loads = [f for f in ui2.fns.values() if f.targets and f.targets[0][1] == "load"]
-    values = None
-    for f in loads:
-        outs = f.fn()
-        if isinstance(outs, list) and len(outs) == len(preview2.kept):
-            values = dict(zip(preview2.kept, outs))
-    assert values and values["prompt"] == "zwx, red square" and values["strength-0"] == 0.6
+    values = dict(zip(preview2.kept, preview2.page_load()))
+    assert values["prompt"] == "zwx, red square" and values["strength-0"] == 0.6
+    # a first visit (nothing saved) gets every default; before, the LoRA pickers raised and showed "Error"
+    fresh = build_ui(tmp_path / "fresh").lora_studio["tabs"]["preview"]
+    values = dict(zip(fresh.kept, fresh.page_load()))
+    assert values["strength-0"] == 1.0 and values["lora-0"].value is None and values["prompt"] in ("", None)
     # a broken state file is no reason not to start
     (ws_dir / "ui_state.json").write_text("{broken")
     assert build_ui(ws_dir).lora_studio["tabs"]["train"].restored_values() == (train.default_values(), None)

@@ -63,8 +63,12 @@ class OutputsTab:
         if sig == shown:
             return gr.update(), gr.update(), gr.update(), shown
         fl = self.studio.lora_files(run_id) if run_id else []
-        files = gr.Dropdown(choices=fl, value=file if file in fl else (fl[0] if fl else None)) if run_id else gr.update()
-        return (self.studio.outputs_table(), gr.Dropdown(choices=self.studio.run_choices(), value=run_id), files, sig)
+        # choices only (a tick that left before the person picked something must not undo the pick), except
+        # when the shown file is gone or none is shown yet
+        files = gr.update()
+        if run_id:
+            files = gr.Dropdown(choices=fl) if file in fl else gr.Dropdown(choices=fl, value=fl[0] if fl else None)
+        return self.studio.outputs_table(), gr.Dropdown(choices=self.studio.run_choices()), files, sig
 
     def lists(self):
         return self.studio.outputs_table(), gr.Dropdown(choices=self.studio.run_choices())

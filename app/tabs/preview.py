@@ -98,15 +98,16 @@ class PreviewTab:
             paths = {path for _, path in choices}
             out = []
             for key, comp in self.kept.items():
-                value = saved.get(key, gr.update()) if key in saved else gr.update()
+                value = saved.get(key, comp.value)  # never saved: the component's own default
                 if comp is self.base_dd:
                     out.append(gr.Dropdown(choices=self.ws.settings().get("recent_models", []), value=value))
                 elif comp in self.files:
-                    out.append(gr.Dropdown(choices=choices, value=value if value in paths else None))
+                    out.append(gr.Dropdown(choices=choices, value=value if isinstance(value, str) and value in paths else None))
                 else:
                     out.append(value)
             return out
 
+        self.page_load = on_load
         ui.load(friendly(on_load), None, list(self.kept.values()))
 
     def remember(self, data) -> None:
@@ -135,7 +136,7 @@ class PreviewTab:
                     gr.Markdown(f"LoRA {i + 1}")
                     blocks.append(tuple(gr.Slider(0, 2, value=1.0, step=0.05, label=b, elem_id=f"pv-block-{i}-{b}")
                                         for b in ("IN", "MID", "OUT")))
-        add = gr.File(label="Add a LoRA .safetensors from elsewhere", file_types=[".safetensors"])
+        add = gr.File(label="Add a LoRA .safetensors from elsewhere", file_types=[".safetensors"], elem_id="pv-add")
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="pv-prompt")
         negative = gr.Textbox(label="Negative prompt", lines=1)
         with gr.Row():

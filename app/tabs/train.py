@@ -54,6 +54,22 @@ def progress_markdown(run: dict | None, v) -> str:
     return "\n\n".join(lines)
 
 
+# Gradio's own autoscroll follows only while the box is within 100 px of its end, so a log that arrives 30 lines
+# at a time (a reload, a busy phase) is never followed. This keeps the newest line in view unless the person
+# scrolled up to read, like a terminal; scrolling back to the end follows again. Runs in the browser only.
+FOLLOW_LOG_JS = """() => {
+  const t = document.querySelector('#log textarea');
+  if (!t) return;
+  if (!t.dataset.follow) {
+    t.dataset.follow = '1';
+    t.addEventListener('scroll', () => {
+      t.dataset.follow = (t.scrollHeight - t.scrollTop - t.clientHeight < 30) ? '1' : '0';
+    });
+  }
+  if (t.dataset.follow === '1') t.scrollTop = t.scrollHeight;
+}"""
+
+
 class TrainTab:
     def __init__(self, studio):
         self.studio, self.ws, self.runs = studio, studio.ws, studio.runs
@@ -74,11 +90,13 @@ class TrainTab:
         labels change when a run's status does, a run started elsewhere is picked up when none is shown, and
         `same_state` says whether the shown run is still in the phase it was (else its last message is stale)."""
         choices = self.studio.run_choices()
-        if not run_id:
-            run_id = self.studio.active_run()
         picker = gr.update()
-        if [list(c) for c in choices] != shown.get("choices") or run_id != shown.get("run"):
+        if not run_id and self.studio.active_run():
+            run_id = self.studio.active_run()
             picker = gr.Dropdown(choices=choices, value=run_id)
+        elif [list(c) for c in choices] != shown.get("choices"):
+            # labels only: a tick that left before a Start or a pick must not set the old run back
+            picker = gr.Dropdown(choices=choices)
         state = None
         if run_id and self.runs.get(run_id):
             v = self.runs.view(run_id)
@@ -354,7 +372,8 @@ class TrainTab:
             msg = gr.update() if follow["same_state"] else ""
             return [follow["picker"], *self.live(run_id), msg, shown]
 
-        timer.tick(on_tick, [self.run_pick, seen], [self.run_pick, *live_out, run_msg, seen], show_progress="hidden")
+        timer.tick(on_tick, [self.run_pick, seen], [self.run_pick, *live_out, run_msg, seen], show_progress="hidden"
+                   ).then(None, js=FOLLOW_LOG_JS)
 
     def register_load(self, ui) -> None:
         """A (re)loaded page gets fresh lists and re-attaches the live view to the active run."""
