@@ -128,9 +128,33 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
                          + "; ".join(f"{s['file']} ({s['reason']})" for s in report["skipped"][:5]))
         if report["missing_captions"]:
             warns.append(f"{len(report['missing_captions'])} image(s) have no caption"
+                         + ("; those in '<repeats>_<name>' folders are captioned with the name" if cfg.caption_from_folder else "")
                          + (f"; they use '{cfg.class_caption}'" if cfg.class_caption else " and train on the trigger word alone"))
+        if cfg.validation_split:
+            k = max(1, round(cfg.validation_split * report["image_count"]))
+            (errors if k >= report["image_count"] else notes).append(
+                f"validation_split = {cfg.validation_split:g} holds out {k} of {report['image_count']} image(s)"
+                + (": none would be left to train on" if k >= report["image_count"] else " to measure a validation loss"))
         if report["duplicates"]:
             warns.append(f"{len(report['duplicates'])} group(s) of duplicate images")
+        if cfg.masked_loss and not sum(report["masks"].values()):
+            warns.append("masked_loss is on but none of the images has a mask (an alpha channel, or a same-name "
+                         "file in a masks/ folder): every pixel counts, as without it")
+    for folder, what in ((cfg.reg_dataset, "Class-image"), (cfg.validation_dataset, "Validation")):
+        if not folder:
+            continue
+        try:
+            extra = dataset_report(folder, cfg.resolution)
+        except FileNotFoundError:
+            errors.append(f"{what} folder not found: {folder}")
+            continue
+        if not extra["image_count"]:
+            errors.append(f"{what} folder {folder} has no usable images.")
+        elif what == "Class-image":
+            notes.append(f"{extra['images_with_repeats']} class image(s) per epoch for prior preservation "
+                         f"(prior_loss_weight {cfg.prior_loss_weight:g})")
+        else:
+            notes.append(f"{extra['image_count']} validation image(s) from {Path(folder).name}")
     est = estimate_vram_gb(cfg, family)
     lines = []
     if errors:

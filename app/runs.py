@@ -38,6 +38,7 @@ class RunView:
     its: float = 0.0
     eta: float | None = None
     losses: list = field(default_factory=list)  # (step, loss)
+    val_losses: list = field(default_factory=list)  # (step, validation loss)
     samples: list = field(default_factory=list)  # (path, caption)
     log: list = field(default_factory=list)
     error: str | None = None
@@ -63,6 +64,8 @@ class RunView:
                 self.step, self.total, self.epoch = e["step"], e["total"], e.get("epoch", 0)
                 self.its, self.eta = e.get("its", 0.0), e.get("eta")
                 self.losses.append((e["step"], e["loss"]))
+            elif t == "validation":
+                self.val_losses.append((e["step"], e["loss"]))
             elif t == "sample":
                 self.samples.append((e["path"], f"step {e['step']}: {e.get('prompt', '')}"))
                 if "count" in e and e["index"] + 1 >= e["count"]:  # the last sample of a round: back to training
@@ -77,6 +80,14 @@ class RunView:
             elif t == "done":
                 self.state, self.output, self.step = "finished", e["path"], e.get("step", self.step)
         self.log = self.log[-200:]
+
+    def best_checkpoint(self) -> tuple[int, float] | None:
+        """(step, validation loss) of the saved checkpoint with the lowest validation loss."""
+        from trainer.runfiles import step_of
+
+        saved = {step_of(Path(p)) for p in self.checkpoints if Path(p).is_dir()}  # pruned ones are gone
+        scored = [(loss, step) for step, loss in self.val_losses if step in saved]
+        return (min(scored)[1], min(scored)[0]) if scored else None
 
 
 def config_hash(cfg: TrainConfig) -> str:

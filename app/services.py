@@ -101,8 +101,10 @@ class Studio:
         rows = []
         for r in self.runs.list():
             md = run_metadata(r)
+            best = self.runs.view(r["id"]).best_checkpoint()
             rows.append([r["id"], r["status"], md.get("name", ""), md.get("base", ""), md.get("rank/alpha", ""),
-                         str(md.get("steps", "")), md.get("trigger", "")])
+                         str(md.get("steps", "")), md.get("trigger", ""),
+                         f"step {best[0]} ({best[1]:.4f})" if best else ""])
         return rows
 
     def lora_files(self, run_id: str) -> list[str]:

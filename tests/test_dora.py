@@ -140,6 +140,7 @@ def test_dora_trains_a_different_file_that_diffusers_and_preview_load(tiny_sd1, 
     assert np.abs(at[1.0] - base).mean() > 0
 
 
+@pytest.mark.slow  # a longer training: the full suite runs it, the fast tier does not
 def test_dora_resume_equals_an_uninterrupted_run(tiny_sd1, dataset, tmp_path):
     from trainer.events import request
 

@@ -178,6 +178,7 @@ def _held_out_loss(m, latents, captions, seed=123):
     return total / 5
 
 
+@pytest.mark.slow  # a longer training: the full suite runs it, the fast tier does not
 def test_training_learns_the_concept(tiny_sd1, tmp_path):
     data = tmp_path / "concept"
     make_images(data, 4, size=(64, 64), caption="red square on blue", concept=True)

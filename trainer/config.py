@@ -32,7 +32,7 @@ FAMILIES = ("auto", "sd1", "sd2", "sd2v", "sdxl")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 
 
-PATH_FIELDS = ("base_model", "model_config", "dataset", "output_dir")
+PATH_FIELDS = ("base_model", "model_config", "dataset", "output_dir", "reg_dataset", "validation_dataset")
 
 
 def file_name(path: str) -> str:
@@ -70,6 +70,7 @@ class TrainConfig:
     caption_dropout: float = _f(0.0, "Probability of training an image with an empty caption (0-1).", None, "captions")
     tag_dropout: float = _f(0.0, "Probability of dropping each tag (except the kept ones) from a caption (0-1).", None, "captions")
     caption_extension: str = _f(".txt", "Extension of caption files next to the images.", None, "captions")
+    caption_from_folder: bool = _f(False, "Images without a caption file in a kohya '<repeats>_<name>' folder are captioned '<name>' (e.g. 10_zwx woman: 'zwx woman'), as kohya's DreamBooth folders.", None, "captions")
     # --- images and buckets
     resolution: int = _f(512, "Training resolution: buckets have about resolution x resolution pixels.")
     enable_buckets: bool = _f(True, "Aspect-ratio buckets: train each image near its own aspect ratio instead of cropping to a square.", None, "images")
@@ -119,6 +120,16 @@ class TrainConfig:
     min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off).", None, "training")
     prediction_type: str = _f("auto", "Training target; 'auto' uses the model's own (v_prediction for SD2-768-v).", PREDICTION_TYPES, "training")
     clip_skip: int = _f(1, "Use the output of the N-th last text-encoder layer (2 is common for anime models).", None, "training")
+    min_timestep: int = _f(0, "Train on noise timesteps from this one (0-999; kohya's min_timestep).", None, "training")
+    max_timestep: int = _f(1000, "Train on noise timesteps below this one (1-1000; kohya's max_timestep); 1000 = the whole range.", None, "training")
+    # --- quality tools
+    reg_dataset: str = _f("", "Class (regularisation) images for prior preservation, kohya layout ('<repeats>_<name>' folders; captions from .txt files, class_caption or the folder name). Each step trains a batch of them beside the training batch. Empty = none.", None, "quality")
+    prior_loss_weight: float = _f(1.0, "Weight of the class images' loss against the training images' (kohya's prior_loss_weight).", None, "quality")
+    masked_loss: bool = _f(False, "Weight the loss by a mask per image: its alpha channel, or a same-name image in a 'masks' folder (white = learn, black = ignore).", None, "quality")
+    validation_split: float = _f(0.0, "Hold out this fraction of the dataset (0-0.5) to measure a validation loss with fixed noise and timesteps.", None, "quality")
+    validation_dataset: str = _f("", "A separate folder of validation images (instead of, or besides, validation_split).", None, "quality")
+    validation_every_steps: int = _f(0, "Measure the validation loss every N steps (0 = with each checkpoint and at the end).", None, "quality")
+    tensorboard: bool = _f(False, "Log loss, validation loss, learning rate and samples for TensorBoard, in the run's tensorboard/ folder.", None, "quality")
     # --- output
     output_dir: str = _f("output", "Folder for the run: checkpoints, samples, events and the final LoRA.")
     output_name: str = _f("lora", "File name of the exported LoRA (without .safetensors).")
@@ -268,6 +279,15 @@ class TrainConfig:
             errors.append("save_every_steps, sample_every_steps and keep_last must not be negative.")
         if self.log_every_steps < 1:
             errors.append("log_every_steps must be at least 1.")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            errors.append(f"min_timestep ({self.min_timestep}) and max_timestep ({self.max_timestep}) must satisfy "
+                          "0 <= min_timestep < max_timestep <= 1000.")
+        if not 0 <= self.validation_split <= 0.5:
+            errors.append(f"validation_split must be between 0 and 0.5 (got {self.validation_split}).")
+        if self.prior_loss_weight < 0:
+            errors.append(f"prior_loss_weight must not be negative (got {self.prior_loss_weight}).")
+        if self.validation_every_steps < 0:
+            errors.append("validation_every_steps must not be negative.")
         errors += self.block_problems()
         return errors, warns
 

@@ -10,8 +10,9 @@ _OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy",
 _SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 _PRECISION = {"no": "no", "fp16": "fp16", "bf16": "bf16", "float": "fp32", "fp32": "fp32"}
 # keys that carry no training meaning for us, or are paths of the person's kohya install
-_IGNORED_QUIETLY = {"LoRA_type", "model_list", "output_dir", "logging_dir", "reg_data_dir", "train_data_dir",
-                    "pretrained_model_name_or_path", "output_name", "save_model_as", "sample_prompts"}
+_IGNORED_QUIETLY = {"LoRA_type", "model_list", "save_model_as"}
+# paths and names of the machine the preset came from: the person's own form keeps its values, and says so
+_PERSONAL = {"output_dir", "train_data_dir", "pretrained_model_name_or_path", "output_name", "sample_prompts"}
 
 
 # The one table of kohya keys that are plain values: (kohya key, TrainConfig field, type). kohya_ss's JSON and
@@ -24,12 +25,15 @@ NUMBERS = (
     ("caption_dropout_rate", "caption_dropout", float), ("min_bucket_reso", "min_bucket", int),
     ("max_bucket_reso", "max_bucket", int), ("seed", "seed", int), ("clip_skip", "clip_skip", int),
     ("save_every_n_steps", "save_every_steps", int), ("save_last_n_steps_state", "keep_last", int),
+    ("prior_loss_weight", "prior_loss_weight", float), ("min_timestep", "min_timestep", int),
+    ("max_timestep", "max_timestep", int), ("validation_split", "validation_split", float),
+    ("validate_every_n_steps", "validation_every_steps", int),
 )
 FLAGS = (
     ("gradient_checkpointing", "gradient_checkpointing"), ("cache_latents", "cache_latents"),
     ("cache_latents_to_disk", "cache_latents_to_disk"), ("shuffle_caption", "shuffle_tags"), ("flip_aug", "flip"),
     ("enable_bucket", "enable_buckets"), ("bucket_no_upscale", "no_upscale"),
-    ("cache_text_encoder_outputs", "cache_text_encoder_outputs"),
+    ("cache_text_encoder_outputs", "cache_text_encoder_outputs"), ("masked_loss", "masked_loss"),
 )
 # per-block settings: kohya_ss stores them as comma-separated strings, sd-scripts reads them from network_args
 BLOCK_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
@@ -37,10 +41,11 @@ BLOCK_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alpha
 # keys with rules of their own (precedence, percentages, names), handled one by one in import_kohya
 SPECIAL = {"learning_rate", "unet_lr", "text_encoder_lr", "network_train_unet_only", "optimizer", "lr_scheduler",
            "lr_warmup", "max_train_steps", "epoch", "max_resolution", "mixed_precision", "save_precision",
-           "caption_extension", "v_parameterization"}
+           "caption_extension", "v_parameterization", "reg_data_dir", "logging_dir", "log_with"}
 KNOWN = {k for k, _, _ in NUMBERS} | {k for k, _ in FLAGS} | SPECIAL | set(BLOCK_KEYS) | {"block_lr_zero_threshold"}
 # written to sd-scripts only when set: 0 means "off" to us, but e.g. save_every_n_steps = 0 divides by zero there
-TOML_ONLY_WHEN_SET = {"network_dropout", "min_snr_gamma", "noise_offset", "save_every_n_steps"}
+TOML_ONLY_WHEN_SET = {"network_dropout", "min_snr_gamma", "noise_offset", "save_every_n_steps", "validate_every_n_steps",
+                      "validation_split"}
 TOML_ELSEWHERE = {"conv_dim", "conv_alpha", "save_last_n_steps_state"}  # network_args; not sd-scripts' meaning
 
 
@@ -139,6 +144,18 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
         out["caption_extension"] = ext if ext.startswith(".") else "." + ext
     if data.get("v_parameterization") is True:
         out["prediction_type"] = "v_prediction"
+    if data.get("reg_data_dir") not in (None, ""):
+        out["reg_dataset"] = str(data["reg_data_dir"])
+        notes.append(f"reg_data_dir: class images from {data['reg_data_dir']} (check that the folder exists here)")
+    if str(data.get("log_with", "")).lower() in ("tensorboard", "all") or (
+            data.get("logging_dir") not in (None, "") and str(data.get("log_with", "")).lower() in ("", "tensorboard")):
+        out["tensorboard"] = True
+        notes.append("logging_dir: TensorBoard logs go to the run's tensorboard/ folder")
+    elif str(data.get("log_with", "")).lower() not in ("", "none"):
+        notes.append(f"log_with = '{data['log_with']}': only TensorBoard is supported, not turned on")
+    personal = sorted(k for k in _PERSONAL if data.get(k) not in (None, "", []))
+    if personal:
+        notes.append("kept your own values for " + ", ".join(personal) + " (they name files on the machine the preset came from)")
     if out.get("min_snr_gamma") == 0:
         out.pop("min_snr_gamma")
     if out.get("cache_text_encoder_outputs") and out.get("train_text_encoder", True):
@@ -204,6 +221,10 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
         d["network_args"] = args
     if cfg.prediction_type == "v_prediction":
         d["v_parameterization"] = True
+    if cfg.reg_dataset:
+        d["reg_data_dir"] = cfg.reg_dataset
+    if cfg.tensorboard:
+        d["log_with"], d["logging_dir"] = "tensorboard", str(Path(cfg.output_dir) / "tensorboard")
     header = "# sd-scripts config exported by LoRA Studio. Run: accelerate launch "
     header += ("sdxl_train_network.py" if sdxl_hint else "train_network.py") + " --config_file THIS.toml\n"
     return header + dumps_toml(d)

@@ -22,7 +22,7 @@ from trainer.config import TrainConfig
 from trainer.data.cache import encode_pixels
 from trainer.data.captions import tag_frequency
 from trainer.data.loader import TrainData, make_loader, mix
-from trainer.data.scan import ScanResult, scan_dataset
+from trainer.data.scan import ScanResult, file_hash, folder_caption, scan_dataset
 from trainer.events import EventLog, take_request
 from trainer.faults import maybe_inject
 from trainer.models import families, lora
@@ -115,6 +115,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
             train_step(run, state, batches)
             bar.update(1)
             if after_step(run, state):
+                run.accelerator.end_training()  # flushes the TensorBoard writer
                 return run.files.root
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(
@@ -134,9 +135,14 @@ def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel 
     run_dir = Path(run_dir)
     config_warnings = cfg.validate()
     device, mp, dev_warns = resolve_device_and_precision(cfg)
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation,
-                              cpu=(device == "cpu"))
     files = RunFiles(run_dir)
+    trackers = {"log_with": "tensorboard", "project_dir": str(files.tensorboard)} if cfg.tensorboard else {}
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation,
+                              cpu=(device == "cpu"), **trackers)
+    if cfg.tensorboard:
+        # scalar settings only (TensorBoard's hparams take no lists), names only for paths
+        hparams = {k: v for k, v in cfg.public_dict().items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("lora", config=hparams)
     if accelerator.is_main_process:
         check_output_dir(run_dir)
         ckpt.remove_stale_temp(run_dir)
@@ -146,6 +152,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel 
     started_at = time.time()
     ev.emit("status", state="starting", message=f"Starting run in {run_dir}")
     scan = scan_for_training(cfg, ev)
+    sets = split_sets(cfg, scan, ev)
 
     ev.emit("status", state="loading", message=f"Loading base model {cfg.base_model}")
     model = model or load_model(cfg.base_model, cfg.model_family, cfg.model_config or None)
@@ -157,7 +164,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
     alphas = add_lora(cfg, model, accelerator.device, weight_dtype, ev)
 
-    data = prepare_data(cfg, scan, model, accelerator, ev)
+    data = prepare_data(cfg, sets, model, accelerator, ev)
     text_cache = cache_text(cfg, model, data, accelerator.device)
     micro_per_epoch = data.micro_per_epoch(accelerator.num_processes)
 
@@ -169,6 +176,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel 
     info = {
         "started_at": started_at,
         "num_train_images": sum(it.repeats for it in data.items),
+        "num_reg_images": sum(it.repeats for it in data.reg.items) if data.reg else 0,
         "tag_frequency": {name: tag_frequency([it.caption for it in data.items if it.subset == name]) for name in scan.subsets},
         "dataset_dirs": scan.subsets,
         "model_name": cfg.base_model,
@@ -204,19 +212,49 @@ def check_output_dir(run_dir: Path) -> None:
         raise TrainingError(f"Cannot write to the output folder {run_dir} ({e.strerror}). Choose another output_dir.") from None
 
 
-def scan_for_training(cfg: TrainConfig, ev: EventLog) -> ScanResult:
+def scan_for_training(cfg: TrainConfig, ev: EventLog, folder: str = "", what: str = "Dataset") -> ScanResult:
+    """The images of the dataset (or of the class / validation folder), captioned from folder names when asked."""
+    folder = folder or cfg.dataset
     try:
-        scan = scan_dataset(cfg.dataset, cfg.caption_extension)
+        scan = scan_dataset(folder, cfg.caption_extension)
     except FileNotFoundError:
-        raise TrainingError(f"Dataset folder not found: {cfg.dataset}. Check the path.") from None
+        raise TrainingError(f"{what} folder not found: {folder}. Check the path.") from None
     for s in scan.skipped:
         ev.emit("warning", message=f"Skipped {s.path.name}: {s.reason}")
     if not scan.items:
         raise TrainingError(
-            f"No usable images in {cfg.dataset}. Put .png/.jpg/.webp/.bmp files in the folder itself or in "
+            f"No usable images in {folder}. Put .png/.jpg/.webp/.bmp files in the folder itself or in "
             "sub-folders named like '10_name' (10 = repeats)."
         )
+    if cfg.caption_from_folder:
+        for it in scan.items:
+            if it.caption is None:
+                it.caption = folder_caption(it)
     return scan
+
+
+def split_sets(cfg: TrainConfig, scan: ScanResult, ev: EventLog) -> tuple[list, list, list]:
+    """(training, class, validation) images. Held-out images are chosen by content and seed, so the same
+    dataset and seed hold out the same images in every run."""
+    from trainer.data.loader import mix
+
+    train, val = list(scan.items), []
+    if cfg.validation_split > 0:
+        k = max(1, round(cfg.validation_split * len(train)))
+        if k >= len(train):
+            raise TrainingError(f"validation_split = {cfg.validation_split} would hold out all {len(train)} image(s): "
+                                "add images or lower it.")
+        order = sorted(train, key=lambda it: mix(cfg.seed, int(file_hash(it.path)[:15], 16)))
+        held = {id(it) for it in order[:k]}
+        val = [it for it in train if id(it) in held]
+        train = [it for it in train if id(it) not in held]
+        ev.emit("log", message=f"Validation: {len(val)} image(s) held out: " + ", ".join(it.path.name for it in val[:10]))
+    if cfg.validation_dataset:
+        val += scan_for_training(cfg, ev, cfg.validation_dataset, "Validation").items
+    reg = scan_for_training(cfg, ev, cfg.reg_dataset, "Class-image").items if cfg.reg_dataset else []
+    if reg:
+        ev.emit("log", message=f"Prior preservation: {len(reg)} class image(s), prior_loss_weight {cfg.prior_loss_weight:g}")
+    return train, reg, val
 
 
 def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventLog) -> dict:
@@ -247,9 +285,15 @@ def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventL
     return alphas
 
 
-def prepare_data(cfg: TrainConfig, scan: ScanResult, model: LoadedModel, accelerator, ev: EventLog) -> TrainData:
-    """The run's images with buckets, and their latents cached (files that fail to decode are left out)."""
-    data = TrainData(scan.items, cfg)
+def prepare_data(cfg: TrainConfig, sets: tuple[list, list, list], model: LoadedModel, accelerator, ev: EventLog) -> TrainData:
+    """The run's images with buckets (and its class and validation images), their latents cached (files that
+    fail to decode are left out)."""
+    train, reg, val = sets
+    data = TrainData(train, cfg)
+    if reg:
+        data.reg = TrainData(reg, cfg, cfg.reg_dataset, triggers=False)
+    if val:
+        data.val = TrainData(val, cfg.replace(flip=False))
     if not cfg.cache_latents:
         return data
     from trainer.data.cache import LatentCache, MemoryLatentCache, default_cache_dir, vae_fingerprint
@@ -258,16 +302,20 @@ def prepare_data(cfg: TrainConfig, scan: ScanResult, model: LoadedModel, acceler
     cache = LatentCache(default_cache_dir(), vae_id) if cfg.cache_latents_to_disk else MemoryLatentCache(vae_id)
     with accelerator.main_process_first():
         t0 = time.time()
-        jobs = data.all_jobs()
+        jobs = [j for part in data.parts() for j in part.all_jobs()]
         n = cache.fill(model.vae, jobs, on_progress=lambda d, t: ev.emit(
             "status", state="caching", message=f"Caching latents {d}/{t}", done=d, count=t))
         ev.emit("log", message=f"Latent cache: {n} image(s) encoded in {time.time() - t0:.1f}s, {len(jobs) - n} reused")
     for path, reason in cache.failed.items():
         ev.emit("warning", message=f"Skipped {path.name}: {reason}")
-    data.drop(set(cache.failed))
+    for part in data.parts():
+        part.drop(set(cache.failed))
+        part.cache = cache
     if not data.items:
         raise TrainingError(f"No image in {cfg.dataset} could be decoded. See the skipped files above.")
-    data.cache = cache
+    for name in ("reg", "val"):  # a class or validation set whose every file failed is dropped, said above
+        if getattr(data, name) is not None and not getattr(data, name).items:
+            setattr(data, name, None)
     model.vae.to("cpu")  # free VRAM; samples move it back
     return data
 
@@ -278,7 +326,7 @@ def cache_text(cfg: TrainConfig, model: LoadedModel, data: TrainData, dev) -> di
     if not (cfg.cache_text_encoder_outputs and not cfg.train_text_encoder):
         return None
     cache = {}
-    for c in sorted(set(data.fixed_captions())):
+    for c in sorted({c for part in data.parts() for c in part.fixed_captions()}):
         h, p = encode_prompts(model, model.text_encoders, [c], cfg.clip_skip, dev)
         cache[c] = (h[0].cpu(), None if p is None else p[0].cpu())
     for te in model.text_encoders:
@@ -371,38 +419,61 @@ def train_step(run: Run, state: State, batches) -> None:
 
 
 def micro_step(run: Run, batch: dict, micro: int) -> torch.Tensor:
-    cfg, acc, model = run.cfg, run.accelerator, run.model
-    dev, sched = acc.device, model.noise_scheduler
+    """One batch forward and backward (with class images: their loss too, weighted by prior_loss_weight, so
+    each step sees both), then the optimizer when the accumulation is complete. Returns the training loss."""
+    cfg, acc = run.cfg, run.accelerator
     g = torch.Generator().manual_seed(mix(cfg.seed, micro, acc.process_index))
     torch.manual_seed(mix(cfg.seed, micro, acc.process_index, 1))  # LoRA dropout
-    latents = batch["latents"] if "latents" in batch else encode_pixels(model.vae, batch["pixels"])
-    latents = latents.to(dev)
-    noise = torch.randn(latents.shape, generator=g)
-    if cfg.noise_offset:
-        noise += cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g)
-    timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g)
-    noise, timesteps = noise.to(dev), timesteps.to(dev)
-    noisy = sched.add_noise(latents, noise, timesteps)
-    v_pred = model.prediction_type == "v_prediction"
-    target = sched.get_velocity(latents, noise, timesteps) if v_pred else noise
+    reg = batch.get("reg") if "train" in batch else None
+    batch = batch["train"] if "train" in batch else batch
     with acc.accumulate(*run.trainable):
-        hs, pooled = conditioning(run, batch["caption"])
-        kwargs = {}
-        if model.is_sdxl:
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(dev)}
-        with acc.autocast():
-            pred = run.unet(noisy.to(run.weight_dtype), timesteps, hs.to(run.weight_dtype), **kwargs).sample
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
-        if cfg.min_snr_gamma:
-            loss = loss * snr_weights(sched, timesteps, cfg.min_snr_gamma, v_pred)
-        loss = loss.mean()
+        loss = batch_loss(run, batch, g)
         acc.backward(loss)
+        if reg is not None and cfg.prior_loss_weight > 0:
+            # a second backward adds its gradient to the first: the gradient of loss + w * prior loss, with one
+            # batch's activations in memory at a time
+            acc.backward(cfg.prior_loss_weight * batch_loss(run, reg, torch.Generator().manual_seed(
+                mix(cfg.seed, micro, acc.process_index, 7))))
         if acc.sync_gradients and cfg.max_grad_norm > 0:
             acc.clip_grad_norm_([p for g_ in run.optimizer.param_groups for p in g_["params"]], cfg.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def batch_loss(run: Run, batch: dict, g: torch.Generator, timesteps: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The diffusion loss of a batch: noise at random timesteps in [min_timestep, max_timestep) drawn from `g`
+    (or the given ones, for validation), predicted by the UNet, weighted by min-SNR and by the masks."""
+    cfg, acc, model = run.cfg, run.accelerator, run.model
+    dev, sched = acc.device, model.noise_scheduler
+    latents = batch["latents"] if "latents" in batch else encode_pixels(model.vae, batch["pixels"])
+    latents = latents.to(dev)
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=g)
+        if cfg.noise_offset:
+            noise += cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g)
+    if timesteps is None:
+        high = min(cfg.max_timestep, sched.config.num_train_timesteps)
+        timesteps = torch.randint(cfg.min_timestep, high, (latents.shape[0],), generator=g)
+    noise, timesteps = noise.to(dev), timesteps.to(dev)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    v_pred = model.prediction_type == "v_prediction"
+    target = sched.get_velocity(latents, noise, timesteps) if v_pred else noise
+    hs, pooled = conditioning(run, batch["caption"])
+    kwargs = {}
+    if model.is_sdxl:
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(dev)}
+    with acc.autocast():
+        pred = run.unet(noisy.to(run.weight_dtype), timesteps, hs.to(run.weight_dtype), **kwargs).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if "mask" in batch:  # kohya's masked loss: weight each latent pixel, then average as before
+        loss = loss * batch["mask"].to(dev)
+    loss = loss.mean(dim=[1, 2, 3])
+    if cfg.min_snr_gamma:
+        loss = loss * snr_weights(sched, timesteps, cfg.min_snr_gamma, v_pred)
+    return loss.mean()
 
 
 def conditioning(run: Run, captions: list[str]):
@@ -438,7 +509,10 @@ def after_step(run: Run, state: State) -> bool:
     if every(cfg.sample_every_steps, step, total):
         render_samples(run, step)
     want_save, want_stop = poll_requests(run.accelerator, run.files.root)
-    if want_save or want_stop or every(cfg.save_every_steps, step, total):
+    saving = want_save or want_stop or every(cfg.save_every_steps, step, total)
+    if every(cfg.validation_every_steps, step, total) or (saving and not cfg.validation_every_steps):
+        validate(run, step)
+    if saving:
         ckpt.save(run, step)
     if want_stop:
         run.ev.emit("stopped", step=step, message=f"Stopped at step {step}; resume to continue.")
@@ -457,8 +531,50 @@ def report_progress(run: Run, state: State) -> None:
     elapsed = time.time() - state.t0
     its = (state.step - state.step0) / elapsed if elapsed > 0 else 0.0
     eta = (run.total_steps - state.step) / its if its > 0 else None
-    run.ev.emit("progress", step=state.step, total=run.total_steps, epoch=state.epoch, loss=avg,
-                lr=run.scheduler.get_last_lr()[0], its=its, eta=eta)
+    lr = run.scheduler.get_last_lr()[0]
+    run.ev.emit("progress", step=state.step, total=run.total_steps, epoch=state.epoch, loss=avg, lr=lr, its=its, eta=eta)
+    if run.cfg.tensorboard:
+        run.accelerator.log({"loss": avg, "lr": lr}, step=state.step)
+
+
+VALIDATION_TIMESTEPS = 4  # per image, spread evenly over [min_timestep, max_timestep)
+
+
+@torch.no_grad()
+def validate(run: Run, step: int) -> float | None:
+    """The loss on the held-out images with the same noise and timesteps every time (seeded by each image's
+    content, not by the run's seed), so the curve compares across steps and across runs. Every rank runs it
+    (the model may be DDP-wrapped); rank 0 reports it."""
+    from trainer.data.loader import collate
+
+    val, cfg = run.data.val, run.cfg
+    if val is None:
+        return None
+    modes = [m.training for m in run.trainable]
+    for m in run.trainable:
+        m.eval()  # no LoRA dropout while measuring
+    losses = []
+    try:
+        captions = val.fixed_captions()
+        channels = run.model.unet.config.in_channels
+        for i, it in enumerate(val.items):
+            batch = collate([val[(0, 0, 0, i, False)]])
+            batch["caption"] = [captions[i]]
+            g = torch.Generator().manual_seed(mix(int(val.hashes[i][:15], 16), 43))
+            bw, bh = val.buckets[i]
+            for k in range(VALIDATION_TIMESTEPS):
+                t = cfg.min_timestep + int((k + 0.5) * (cfg.max_timestep - cfg.min_timestep) / VALIDATION_TIMESTEPS)
+                noise = torch.randn((1, channels, bh // 8, bw // 8), generator=g)
+                losses.append(float(batch_loss(run, batch, g, torch.tensor([t]), noise)))
+    finally:
+        for m, was in zip(run.trainable, modes):
+            m.train(was)
+    mean = sum(losses) / len(losses)
+    run.ev.emit("validation", step=step, loss=mean, images=len(val.items),
+                message=f"Validation loss {mean:.4f} at step {step} ({len(val.items)} image(s))")
+    if cfg.tensorboard:
+        run.accelerator.log({"val_loss": mean}, step=step)
+    return mean
 
 
 def poll_requests(accelerator, run_dir: Path) -> tuple[bool, bool]:
@@ -509,6 +625,11 @@ def render_samples(run: Run, step: int) -> None:
                                width=cfg.resolution).images[0]
                 p = run.files.sample(step, i)
                 img.save(p)
+                if cfg.tensorboard:
+                    import numpy as np
+
+                    acc.get_tracker("tensorboard", unwrap=True).add_image(f"sample_{i}", np.asarray(img), step,
+                                                                          dataformats="HWC")
                 run.ev.emit("sample", step=step, path=str(p), prompt=text, index=i, count=n)
         finally:
             model.unet, model.text_encoders = saved
@@ -519,6 +640,7 @@ def render_samples(run: Run, step: int) -> None:
 # ----------------------------------------------------------------------------- the end
 def finish(run: Run, state: State) -> Path:
     """Final checkpoint, final samples, the exported file in the run folder, the done event."""
+    validate(run, run.total_steps)
     final = ckpt.save(run, run.total_steps)
     render_samples(run, run.total_steps)
     out = run.files.final(run.cfg.output_name)

@@ -7,6 +7,7 @@
     <run>/samples/step000100_00.png       sample images
     <run>/<output_name>.safetensors       the final LoRA
     <run>/worker.log, <run>/error.log     the worker's output; an engine bug's traceback
+    <run>/tensorboard/                    TensorBoard event files (tensorboard = true)
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ class RunFiles:
     @property
     def control(self) -> Path:
         return self.root / CONTROL
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
 
     @property
     def checkpoints(self) -> Path:

@@ -23,7 +23,8 @@ class OutputsTab:
 
     def build(self):
         studio, ws = self.studio, self.ws
-        self.table = gr.Dataframe(headers=["run", "status", "name", "base model", "rank/alpha", "steps", "trigger"],
+        self.table = gr.Dataframe(headers=["run", "status", "name", "base model", "rank/alpha", "steps", "trigger",
+                                           "lowest validation loss"],
                                   value=studio.outputs_table(), interactive=False, elem_id="outputs-table")
         with gr.Row():
             self.pick = gr.Dropdown(choices=studio.run_choices(), label="Run", scale=3, elem_id="out-run")

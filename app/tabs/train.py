@@ -46,7 +46,14 @@ def progress_markdown(run: dict | None, v) -> str:
         line += f" · {v.its:.2f} it/s · ETA {fmt_eta(v.eta)}"
     lines.append(line)
     if v.losses:
-        lines.append(f"loss {v.losses[-1][1]:.4f}")
+        lines.append(f"loss {v.losses[-1][1]:.4f}" + (f" · validation loss {v.val_losses[-1][1]:.4f} at step "
+                                                      f"{v.val_losses[-1][0]}" if v.val_losses else ""))
+    best = v.best_checkpoint() if v.val_losses else None
+    if best:
+        lines.append(f"lowest validation loss among the checkpoints: step {best[0]} ({best[1]:.4f})")
+    board = RunFiles(run["dir"]).tensorboard if run.get("dir") else None
+    if board is not None and board.is_dir():
+        lines.append(f"TensorBoard: `tensorboard --logdir \"{board}\"` then open http://localhost:6006")
     if v.error:
         lines.append(f"\n**What happened:** {v.error}")
     if v.output:
@@ -82,7 +89,8 @@ class TrainTab:
         v = self.runs.view(run_id)
         import pandas as pd
 
-        plot = pd.DataFrame(v.losses, columns=["step", "loss"]) if v.losses else pd.DataFrame({"step": [], "loss": []})
+        rows = [(s, x, "training") for s, x in v.losses] + [(s, x, "validation") for s, x in v.val_losses]
+        plot = pd.DataFrame(rows, columns=["step", "loss", "series"])
         return progress_markdown(run, v), plot, list(v.samples[-12:]), "\n".join(v.log[-30:])
 
     def follow(self, run_id: str | None, shown: dict) -> tuple[dict, str | None, dict]:
@@ -329,7 +337,8 @@ class TrainTab:
         run_msg = gr.Markdown(elem_id="run-msg")  # what Stop / Save now / Resume answered, until the run moves on
         progress = gr.Markdown("No run selected.", elem_id="progress")
         with gr.Row():
-            loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=260, elem_id="loss-plot")
+            loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss (training and validation)",
+                                    height=260, elem_id="loss-plot")
             samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples")
         logs = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="log", autoscroll=True)
         timer = gr.Timer(1.0)

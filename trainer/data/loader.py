@@ -8,11 +8,13 @@ examples share a DataLoader.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from trainer.data.buckets import assign_bucket, make_buckets, resize_crop_box
 from trainer.data.cache import pixel_tensor
@@ -30,14 +32,21 @@ def mix(*xs: int) -> int:
 
 
 class TrainData(Dataset):
-    """The images of a run with their buckets and content hashes. An index is (micro, rank, slot, item, flip);
-    a sample is {'latents' or 'pixels', 'caption', 'time_ids'}."""
+    """The images of a run with their buckets and content hashes. An index is (micro, rank, slot, item, flip),
+    or (..., 1) for a class image of `reg`; a sample is {'latents' or 'pixels', 'caption', 'time_ids'} (+ 'mask'
+    with masked loss, + 'reg' for a class image). `reg` (class images) and `val` (validation images) are
+    TrainData of their own, sharing the latent cache."""
 
-    def __init__(self, items: list[ImageItem], cfg):
+    def __init__(self, items: list[ImageItem], cfg, root: str | Path | None = None, triggers: bool = True):
         if not items:
             raise ValueError("no images")
         self.cfg = cfg
+        self.root = Path(root or cfg.dataset)
         self.opts = CaptionOptions.from_config(cfg)
+        if not triggers:  # class images show the class, not the subject: no trigger words put in front
+            self.opts = dataclasses.replace(self.opts, triggers=())
+        self.reg: TrainData | None = None
+        self.val: TrainData | None = None
         if cfg.enable_buckets:
             bucket_list = make_buckets(cfg.resolution, *cfg.bucket_range, cfg.bucket_step)
         else:
@@ -98,7 +107,13 @@ class TrainData(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: tuple[int, int, int, int, bool]) -> dict:
+    def parts(self) -> list["TrainData"]:
+        """This data and its class and validation images: what caches fill."""
+        return [d for d in (self, self.reg, self.val) if d is not None]
+
+    def __getitem__(self, index: tuple) -> dict:
+        if len(index) == 6:  # a class image, paired with this training batch
+            return {**self.reg[index[:5]], "reg": True}
         micro, rank, slot, i, flip = index
         it, (bw, bh) = self.items[i], self.buckets[i]
         _, _, (left, top, _, _) = resize_crop_box(it.width, it.height, bw, bh)
@@ -108,7 +123,20 @@ class TrainData(Dataset):
             sample["latents"] = self.cache.get(self.hashes[i], self.buckets[i], flip)
         else:
             sample["pixels"] = pixel_tensor(it.path, self.buckets[i], flip)
+        if self.cfg.masked_loss:
+            from trainer.data.masks import mask_tensor
+
+            sample["mask"] = mask_tensor(it.path, self.root, self.buckets[i], flip)
         return sample
+
+
+def collate(samples: list[dict]) -> dict:
+    """A batch; with class images, {'train': batch, 'reg': batch} (their buckets may differ)."""
+    is_reg = [s.pop("reg", False) for s in samples]
+    if not any(is_reg):
+        return default_collate(samples)
+    return {"train": default_collate([s for s, r in zip(samples, is_reg) if not r]),
+            "reg": default_collate([s for s, r in zip(samples, is_reg) if r])}
 
 
 class BucketBatchSampler(Sampler):
@@ -120,19 +148,29 @@ class BucketBatchSampler(Sampler):
         self.data, self.world = data, world_size
         self.start, self.end = start_micro, end_micro
         self.per_epoch = data.micro_per_epoch(world_size)
+        self.reg_per_epoch = data.reg.micro_per_epoch(world_size) if data.reg is not None else 0
 
     def __len__(self) -> int:
         return (self.end - self.start) * self.world
 
     def __iter__(self):
         epoch_batches, cached_epoch = None, None
+        reg_batches, reg_epoch = None, None
         for micro in range(self.start, self.end):
             epoch, pos = divmod(micro, self.per_epoch)
             if epoch != cached_epoch:
                 epoch_batches, cached_epoch = self.data.global_batches(epoch), epoch
+            if self.reg_per_epoch:  # the class images run through their own epochs, one batch per step
+                r_epoch, r_pos = divmod(micro, self.reg_per_epoch)
+                if r_epoch != reg_epoch:
+                    reg_batches, reg_epoch = self.data.reg.global_batches(r_epoch), r_epoch
             for rank in range(self.world):
                 entries = epoch_batches[pos * self.world + rank]
-                yield [(micro, rank, slot, i, flip) for slot, (i, flip) in enumerate(entries)]
+                batch = [(micro, rank, slot, i, flip) for slot, (i, flip) in enumerate(entries)]
+                if self.reg_per_epoch:
+                    batch += [(micro, rank, slot, i, flip, 1)
+                              for slot, (i, flip) in enumerate(reg_batches[r_pos * self.world + rank])]
+                yield batch
 
 
 def loader_workers() -> int:
@@ -142,4 +180,4 @@ def loader_workers() -> int:
 
 def make_loader(data: TrainData, world_size: int, start_micro: int, end_micro: int, pin_memory: bool = False) -> DataLoader:
     return DataLoader(data, batch_sampler=BucketBatchSampler(data, world_size, start_micro, end_micro),
-                      num_workers=loader_workers(), pin_memory=pin_memory)
+                      num_workers=loader_workers(), pin_memory=pin_memory, collate_fn=collate)

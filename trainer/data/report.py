@@ -29,6 +29,9 @@ def dataset_report(path: str | Path, resolution: int = 512, trigger: str = "", m
             without_trigger.append(_rel(scan.root, it.path))
         by_hash.setdefault(file_hash(it.path), []).append(_rel(scan.root, it.path))
     dups = [v for v in by_hash.values() if len(v) > 1]
+    from trainer.data.masks import mask_source
+
+    sources = Counter(mask_source(it.path, scan.root) for it in items)
     sides = [min(it.width, it.height) for it in items]
     return {
         "root": str(scan.root),
@@ -50,6 +53,7 @@ def dataset_report(path: str | Path, resolution: int = 512, trigger: str = "", m
         "skipped": [{"file": _rel(scan.root, s.path), "reason": s.reason} for s in scan.skipped],
         "notes": scan.notes,
         "excluded": [_rel(scan.root, it.path) for it in scan.excluded],
+        "masks": {"file": sources["file"], "alpha": sources["alpha"]},
         "blockers": ["No usable images in the folder."] if not items else [],
     }
 
@@ -93,6 +97,10 @@ def summary_lines(rep: dict, code=str) -> list[str]:
         out.append(f"sizes from {rep['smallest'][0]}x{rep['smallest'][1]} to {rep['largest'][0]}x{rep['largest'][1]}")
     if rep["trigger_coverage"] is not None:
         out.append(f"trigger coverage: {rep['trigger_coverage']:.0%}")
+    masks = rep.get("masks") or {}
+    if sum(masks.values()):
+        out.append(f"masks for masked loss: {sum(masks.values())} image(s) ({masks['file']} from masks/, "
+                   f"{masks['alpha']} from alpha)")
     top = list(rep["tag_frequency"].items())[:20]
     if top:
         out.append("top tags: " + ", ".join(f"{t} ({n})" for t, n in top))

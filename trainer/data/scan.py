@@ -2,7 +2,8 @@
 
 - a folder of images with same-name caption files (`a.png` + `a.txt`);
 - kohya's `<repeats>_<name>` sub-folders (`10_mychar/`), repeats = 10;
-- other sub-folders are read too (repeats 1) and reported, so nothing is silently ignored.
+- other sub-folders are read too (repeats 1) and reported, so nothing is silently ignored; a `masks/` folder
+  holds masks for masked loss (trainer/data/masks.py), not training images.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def caption_path_for(image: Path, ext: str = ".txt") -> Path:
 
 def _subfolders(root: Path) -> list[tuple[Path, int, str]]:
     out = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "masks"):
         m = REPEATS_DIR.match(d.name)
         if m:
             out.append((d, max(1, int(m.group(1))), d.name))
@@ -129,6 +130,12 @@ def scan_dataset(root: str | Path, caption_ext: str = ".txt") -> ScanResult:
         if count:
             res.subsets[name] = {"n_repeats": repeats, "img_count": count}
     return res
+
+
+def folder_caption(item: ImageItem) -> str | None:
+    """kohya's DreamBooth-style caption from a '<repeats>_<name>' folder: 'zwx woman' for 10_zwx woman/."""
+    m = REPEATS_DIR.match(item.subset)
+    return (m.group(2).strip() or None) if m else None
 
 
 def file_hash(path: Path, chunk: int = 1 << 20) -> str:
