@@ -115,6 +115,7 @@ class TrainConfig:
     seed: int = _f(42, "Random seed: the same seed and data give the same LoRA.")
     mixed_precision: str = _f("bf16", "Compute precision: bf16 (recent GPUs), fp16, or no (fp32). LoRA weights stay fp32.", PRECISIONS)
     save_precision: str = _f("fp16", "Precision of the exported file.", SAVE_PRECISIONS)
+    base_quantization: str = _f("none", "Store the frozen base model quantised (QLoRA): fp8 (weights as float8, computed in the run's precision; kohya's fp8_base), int8 or nf4 (bitsandbytes layers). Much less VRAM for the weights; the LoRA trains and exports as usual.", ("none", "fp8", "int8", "nf4"), "training")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less VRAM, about 20-30% slower.", None, "training")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images; 0 = off).", None, "training")
     min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off).", None, "training")
@@ -288,6 +289,9 @@ class TrainConfig:
             errors.append(f"prior_loss_weight must not be negative (got {self.prior_loss_weight}).")
         if self.validation_every_steps < 0:
             errors.append("validation_every_steps must not be negative.")
+        if self.base_quantization in ("int8", "nf4") and self.use_dora:
+            errors.append(f"use_dora with base_quantization = '{self.base_quantization}' is not supported (DoRA needs "
+                          "the base weights in full). Use base_quantization = 'fp8' or 'none', or turn DoRA off.")
         errors += self.block_problems()
         return errors, warns
 

@@ -59,15 +59,33 @@ def lora_param_count(cfg, family: str, config_dir=None) -> int:
                for block, n in _modules(unet, tes, cfg.network_target == "attention"))
 
 
+# Share of the UNet's parameters in Linear layers (the rest: convolutions, norms), counted from the real
+# architectures' configs: SD 1.5 0.31, SDXL 0.87 (SD 2.x has SD 1.5's layout). int8 / nf4 quantise Linears only.
+LINEAR_SHARE = {"sd1": 0.31, "sd2": 0.31, "sdxl": 0.87}
+BYTES_PER_WEIGHT = {"fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}  # nf4: 4 bits + an fp32 scale per 64 weights
+
+
+def base_bytes(quantization: str, wbytes: float, linear_share: float) -> float:
+    """Bytes per frozen weight: fp8 stores Linear and Conv weights in 1 byte; int8 / nf4 the Linear ones."""
+    q = BYTES_PER_WEIGHT.get(quantization)
+    if q is None:
+        return wbytes
+    if quantization == "fp8":
+        return q
+    return linear_share * q + (1 - linear_share) * wbytes
+
+
 def estimate_vram_gb(cfg, family: str) -> dict:
     fam = families.group(family)
     if fam not in families.FAMILIES:
         fam = "sdxl" if cfg.resolution >= 1024 else "sd1"
     unet, te, vae = families.family(fam).params
     wbytes = 2 if cfg.mixed_precision in ("fp16", "bf16") else 4
-    weights = unet * wbytes
+    q = getattr(cfg, "base_quantization", "none")
+    weights = unet * base_bytes(q, wbytes, LINEAR_SHARE.get(fam, 0.5))
     if not cfg.cache_text_encoder_outputs:
-        weights += te * wbytes
+        frozen_te = not cfg.train_text_encoder
+        weights += te * (base_bytes(q, wbytes, 0.95) if frozen_te else wbytes)
     if not cfg.cache_latents:
         weights += vae * 4
     try:

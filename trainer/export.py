@@ -163,6 +163,8 @@ def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
         "ss_min_timestep": str(cfg.min_timestep),
         "ss_max_timestep": str(cfg.max_timestep),
         "ss_masked_loss": str(cfg.masked_loss),
+        "ss_fp8_base": str(cfg.base_quantization == "fp8"),  # kohya's key for its fp8 base
+        "lora_studio_base_quantization": cfg.base_quantization,
         "ss_batch_size_per_device": str(cfg.batch_size),
         "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation),
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",

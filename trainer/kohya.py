@@ -41,7 +41,7 @@ BLOCK_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alpha
 # keys with rules of their own (precedence, percentages, names), handled one by one in import_kohya
 SPECIAL = {"learning_rate", "unet_lr", "text_encoder_lr", "network_train_unet_only", "optimizer", "lr_scheduler",
            "lr_warmup", "max_train_steps", "epoch", "max_resolution", "mixed_precision", "save_precision",
-           "caption_extension", "v_parameterization", "reg_data_dir", "logging_dir", "log_with"}
+           "caption_extension", "v_parameterization", "reg_data_dir", "logging_dir", "log_with", "fp8_base"}
 KNOWN = {k for k, _, _ in NUMBERS} | {k for k, _ in FLAGS} | SPECIAL | set(BLOCK_KEYS) | {"block_lr_zero_threshold"}
 # written to sd-scripts only when set: 0 means "off" to us, but e.g. save_every_n_steps = 0 divides by zero there
 TOML_ONLY_WHEN_SET = {"network_dropout", "min_snr_gamma", "noise_offset", "save_every_n_steps", "validate_every_n_steps",
@@ -144,6 +144,8 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
         out["caption_extension"] = ext if ext.startswith(".") else "." + ext
     if data.get("v_parameterization") is True:
         out["prediction_type"] = "v_prediction"
+    if data.get("fp8_base") is True:
+        out["base_quantization"] = "fp8"
     if data.get("reg_data_dir") not in (None, ""):
         out["reg_dataset"] = str(data["reg_data_dir"])
         notes.append(f"reg_data_dir: class images from {data['reg_data_dir']} (check that the folder exists here)")
@@ -223,6 +225,8 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
         d["v_parameterization"] = True
     if cfg.reg_dataset:
         d["reg_data_dir"] = cfg.reg_dataset
+    if cfg.base_quantization == "fp8":
+        d["fp8_base"] = True
     if cfg.tensorboard:
         d["log_with"], d["logging_dir"] = "tensorboard", str(Path(cfg.output_dir) / "tensorboard")
     header = "# sd-scripts config exported by LoRA Studio. Run: accelerate launch "

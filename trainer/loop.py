@@ -162,10 +162,11 @@ def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel 
         model.noise_scheduler = DDPMScheduler.from_config(model.noise_scheduler.config, prediction_type=cfg.prediction_type)
     ev.emit("log", message=f"Model: {families.name(model.family)}, prediction type {model.prediction_type}")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
-    alphas = add_lora(cfg, model, accelerator.device, weight_dtype, ev)
-
+    # one big part on the device at a time, so the first run peaks no higher than the steps: the VAE alone
+    # while latents are cached, the text encoders alone while their outputs are cached, then the UNet
     data = prepare_data(cfg, sets, model, accelerator, ev)
-    text_cache = cache_text(cfg, model, data, accelerator.device)
+    text_cache = cache_text(cfg, model, data, accelerator.device, weight_dtype)
+    alphas = add_lora(cfg, model, accelerator.device, weight_dtype, ev, parked_text_encoders=text_cache is not None)
     micro_per_epoch = data.micro_per_epoch(accelerator.num_processes)
 
     optimizer, scheduler, total_steps, steps_per_epoch = make_schedule(cfg, model, accelerator, micro_per_epoch, device)
@@ -257,11 +258,26 @@ def split_sets(cfg: TrainConfig, scan: ScanResult, ev: EventLog) -> tuple[list, 
     return train, reg, val
 
 
-def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventLog) -> dict:
-    """Freeze the base, inject LoRA with peft (fp32 weights), move the networks to the device."""
+def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventLog,
+             parked_text_encoders: bool = False) -> dict:
+    """Freeze the base, inject LoRA with peft (fp32 weights), move the networks to the device (text encoders
+    whose outputs are cached stay parked on the CPU; so does the VAE when latents are cached)."""
     for m in [model.unet, model.vae, *model.text_encoders]:
         m.requires_grad_(False)
-    model.vae.to(dev, dtype=torch.float32)  # the VAE stays fp32: an fp16 SDXL VAE produces NaNs/black images
+    if not cfg.cache_latents:  # the VAE encodes every batch; it stays fp32 (an fp16 SDXL VAE makes NaNs)
+        model.vae.to(dev, dtype=torch.float32)
+    on_device = [model.unet] + ([] if parked_text_encoders else list(model.text_encoders))
+    quant = cfg.base_quantization
+    if quant != "none":  # the frozen weights take their final place and dtype before they are quantised
+        for m in on_device:
+            m.to(dev, dtype=weight_dtype)
+    frozen = [model.unet] + ([] if cfg.train_text_encoder else list(model.text_encoders))
+    if quant in ("int8", "nf4"):
+        from trainer.models.quantize import quantize_linears
+
+        for m in frozen:  # parked text encoders are not used again: nothing to quantise there
+            if m in on_device:
+                quantize_linears(m, quant, weight_dtype, dev)
     torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same starting weights
     try:
         alphas = lora.inject_for_config(model, cfg)
@@ -271,9 +287,20 @@ def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventL
         raise TrainingError("No module gets a LoRA: every block has rank 0 (or a learning-rate weight at or below "
                             "block_lr_zero_threshold). Give some blocks a rank.")
     for m in [model.unet, *model.text_encoders]:
-        m.to(dev, dtype=weight_dtype)
+        if quant == "none" and m in on_device:
+            m.to(dev, dtype=weight_dtype)
         for p in lora.lora_parameters(m):
             p.data = p.data.float()  # LoRA weights train in fp32 whatever the compute precision
+    if quant == "fp8":
+        from trainer.models.quantize import store_fp8
+
+        for m in frozen:
+            if m in on_device:
+                store_fp8(m, weight_dtype)
+    if quant != "none":
+        from trainer.models.quantize import frozen_bytes
+
+        ev.emit("log", message=f"Base stored as {quant}: frozen weights {frozen_bytes(model.unet) / 2**20:.0f} MiB (UNet)")
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
@@ -300,6 +327,7 @@ def prepare_data(cfg: TrainConfig, sets: tuple[list, list, list], model: LoadedM
 
     vae_id = vae_fingerprint(model.vae)
     cache = LatentCache(default_cache_dir(), vae_id) if cfg.cache_latents_to_disk else MemoryLatentCache(vae_id)
+    model.vae.to(accelerator.device, dtype=torch.float32)  # alone on the device: nothing else is there yet
     with accelerator.main_process_first():
         t0 = time.time()
         jobs = [j for part in data.parts() for j in part.all_jobs()]
@@ -321,10 +349,14 @@ def prepare_data(cfg: TrainConfig, sets: tuple[list, list, list], model: LoadedM
 
 
 @torch.no_grad()
-def cache_text(cfg: TrainConfig, model: LoadedModel, data: TrainData, dev) -> dict | None:
-    """Text-encoder outputs of every (fixed) caption, when the encoders are not trained; then the encoders leave."""
+def cache_text(cfg: TrainConfig, model: LoadedModel, data: TrainData, dev, weight_dtype=torch.float32) -> dict | None:
+    """Text-encoder outputs of every (fixed) caption, when the encoders are not trained: the encoders come to the
+    device alone (before the UNet), encode, and leave again."""
     if not (cfg.cache_text_encoder_outputs and not cfg.train_text_encoder):
         return None
+    for te in model.text_encoders:
+        te.requires_grad_(False)
+        te.to(dev, dtype=weight_dtype)
     cache = {}
     for c in sorted({c for part in data.parts() for c in part.fixed_captions()}):
         h, p = encode_prompts(model, model.text_encoders, [c], cfg.clip_skip, dev)
