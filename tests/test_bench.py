@@ -8,7 +8,22 @@ from trainer.cli import main as cli
 def test_bench_runs_two_steps_on_tiny(tmp_path, capsys):
     out = tmp_path / "B.md"
     assert cli(["bench", "--model", "tiny", "--steps", "2", "--warmup", "1", "--which", "reference,ours,lowvram",
-                "--out", str(out)]) == 0
+                "--repeats", "2", "--out", str(out)]) == 0
     text = out.read_text()
     assert "| reference |" in text and "| ours |" in text and "| lowvram |" in text
+    assert text.count("(n=2)") == 3 and "interleaved" in text and "frozen weights get no gradient" in text
     assert "FLOPs per step" in text and "torch " in text
+
+
+@pytest.mark.slow
+def test_the_sdxl_reference_loop_runs(tmp_path, monkeypatch):
+    """It crashed without SDXL's added_cond_kwargs (issue 13.7): run it on a tiny SDXL in place of the full one."""
+    from trainer import bench
+    from trainer.models.load import from_pipeline
+    from trainer.models.tiny import build_tiny_pipeline
+
+    monkeypatch.setattr(bench, "build_model", lambda name, device, dtype: from_pipeline(build_tiny_pipeline("sdxl"), "sdxl", "tiny sdxl"))
+    out = tmp_path / "B.md"
+    assert cli(["bench", "--model", "sdxl", "--resolution", "64", "--batch", "1", "--steps", "1", "--warmup", "1",
+                "--which", "reference,ours", "--repeats", "1", "--out", str(out)]) == 0
+    assert "| reference |" in out.read_text()

@@ -28,6 +28,17 @@ def app_url(tmp_path):
         yield url, ws
 
 
+def line_pixels(png: bytes) -> int:
+    """Pixels of the plot's line colour (Gradio's orange accent) in a screenshot: a drawn curve has many."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return int(((a[..., 0] > 200) & (a[..., 1] > 70) & (a[..., 1] < 170) & (a[..., 2] < 90)).sum())
+
+
 class UI:
     def __init__(self, page):
         self.p = page
@@ -163,6 +174,8 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         ui.wait_text("progress", r"step [1-9]\d*/12")
         ui.wait_text("progress", r"finished", timeout=300)
         assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0  # the chart rendered
+        page.wait_for_timeout(1500)
+        assert line_pixels(page.locator("#loss-plot").screenshot()) > 50, "the loss curve is not drawn"
         # the picker follows the run's end by itself, no Refresh
         deadline = time.time() + 10
         while "finished" not in page.locator("#run-pick input[role=combobox]").input_value() and time.time() < deadline:

@@ -124,3 +124,31 @@ def test_set_up_brings_one_big_part_to_the_device_at_a_time(cache_te, tiny_sd1, 
         te_home = next(i for i, m in enumerate(moves) if m == ("te", "cpu"))
         assert first["te"] < te_home < first["unet"], moves
         assert [m for m in moves if m[0] == "te"][-1] == ("te", "cpu"), moves
+
+
+def test_skipping_peft_input_casts_under_autocast_changes_no_number(tiny_sd1):
+    """Issue 13.6: peft casts each LoRA input to fp32 and autocast casts it back; without both casts the
+    forward and the gradients are bit for bit the same."""
+    from trainer.config import TrainConfig
+    from trainer.models.load import load_model
+
+    results = []
+    for skip in (False, True):
+        m = load_model(str(tiny_sd1))
+        torch.manual_seed(0)
+        lora.inject_for_config(m, TrainConfig(base_model="x", dataset="y", rank=4, alpha=4, train_text_encoder=False))
+        m.unet.to(torch.bfloat16)
+        for p in lora.lora_parameters(m.unet):
+            p.data = p.data.float()
+            torch.nn.init.normal_(p, std=0.05)  # a trained-looking LoRA (lora_up starts at zero)
+        if skip:
+            assert lora.skip_input_casting(m.unet) > 0
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        hs = torch.randn(2, 77, m.unet.config.cross_attention_dim, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m.unet(x.to(torch.bfloat16), torch.tensor([10, 500]), hs.to(torch.bfloat16)).sample
+        out.float().square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in lora.lora_parameters(m.unet)]))
+    (a, ga), (b, gb) = results
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ def add_command(sub) -> None:
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     b.add_argument("--which", default="reference,ours,ours_cached,kohya_cached,default,lowvram",
                    help="comma list of: reference, ours, ours_cached, kohya_cached, default, lowvram, dataset")
+    b.add_argument("--repeats", type=int, default=5,
+                   help="measure every variant this many times, interleaved (A B C A B C ...); report median and range")
     b.add_argument("--out", default="BENCHMARKS.md", help="append results here ('' = do not write)")
     b.set_defaults(fn=run_bench)
 
@@ -107,7 +110,13 @@ def count_step_flops(model, batch: int, res: int, device, dtype, train_te: bool)
     from trainer.models.prompts import encode_prompts
 
     f = model.vae_scale_factor
-    lat = torch.randn(batch, 4, res // f, res // f, device=device, dtype=dtype)
+    for m in [model.unet, model.vae, *model.text_encoders]:
+        m.requires_grad_(False)  # the base is frozen in LoRA training: no weight gradients to count
+    if train_te:
+        for m in model.text_encoders:
+            m.get_input_embeddings().weight.requires_grad_(True)  # gradients flow back through the encoder
+    # gradients flow back through every activation (to the LoRA inputs), but no frozen weight gets one
+    lat = torch.randn(batch, 4, res // f, res // f, device=device, dtype=dtype, requires_grad=True)
     t = torch.randint(0, 1000, (batch,), device=device)
     with FlopCounterMode(display=False) as fc:
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
@@ -139,8 +148,9 @@ def reference_loop(model, data_dir: Path, cfg, steps: int, warmup: int, device, 
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]), adapter_name="ref")
     unet.to(device, dtype=dtype)
-    vae.to(device, dtype=dtype)
-    te.to(device, dtype=dtype)
+    vae.to(device, dtype=torch.float32)  # fp32 as ours (an fp16 SDXL VAE makes NaNs): the same VAE work both sides
+    for t_ in model.text_encoders:
+        t_.to(device, dtype=dtype)
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -154,14 +164,25 @@ def reference_loop(model, data_dir: Path, cfg, steps: int, warmup: int, device, 
         t0 = time.perf_counter()  # a step includes reading its images, as the example's dataloader does
         idx = [(step * cfg.batch_size + k) % len(files) for k in range(cfg.batch_size)]
         px = torch.stack([torch.from_numpy(np.asarray(Image.open(files[i]).convert("RGB").resize((cfg.resolution, cfg.resolution)), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1) for i in idx]).to(device, dtype)
+        with torch.no_grad():
+            latents = vae.encode(px.float()).latent_dist.sample() * vae.config.scaling_factor
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
-            latents = vae.encode(px).latent_dist.sample() * vae.config.scaling_factor
             noise = torch.randn_like(latents)
             ts = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
             noisy = sched.add_noise(latents, noise, ts)
-            ids = tok([caps[i] for i in idx], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
-            hs = te(ids)[0]
-            pred = unet(noisy, ts, hs).sample
+            kw = {}
+            if model.is_sdxl:  # train_text_to_image_lora_sdxl.py: both encoders, pooled embeds and time ids
+                from trainer.models.prompts import encode_prompts
+
+                with torch.no_grad():
+                    hs, pooled = encode_prompts(model, model.text_encoders, [caps[i] for i in idx], 1, device)
+                r = cfg.resolution
+                kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor(
+                    [[r, r, 0, 0, r, r]] * len(idx), device=device, dtype=dtype)}
+            else:
+                ids = tok([caps[i] for i in idx], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+                hs = te(ids)[0]
+            pred = unet(noisy, ts, hs, **kw).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -230,45 +251,53 @@ def run_bench(args) -> int:
         "lowvram": base.replace(cache_latents=True, cache_text_encoder_outputs=True, gradient_checkpointing=True,
                                 optimizer="adamw8bit" if device == "cuda" else "adamw"),
     }
-    rows = []
+    rows = [dataset_bench(work, res)] if "dataset" in which else []
+    timed = [w for w in which if w != "dataset"]
     flops = None
-    for name in which:
-        if name == "dataset":
-            rows.append(dataset_bench(work, res))
-            continue
-        model = build_model(args.model, device, dtype)
-        with _mem_block(device) as rss:
-            if name == "reference":
-                r = reference_loop(model, data, base, args.steps, args.warmup, device, dtype)
-            else:
-                cfg = variants[name]
-                if flops is None:
-                    model_f = build_model(args.model, device, dtype)
-                    model_f.unet.to(device)
-                    for t in model_f.text_encoders:
-                        t.to(device)
-                    flops = count_step_flops(model_f, batch, res, device, dtype, False)
-                    del model_f
-                r = ours(model, data, cfg, args.steps, args.warmup, work)
-        r.update(name=name, peak_gb=_peak_gb(device, rss))
-        rows.append(r)
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    if timed:  # counted once, before any measured window, on a model of its own that is then freed
+        model_f = build_model(args.model, device, dtype)
+        for m in (model_f.unet, *model_f.text_encoders):
+            m.to(device)
+        flops = count_step_flops(model_f, batch, res, device, dtype, False)
+        del model_f
+    runs: dict[str, list[dict]] = {name: [] for name in timed}
+    for _ in range(max(1, args.repeats)):
+        for name in timed:  # interleaved: A B C A B C ..., so a slow minute of the machine hits every variant
+            model = build_model(args.model, device, dtype)
+            with _mem_block(device) as rss:  # peaks from here: the model's build is not in them
+                if name == "reference":
+                    r = reference_loop(model, data, base, args.steps, args.warmup, device, dtype)
+                else:
+                    r = ours(model, data, variants[name], args.steps, args.warmup, work)
+            r.update(peak_gb=_peak_gb(device, rss))
+            runs[name].append(r)
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    for name, rs in runs.items():
+        steps_s = sorted(r["step_s"] for r in rs)
+        rows.append({"name": name, "step_s": statistics.median(steps_s), "min_s": steps_s[0], "max_s": steps_s[-1],
+                     "n": len(rs), "peak_gb": max(r["peak_gb"] for r in rs),
+                     "first_step_s": statistics.median(r["first_step_s"] for r in rs)})
     ref = next((r for r in rows if r.get("name") == "reference"), None)
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if device == "cuda" and k in torch.cuda.get_device_name()), None)
-    lines = ["| variant | step s | steps/s | images/s | vs reference | peak mem GB | first step s | TFLOP/s | MFU |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | step s (median) | min-max s | steps/s | images/s | vs reference | peak mem GB | first step s | TFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "step_s" not in r:
             continue
         sps = 1 / r["step_s"]
         tflops = flops * sps / 1e12 if flops else None
-        ratio = f"{ref['step_s'] / r['step_s']:.2f}x" if ref else "-"
-        lines.append(f"| {r['name']} | {r['step_s']:.4f} | {sps:.2f} | {sps * batch:.2f} | {ratio} | {r['peak_gb']:.2f} | "
-                     f"{r['first_step_s']:.1f} | {tflops:.3f} | {f'{100 * tflops / peak:.1f}%' if (tflops and peak) else '-'} |"
-                     if tflops is not None else
-                     f"| {r['name']} | {r['step_s']:.4f} | {sps:.2f} | {sps * batch:.2f} | {ratio} | {r['peak_gb']:.2f} | {r['first_step_s']:.1f} | - | - |")
+        # a ratio is decided only when the ranges do not overlap; else it says so
+        ratio = "-"
+        if ref:
+            ratio = f"{ref['step_s'] / r['step_s']:.2f}x"
+            if r is not ref and not (r["max_s"] < ref["min_s"] or r["min_s"] > ref["max_s"]):
+                ratio += " (ranges overlap)"
+        mfu = f"{100 * tflops / peak:.1f}%" if (tflops and peak) else "-"
+        lines.append(f"| {r['name']} | {r['step_s']:.4f} | {r['min_s']:.4f}-{r['max_s']:.4f} (n={r['n']}) | {sps:.2f} | "
+                     f"{sps * batch:.2f} | {ratio} | {r['peak_gb']:.2f} | {r['first_step_s']:.1f} | "
+                     f"{f'{tflops:.3f}' if tflops is not None else '-'} | {mfu} |")
     for r in rows:
         if r.get("name") == "dataset":
             lines.append("")
@@ -287,7 +316,9 @@ def run_bench(args) -> int:
             "ours = our loop, same work (attention-only UNet LoRA, VAE in the loop); ours_cached = + cached latents; "
             "kohya_cached = kohya's module set (adds proj_in/out, ff); default = kohya set + text-encoder LoRA, cached; "
             "lowvram = cached latents and TE outputs, gradient checkpointing, 8-bit AdamW on CUDA.\n"
-            + (f"FLOPs per step (UNet+TE forward+backward, counted): {flops / 1e9:.2f} GFLOP\n" if flops else ""))
+            + (f"FLOPs per step (UNet forward + backward to the activations, frozen weights get no gradient; "
+               f"counted with torch's FlopCounterMode outside the timed window): {flops / 1e9:.2f} GFLOP\n" if flops else "")
+            + f"Each variant measured {max(1, args.repeats)} time(s), interleaved; peak memory from after the model build.\n")
     text = head + "\n" + "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -297,6 +297,9 @@ def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventL
         for m in frozen:
             if m in on_device:
                 store_fp8(m, weight_dtype)
+    if weight_dtype != torch.float32 and not cfg.use_dora:  # under autocast: two casts per LoRA layer saved
+        for m in [model.unet, *model.text_encoders]:
+            lora.skip_input_casting(m)
     if quant != "none":
         from trainer.models.quantize import frozen_bytes
 

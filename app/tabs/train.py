@@ -77,6 +77,14 @@ FOLLOW_LOG_JS = """() => {
 }"""
 
 
+def loss_frame(points: list, name: str):
+    """(step, value) points as the typed frame a LinePlot needs: an untyped empty frame makes its axes nominal
+    and no line is ever drawn."""
+    import pandas as pd
+
+    return pd.DataFrame(points, columns=["step", name]).astype({"step": "int64", name: "float64"})
+
+
 class TrainTab:
     def __init__(self, studio):
         self.studio, self.ws, self.runs = studio, studio.ws, studio.runs
@@ -85,13 +93,10 @@ class TrainTab:
         """Progress text, loss curve, samples and log of a run, from its event log."""
         run = self.runs.get(run_id) if run_id else None
         if not run:
-            return "No run selected.", None, [], ""
+            return "No run selected.", None, None, [], ""
         v = self.runs.view(run_id)
-        import pandas as pd
-
-        rows = [(s, x, "training") for s, x in v.losses] + [(s, x, "validation") for s, x in v.val_losses]
-        plot = pd.DataFrame(rows, columns=["step", "loss", "series"])
-        return progress_markdown(run, v), plot, list(v.samples[-12:]), "\n".join(v.log[-30:])
+        return (progress_markdown(run, v), loss_frame(v.losses, "loss"), loss_frame(v.val_losses, "validation loss"),
+                list(v.samples[-12:]), "\n".join(v.log[-30:]))
 
     def follow(self, run_id: str | None, shown: dict) -> tuple[dict, str | None, dict]:
         """Keep the run picker and the run's status true to the event log, with no Refresh button: the picker's
@@ -337,8 +342,11 @@ class TrainTab:
         run_msg = gr.Markdown(elem_id="run-msg")  # what Stop / Save now / Resume answered, until the run moves on
         progress = gr.Markdown("No run selected.", elem_id="progress")
         with gr.Row():
-            loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss (training and validation)",
-                                    height=260, elem_id="loss-plot")
+            # two plots, not one with a colour per series: a coloured LinePlot that starts empty and is updated
+            # by the timer never draws its lines (Gradio 6.31, seen in Chromium)
+            loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, elem_id="loss-plot")
+            val_plot = gr.LinePlot(x="step", y="validation loss", height=260, elem_id="val-plot",
+                                   title="Validation loss (Advanced › Quality)")
             samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples")
         logs = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="log", autoscroll=True)
         timer = gr.Timer(1.0)
@@ -361,7 +369,7 @@ class TrainTab:
         stop.click(friendly(lambda r: runs.stop(r) if r else "Pick a run."), self.run_pick, run_msg)
         save_now.click(friendly(lambda r: runs.save_now(r) if r else "Pick a run."), self.run_pick, run_msg)
         resume.click(friendly(lambda r: runs.resume(r) if r else "Pick a run."), self.run_pick, run_msg)
-        live_out = [progress, loss_plot, samples, logs]
+        live_out = [progress, loss_plot, val_plot, samples, logs]
         self.run_pick.change(friendly(self.live), self.run_pick, live_out)
 
         @friendly

@@ -146,6 +146,20 @@ def inject(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, 
     return alphas
 
 
+def skip_input_casting(model: torch.nn.Module) -> int:
+    """Under autocast, let each peft LoRA layer take its input in the dtype it comes in: peft would cast it to the
+    fp32 LoRA weight's dtype, and autocast casts it straight back for the matmul, so both casts can go (bf16 ->
+    fp32 -> bf16 is exact). Not for DoRA, whose norms see the input. Returns the layers changed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer) and hasattr(m, "cast_input_dtype_enabled"):
+            m.cast_input_dtype_enabled = False
+            n += 1
+    return n
+
+
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
 
