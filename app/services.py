@@ -112,6 +112,22 @@ class Studio:
         run = self.runs.get(run_id) if run_id else None
         return [str(p) for p in RunFiles(run["dir"]).lora_files()] if run else []
 
+    def lora_file_choices(self, run_id: str) -> list[tuple[str, str]]:
+        """(label, path) of a run's LoRA files for a picker: 'final', 'step 6', and which checkpoint had the
+        lowest validation loss, instead of long paths."""
+        run = self.runs.get(run_id) if run_id else None
+        if not run:
+            return []
+        best = self.runs.view(run_id).best_checkpoint()
+        out = []
+        for f in self.lora_files(run_id):
+            step = step_of(Path(f).parent)
+            label = "final" if step is None else f"step {step}"
+            if best and step == best[0]:
+                label += f" (lowest validation loss, {best[1]:.4f})"
+            out.append((f"{label} · {Path(f).name}", f))
+        return out
+
     def lora_choices(self) -> list[tuple[str, str]]:
         """(label, path) of every LoRA in the workspace: each run's final file and checkpoints, then imported ones."""
         out = []

@@ -228,7 +228,7 @@ def test_run_picker_and_outputs_follow_a_run_to_its_end_without_refresh(tiny_sd1
     assert follow["picker"] == gr.update() and follow["same_state"]  # nothing new: nothing sent
     table, pick, files, sig = outputs.follow(run_id, None, out_sig)
     assert sig != out_sig and table[0][:2] == [run_id, "finished"]
-    assert files.value.endswith("lora.safetensors")
+    assert files.value.endswith("lora.safetensors") and [label for label, _ in files.choices][0] == "final · lora.safetensors"
     assert outputs.follow(run_id, files.value, sig) == (gr.update(), gr.update(), gr.update(), sig)
     # choosing the run puts its settings back into the form, by the names the form uses
     vals = train.run_values(run_id)

@@ -44,9 +44,10 @@ class OutputsTab:
                 return gr.Dropdown(choices=[]), {}, None
             from app.services import run_metadata
 
-            fl = studio.lora_files(run_id)
-            return (gr.Dropdown(choices=fl, value=fl[0] if fl else None), run_metadata(run),
-                    studio.download_copy(fl[0]) if fl else None)
+            choices = studio.lora_file_choices(run_id)
+            first = choices[0][1] if choices else None
+            return (gr.Dropdown(choices=choices, value=first), run_metadata(run),
+                    studio.download_copy(first) if first else None)
 
         refresh.click(self.lists, None, [self.table, self.pick])
         shown = gr.State("")
@@ -63,12 +64,14 @@ class OutputsTab:
         sig = self.studio.runs_signature()
         if sig == shown:
             return gr.update(), gr.update(), gr.update(), shown
-        fl = self.studio.lora_files(run_id) if run_id else []
+        choices = self.studio.lora_file_choices(run_id) if run_id else []
+        paths = [path for _, path in choices]
         # choices only (a tick that left before the person picked something must not undo the pick), except
         # when the shown file is gone or none is shown yet
         files = gr.update()
         if run_id:
-            files = gr.Dropdown(choices=fl) if file in fl else gr.Dropdown(choices=fl, value=fl[0] if fl else None)
+            files = (gr.Dropdown(choices=choices) if file in paths
+                     else gr.Dropdown(choices=choices, value=paths[0] if paths else None))
         return self.studio.outputs_table(), gr.Dropdown(choices=self.studio.run_choices()), files, sig
 
     def lists(self):
