@@ -237,8 +237,6 @@ def scan_for_training(cfg: TrainConfig, ev: EventLog, folder: str = "", what: st
 def split_sets(cfg: TrainConfig, scan: ScanResult, ev: EventLog) -> tuple[list, list, list]:
     """(training, class, validation) images. Held-out images are chosen by content and seed, so the same
     dataset and seed hold out the same images in every run."""
-    from trainer.data.loader import mix
-
     train, val = list(scan.items), []
     if cfg.validation_split > 0:
         k = max(1, round(cfg.validation_split * len(train)))

@@ -104,8 +104,9 @@ class TrainTab:
         `same_state` says whether the shown run is still in the phase it was (else its last message is stale)."""
         choices = self.studio.run_choices()
         picker = gr.update()
-        if not run_id and self.studio.active_run():
-            run_id = self.studio.active_run()
+        active = None if run_id else self.studio.active_run()
+        if active:
+            run_id = active
             picker = gr.Dropdown(choices=choices, value=run_id)
         elif [list(c) for c in choices] != shown.get("choices"):
             # labels only: a tick that left before a Start or a pick must not set the old run back
