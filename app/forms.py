@@ -79,6 +79,37 @@ def planned_steps(cfg: TrainConfig, images_per_epoch: int) -> int:
     return cfg.epochs * max(1, micro // max(1, cfg.gradient_accumulation))
 
 
+def check_extra_folders(cfg: TrainConfig, errors: list[str], notes: list[str]) -> None:
+    """The class-image and validation folders: there, with images, and what they add to the plan."""
+    from trainer.data.report import dataset_report
+
+    for folder, what in ((cfg.reg_dataset, "Class-image"), (cfg.validation_dataset, "Validation")):
+        if not folder:
+            continue
+        try:
+            extra = dataset_report(folder, cfg.resolution)
+        except FileNotFoundError:
+            errors.append(f"{what} folder not found: {folder}")
+            continue
+        if not extra["image_count"]:
+            errors.append(f"{what} folder {folder} has no usable images.")
+        elif what == "Class-image":
+            notes.append(f"{extra['images_with_repeats']} class image(s) per epoch for prior preservation "
+                         f"(prior_loss_weight {cfg.prior_loss_weight:g})")
+        else:
+            notes.append(f"{extra['image_count']} validation image(s) from {Path(folder).name}")
+
+
+def duration_line(cfg: TrainConfig, family: str, images_per_epoch: int, timings: list[dict], device: str) -> str:
+    """'- Time on this machine (CPU): about 4 min (...)' for the plan."""
+    from trainer import timing
+
+    run_device = device if cfg.device == "auto" else cfg.device
+    steps = planned_steps(cfg, images_per_epoch)
+    est = timing.estimate(cfg, family, steps, run_device, timings)
+    return f"- Time on this machine ({'GPU' if run_device == 'cuda' else 'CPU'}): " + timing.describe(est, steps)
+
+
 def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=None,
               timings: list[dict] | None = None, device: str | None = None) -> tuple[bool, str]:
     """(ok to start, plain-language markdown): config errors, conflicts, dataset blockers, VRAM estimate and,
@@ -131,7 +162,9 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
                          + ("; those in '<repeats>_<name>' folders are captioned with the name" if cfg.caption_from_folder else "")
                          + (f"; they use '{cfg.class_caption}'" if cfg.class_caption else " and train on the trigger word alone"))
         if cfg.validation_split:
-            k = max(1, round(cfg.validation_split * report["image_count"]))
+            from trainer.data.scan import holdout_count
+
+            k = holdout_count(cfg.validation_split, report["image_count"])
             (errors if k >= report["image_count"] else notes).append(
                 f"validation_split = {cfg.validation_split:g} holds out {k} of {report['image_count']} image(s)"
                 + (": none would be left to train on" if k >= report["image_count"] else " to measure a validation loss"))
@@ -140,21 +173,7 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
         if cfg.masked_loss and not sum(report["masks"].values()):
             warns.append("masked_loss is on but none of the images has a mask (an alpha channel, or a same-name "
                          "file in a masks/ folder): every pixel counts, as without it")
-    for folder, what in ((cfg.reg_dataset, "Class-image"), (cfg.validation_dataset, "Validation")):
-        if not folder:
-            continue
-        try:
-            extra = dataset_report(folder, cfg.resolution)
-        except FileNotFoundError:
-            errors.append(f"{what} folder not found: {folder}")
-            continue
-        if not extra["image_count"]:
-            errors.append(f"{what} folder {folder} has no usable images.")
-        elif what == "Class-image":
-            notes.append(f"{extra['images_with_repeats']} class image(s) per epoch for prior preservation "
-                         f"(prior_loss_weight {cfg.prior_loss_weight:g})")
-        else:
-            notes.append(f"{extra['image_count']} validation image(s) from {Path(folder).name}")
+    check_extra_folders(cfg, errors, notes)
     est = estimate_vram_gb(cfg, family)
     lines = []
     if errors:
@@ -172,13 +191,7 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
     lines.append(f"- Estimated peak VRAM: about {est['total_gb']} GB (weights {est['weights_gb']} GB, "
                  f"activations {est['activations_gb']} GB, LoRA {est['lora_params_m']}M parameters)")
     if device:
-        from trainer import timing
-
-        run_device = device if cfg.device == "auto" else cfg.device
-        steps = planned_steps(cfg, report["images_with_repeats"] if report else 1)
-        est = timing.estimate(cfg, family, steps, run_device, timings or [])
-        lines.append(f"- Time on this machine ({'GPU' if run_device == 'cuda' else 'CPU'}): "
-                     + timing.describe(est, steps))
+        lines.append(duration_line(cfg, family, report["images_with_repeats"] if report else 1, timings or [], device))
     if not errors:
         lines.insert(0, "### Ready to start")
     return not errors, "\n".join(lines)

@@ -78,22 +78,21 @@ class Workspace:
     def ui_state_path(self) -> Path:
         return self.root / "ui_state.json"
 
-    def ui_state(self, part: str) -> dict:
-        """The last values of a part of the page ('train', 'preview'): a reload restores them."""
+    def _ui_states(self) -> dict:
         try:
             data = json.loads(self.ui_state_path.read_text())
         except (OSError, ValueError):
             return {}
-        got = data.get(part) if isinstance(data, dict) else None
+        return data if isinstance(data, dict) else {}
+
+    def ui_state(self, part: str) -> dict:
+        """The last values of a part of the page ('train', 'preview'): a reload restores them."""
+        got = self._ui_states().get(part)
         return got if isinstance(got, dict) else {}
 
     def save_ui_state(self, part: str, values: dict) -> None:
         with self._state_lock:
-            try:
-                data = json.loads(self.ui_state_path.read_text())
-            except (OSError, ValueError):
-                data = {}
-            data = data if isinstance(data, dict) else {}
+            data = self._ui_states()
             data[part] = values
             atomic_write_text(self.ui_state_path, json.dumps(data, indent=1, default=str))
 

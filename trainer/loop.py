@@ -22,7 +22,7 @@ from trainer.config import TrainConfig
 from trainer.data.cache import encode_pixels
 from trainer.data.captions import tag_frequency
 from trainer.data.loader import TrainData, make_loader, mix
-from trainer.data.scan import ScanResult, file_hash, folder_caption, scan_dataset
+from trainer.data.scan import ScanResult, file_hash, folder_caption, holdout_count, scan_dataset
 from trainer.events import EventLog, take_request
 from trainer.faults import maybe_inject
 from trainer.models import families, lora
@@ -239,7 +239,7 @@ def split_sets(cfg: TrainConfig, scan: ScanResult, ev: EventLog) -> tuple[list, 
     dataset and seed hold out the same images in every run."""
     train, val = list(scan.items), []
     if cfg.validation_split > 0:
-        k = max(1, round(cfg.validation_split * len(train)))
+        k = holdout_count(cfg.validation_split, len(train))
         if k >= len(train):
             raise TrainingError(f"validation_split = {cfg.validation_split} would hold out all {len(train)} image(s): "
                                 "add images or lower it.")

@@ -132,6 +132,11 @@ def scan_dataset(root: str | Path, caption_ext: str = ".txt") -> ScanResult:
     return res
 
 
+def holdout_count(fraction: float, images: int) -> int:
+    """How many of `images` a validation_split of `fraction` holds out (at least one when it is on)."""
+    return max(1, round(fraction * images)) if fraction > 0 else 0
+
+
 def folder_caption(item: ImageItem) -> str | None:
     """kohya's DreamBooth-style caption from a '<repeats>_<name>' folder: 'zwx woman' for 10_zwx woman/."""
     m = REPEATS_DIR.match(item.subset)
