@@ -6,6 +6,7 @@ import json
 
 import gradio as gr
 
+from app.captioning import CaptionJobs
 from app.gpu import gpu_present
 from app.runs import RunManager
 from app.services import Studio
@@ -28,8 +29,9 @@ def gpu_banner() -> str | None:
 
 def build_ui(workspace: str | Workspace, runs: RunManager | None = None) -> gr.Blocks:
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
-    studio = Studio(ws, runs or RunManager(ws))
-    dataset, train, outputs = DatasetTab(ws), TrainTab(studio), OutputsTab(studio)
+    runs = runs or RunManager(ws)
+    studio = Studio(ws, runs, CaptionJobs(ws, runs))
+    dataset, train, outputs = DatasetTab(ws, studio.captions), TrainTab(studio), OutputsTab(studio)
     preview, tools, settings = PreviewTab(studio), ToolsTab(studio), SettingsTab(ws)
     with gr.Blocks(title="LoRA Studio") as ui:
         gr.Markdown("# LoRA Studio")
@@ -47,8 +49,9 @@ def build_ui(workspace: str | Workspace, runs: RunManager | None = None) -> gr.B
                 preview.build()
             with gr.Tab("Tools", id="tools"):
                 tools.build()
-            with gr.Tab("Settings", id="settings"):
+            with gr.Tab("Settings", id="settings") as settings_tab:
                 settings.build()
+            settings.follow(settings_tab)
         for tab in (dataset, train, outputs, preview, tools, settings):
             tab.register_load(ui)
         register_api(studio)

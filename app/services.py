@@ -24,8 +24,9 @@ def run_metadata(run: dict) -> dict:
 
 
 class Studio:
-    def __init__(self, ws, runs):
+    def __init__(self, ws, runs, captions=None):
         self.ws, self.runs = ws, runs
+        self.captions = captions  # app.captioning.CaptionJobs: the other worker that wants the GPU
 
     # ------------------------------------------------------------------ presets
     def preset_choices(self) -> list[tuple[str, str]]:
@@ -62,6 +63,9 @@ class Studio:
 
     def start(self, values: dict, preset_key: str = "") -> tuple[str | None, str]:
         """(run id or None, what to tell the person): a run starts only after the pre-flight check passes."""
+        if self.captions is not None and self.captions.running():
+            return None, ("Auto-captioning is using the GPU right now (Dataset tab): start the run when it has "
+                          "finished, or cancel it there.")
         ok, text = self.check(values, preset_key)
         if not ok:
             return None, text

@@ -96,6 +96,12 @@ class Workspace:
             data[part] = values
             atomic_write_text(self.ui_state_path, json.dumps(data, indent=1, default=str))
 
+    def caption_model(self) -> str:
+        """The captioning model the person chose last (Dataset tab, Settings tab), else the default."""
+        from trainer.caption import DEFAULT_MODEL
+
+        return self.settings().get("caption_model") or DEFAULT_MODEL
+
     def remember_model(self, model: str) -> list[str]:
         recent = [m for m in self.settings().get("recent_models", []) if m != model]
         recent = ([model] + recent)[:10] if model else recent

@@ -268,3 +268,38 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         docs.mkdir(parents=True, exist_ok=True)
         for src, dst in (("1-dataset", "dataset"), ("2-train", "train"), ("3-outputs", "outputs"), ("4-preview", "preview")):
             shutil.copyfile(ARTIFACTS / f"{src}.png", docs / f"{dst}.png")
+
+
+def test_auto_caption_in_a_real_browser(app_url, tmp_path):
+    """Dataset tab: preview the first captions of a tiny BLIP, caption the dataset, see the report count them,
+    and find the model remembered in Settings."""
+    from playwright.sync_api import sync_playwright
+
+    from captioners import tiny_blip
+
+    url, ws = app_url
+    model = tiny_blip(tmp_path / "tiny-blip")
+    make_images(ws / "datasets" / "d", 3, size=(64, 64), caption=None)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        ui = UI(page)
+        page.goto(url)
+        ui.choose("ds-pick", "d")
+        ui.wait_text("ds-report", r"3 image\(s\) without a caption")
+        page.locator("#cap-accordion").get_by_text("Auto-caption with a local model").click()
+        ui.custom("cap-model", str(model))
+        ui.text("cap-trigger", "zwx")
+        ui.click("cap-preview")
+        ui.wait_text("cap-progress", r"Preview of d finished: Previewed 3 caption", timeout=180)
+        ui.wait_text("cap-table", r"zwx, ")
+        assert not list((ws / "datasets" / "d").glob("*.txt"))  # a preview writes nothing
+        ui.click("cap-start")
+        ui.wait_text("cap-progress", r"Captioning of d finished: Wrote 3 caption\(s\) with tiny-blip", timeout=180)
+        ui.wait_text("ds-report", r"3 by the captioner \(unedited\), 0 by hand")
+        ui.shot("6-auto-caption", "cap-progress")
+        assert all(p.read_text().startswith("zwx, ") for p in (ws / "datasets" / "d").glob("*.txt"))
+        ui.tab("Settings")
+        assert page.locator("#settings-caption-model textarea, #settings-caption-model input").first.input_value() == str(model)
+        browser.close()

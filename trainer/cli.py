@@ -1,4 +1,4 @@
-"""`python -m trainer <command>`: train, export, dataset, presets, bench. The UI runs exactly these."""
+"""`python -m trainer <command>`: train, export, dataset, caption, presets, bench. The UI runs exactly these."""
 from __future__ import annotations
 
 import argparse
@@ -181,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     presets_cli.add_commands(sub)
     lora_cli.add_commands(sub)
 
-    from trainer import bench, reliability
+    from trainer import bench, caption, reliability
 
     bench.add_command(sub)
     reliability.add_command(sub)
+    caption.add_command(sub)
 
     args = p.parse_args(argv)
     try:

@@ -16,8 +16,38 @@ IMPORT_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt", ".caption", ".
 
 
 class DatasetTab:
-    def __init__(self, ws):
+    def __init__(self, ws, captions=None):
         self.ws = ws
+        self.captions = captions  # app.captioning.CaptionJobs: the captioning worker
+
+    # ------------------------------------------------------------------ auto-captioning
+    def start_captioning(self, name: str, model: str, mode: str, confirm: bool, trigger: str = "",
+                         batch_size: int = 4, preview: int = 0) -> str:
+        """Start the captioning worker on a dataset (or a preview of its first captions); a sentence back."""
+        from trainer.caption import MODES
+
+        if not name:
+            return "Pick a dataset first."
+        if mode not in MODES:
+            return f"Choose what to caption ({', '.join(MODES)})."
+        if mode == "overwrite" and not confirm and not preview:
+            return ("Overwrite replaces every existing caption of this dataset: tick *Yes, replace existing "
+                    "captions* first (or preview them).")
+        if not (model or "").strip():
+            return "Give a captioning model: a hub id or the folder of a downloaded model."
+        if self.captions is None:
+            return "Captioning is not available in this app."
+        self.ws.dataset_path(name)  # a clear message when it does not exist
+        return self.captions.start(name, model.strip(), mode, trigger or "", int(batch_size or 4), int(preview or 0))
+
+    def captioning(self) -> tuple[str, list[list[str]], dict]:
+        """(progress line, [file, caption] rows of the newest job, its state) for the page's timer."""
+        from app.captioning import progress_markdown
+
+        if self.captions is None:
+            return "", [], {}
+        s = self.captions.state()
+        return progress_markdown(s), [list(c) for c in s.get("captions", [])], s
 
     # ------------------------------------------------------------------ handlers (plain, unit-tested)
     def entries(self, name: str) -> list[tuple[object, bool]]:
@@ -174,6 +204,7 @@ class DatasetTab:
                     with gr.Row():
                         template = gr.Textbox(label="Caption for images without one", placeholder="a photo of zwx")
                         fill = gr.Button("Fill missing captions")
+                cap = self.build_captioning()
             with gr.Column(scale=1):
                 res = gr.Number(value=512, label="Check against resolution", precision=0)
                 report = gr.Markdown(elem_id="ds-report")
@@ -223,8 +254,64 @@ class DatasetTab:
         remove.click(friendly(self.remove), [ds, current], status).then(
             lambda: ("", "", "Click an image to edit its caption."), None, [current, caption, image_info]).then(
             refresh, view_in, view)
+        self.wire_captioning(cap, ds, status, refresh, view_in, view)
         self.picker = ds
         return ds
 
+    def build_captioning(self) -> dict:
+        from trainer.caption import KNOWN_MODELS, MODE_LABELS
+
+        with gr.Accordion("Auto-caption with a local model", open=False, elem_id="cap-accordion"):
+            gr.Markdown("A vision-language model (BLIP, Florence-2) writes a caption for each image, on the GPU "
+                        "when there is one. Originals are never changed; each caption file is written as soon as "
+                        "it is ready, and the captions stay editable above.")
+            with gr.Row():
+                model = gr.Dropdown(choices=KNOWN_MODELS, value=self.ws.caption_model(), allow_custom_value=True,
+                                    label="Captioning model (hub id, or the folder of a downloaded model)",
+                                    elem_id="cap-model", scale=3)
+                batch = gr.Number(value=4, precision=0, minimum=1, maximum=64, label="Batch size", scale=1,
+                                  elem_id="cap-batch")
+            mode = gr.Radio([(v, k) for k, v in MODE_LABELS.items()], value="missing", label="Caption which images",
+                            elem_id="cap-mode")
+            with gr.Row():
+                trigger = gr.Textbox(label="Trigger word(s) put first (optional)", placeholder="zwx",
+                                     elem_id="cap-trigger", scale=3)
+                confirm = gr.Checkbox(label="Yes, replace existing captions (Overwrite)", value=False,
+                                      elem_id="cap-confirm", scale=2)
+            with gr.Row():
+                preview = gr.Button("Preview the first 4", elem_id="cap-preview")
+                start = gr.Button("Caption the dataset", variant="primary", elem_id="cap-start")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="cap-cancel")
+            progress = gr.Markdown(elem_id="cap-progress")
+            table = gr.Dataframe(headers=["image", "caption"], value=[], interactive=False, wrap=True,
+                                 elem_id="cap-table", label="Captions of the last run (edit them in the editor above)")
+        return {"model": model, "batch": batch, "mode": mode, "trigger": trigger, "confirm": confirm,
+                "preview": preview, "start": start, "cancel": cancel, "progress": progress, "table": table}
+
+    def wire_captioning(self, c: dict, ds, status, refresh, view_in, view) -> None:
+        timer = gr.Timer(1.0, active=False)
+        seen = gr.State("")  # the finished job the gallery was last refreshed for
+        inputs = [ds, c["model"], c["mode"], c["confirm"], c["trigger"], c["batch"]]
+
+        def on_tick(last):
+            md, rows, s = self.captioning()
+            job = s.get("job", "")
+            done = s.get("finished", True)
+            fresh = done and job and job != last and not s.get("preview")
+            return md, rows, gr.Timer(active=not done), job if done else last, fresh
+
+        refresh_now = gr.State(False)
+        for button, n in ((c["preview"], 4), (c["start"], 0)):
+            button.click(friendly(lambda *a, n=n: self.start_captioning(*a, preview=n)), inputs, c["progress"]).then(
+                lambda: gr.Timer(active=True), None, timer)
+        c["cancel"].click(friendly(lambda: self.captions.cancel() if self.captions else ""), None, c["progress"])
+        timer.tick(friendly(on_tick), seen, [c["progress"], c["table"], timer, seen, refresh_now],
+                   show_progress="hidden").then(
+            lambda fresh, *a: refresh(*a) if fresh else (gr.skip(), gr.skip()), [refresh_now, *view_in], view)
+        self._cap_timer, self._cap_model = timer, c["model"]
+
     def register_load(self, ui) -> None:
         ui.load(lambda: gr.Dropdown(choices=self.ws.list_datasets()), None, self.picker)
+        # a reload finds a captioning job still running and follows it; the model is the remembered one
+        ui.load(lambda: (gr.Timer(active=bool(self.captions and self.captions.running())), self.ws.caption_model()),
+                None, [self._cap_timer, self._cap_model])

@@ -31,6 +31,8 @@ def dataset_report(path: str | Path, resolution: int = 512, trigger: str = "", m
     dups = [v for v in by_hash.values() if len(v) > 1]
     from trainer.data.masks import mask_source
 
+    from trainer.caption import provenance
+
     sources = Counter(mask_source(it.path, scan.root) for it in items)
     sides = [min(it.width, it.height) for it in items]
     return {
@@ -43,6 +45,7 @@ def dataset_report(path: str | Path, resolution: int = 512, trigger: str = "", m
         "largest": max(((it.width, it.height) for it in items), key=lambda s: s[0] * s[1], default=None),
         "below_resolution": small,
         "missing_captions": missing,
+        "captions_by": provenance(scan.root, items),  # {"captioner": n, "hand": n}: unchanged auto captions vs the rest
         "duplicates": dups,
         "trigger_words": triggers,
         "trigger_coverage": None if not triggers else (len(items) - len(missing) - len(without_trigger)) / max(1, len(items)),
@@ -95,6 +98,9 @@ def summary_lines(rep: dict, code=str) -> list[str]:
     out += [f"{code(name)}: {s['img_count']} image(s) x {s['n_repeats']} repeats" for name, s in rep["subsets"].items()]
     if rep["smallest"]:
         out.append(f"sizes from {rep['smallest'][0]}x{rep['smallest'][1]} to {rep['largest'][0]}x{rep['largest'][1]}")
+    by = rep.get("captions_by") or {}
+    if by.get("captioner"):
+        out.append(f"captions: {by['captioner']} by the captioner (unedited), {by['hand']} by hand or edited")
     if rep["trigger_coverage"] is not None:
         out.append(f"trigger coverage: {rep['trigger_coverage']:.0%}")
     masks = rep.get("masks") or {}

@@ -1,0 +1,139 @@
+"""The app's side of auto-captioning: one worker process at a time (`python -m trainer caption`), like a
+training run; its JSON-line events say how far it is. No torch here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from app.runs import PROJECT_ROOT, _tail, kill_tree, pid_alive
+
+
+class CaptionJobs:
+    def __init__(self, ws, runs, python: str = sys.executable):
+        self.ws, self.runs, self.python = ws, runs, python
+        self.root = ws.root / "captioning"
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+
+    # ------------------------------------------------------------------ the newest job
+    def latest(self) -> Path | None:
+        jobs = sorted(self.root.glob("job-*")) if self.root.is_dir() else []
+        return jobs[-1] if jobs else None
+
+    def _info(self, job: Path) -> dict:
+        try:
+            return json.loads((job / "job.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def running(self) -> bool:
+        job = self.latest()
+        if not job:
+            return False
+        alive = self._proc.poll() is None if self._proc is not None else pid_alive(self._info(job).get("pid"))
+        return alive and not self._ended(job)  # a worker that said done is as good as gone
+
+    @staticmethod
+    def _events(job: Path) -> list[dict]:
+        try:
+            lines = (job / "events.jsonl").read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass  # a line being written
+        return out
+
+    def _ended(self, job: Path) -> bool:
+        return any(e["type"] in ("done", "error") for e in self._events(job))
+
+    # ------------------------------------------------------------------ actions
+    def start(self, dataset: str, model: str, mode: str, trigger: str = "", batch_size: int = 4,
+              preview: int = 0, device: str = "auto") -> str:
+        """Start a worker; a plain sentence back. Refused while a training run (or another captioning) runs."""
+        with self._lock:
+            if any(r["status"] == "running" for r in self.runs.list()):
+                return ("A training run is using the GPU right now: caption when it has finished (or stop it in "
+                        "the Train tab).")
+            if self.running():
+                return "Captioning is already running: wait for it or cancel it."
+            folder = self.ws.dataset_path(dataset)
+            job = self.root / (time.strftime("job-%Y%m%d-%H%M%S-") + f"{time.time_ns() % 10**6:06d}")
+            job.mkdir(parents=True)
+            cmd = [self.python, "-m", "trainer", "caption", str(folder), "--model", model, "--mode", mode,
+                   "--trigger", trigger, "--batch-size", str(int(batch_size)), "--device", device,
+                   "--events", str(job / "events.jsonl"), "--stop-file", str(job / "stop")]
+            if preview:
+                cmd += ["--preview", str(int(preview))]
+            env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   "PYTHONUNBUFFERED": "1"}
+            with open(job / "worker.log", "ab") as log:
+                detach = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
+                          else {"start_new_session": True})
+                self._proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                              stdin=subprocess.DEVNULL, **detach)
+            (job / "job.json").write_text(json.dumps({"pid": self._proc.pid, "dataset": dataset, "mode": mode,
+                                                      "preview": preview}))
+        self.ws.update_settings(caption_model=model)
+        return "Previewing the first captions..." if preview else "Captioning started."
+
+    def cancel(self) -> str:
+        job = self.latest()
+        if not job or not self.running():
+            return "No captioning is running."
+        (job / "stop").touch()  # the worker stops after the current batch; what it wrote stays
+        threading.Thread(target=self._kill_later, args=(job,), daemon=True).start()
+        return "Cancelling after the current batch: the captions written so far are kept."
+
+    def _kill_later(self, job: Path, grace_s: float = 30.0) -> None:
+        end = time.time() + grace_s
+        while time.time() < end and self.running():
+            time.sleep(0.5)
+        if self.running():
+            kill_tree(self._info(job).get("pid"))
+
+    # ------------------------------------------------------------------ what the page shows
+    def state(self) -> dict:
+        """{active, dataset, preview, done, total, images_per_s, eta_s, captions, message, error, finished}."""
+        job = self.latest()
+        if not job:
+            return {"active": False, "job": "", "captions": []}
+        info, events = self._info(job), self._events(job)
+        prog = next((e for e in reversed(events) if e["type"] == "progress"), {})
+        end = next((e for e in reversed(events) if e["type"] in ("done", "error")), None)
+        status = next((e["message"] for e in reversed(events) if e["type"] == "status"), "Starting the worker...")
+        active = self.running()
+        error = end["message"] if end and end["type"] == "error" else None
+        if not active and end is None:
+            error = ("The captioning worker stopped without finishing (out of memory, or killed). The captions "
+                     "written before that are kept. Its log: " + _tail(job / "worker.log", 600).strip()[-300:])
+        return {"active": active, "job": job.name, "dataset": info.get("dataset", ""), "preview": bool(info.get("preview")),
+                "done": prog.get("done", 0), "total": prog.get("total", 0), "images_per_s": prog.get("images_per_s"),
+                "eta_s": prog.get("eta_s"), "device": prog.get("device", ""),
+                "captions": [(e["file"], e["caption"]) for e in events if e["type"] == "caption"],
+                "status": status, "message": end["message"] if end and not error else "", "error": error,
+                "finished": end is not None or not active}
+
+
+def progress_markdown(s: dict) -> str:
+    """One line about the newest captioning job: progress, speed and ETA while it runs, its outcome after."""
+    if not s.get("job"):
+        return ""
+    if s.get("error"):
+        return f"**Captioning stopped:** {s['error']}"
+    what = "Preview" if s.get("preview") else "Captioning"
+    if s.get("active"):
+        if not s.get("total"):
+            return f"{what}: {s['status']}"
+        speed = f" · {s['images_per_s']:.2f} images/s · about {s['eta_s']:.0f} s left" if s.get("images_per_s") else ""
+        pct = 100 * s["done"] / max(1, s["total"])
+        return f"{what} `{s['dataset']}` on {s.get('device') or '...'}: {s['done']}/{s['total']} images ({pct:.0f}%){speed}"
+    return f"{what} of `{s['dataset']}` finished: {s.get('message', '')}"

@@ -1,0 +1,272 @@
+"""Auto-captioning: natural-language captions from a vision-language model that transformers loads
+(BLIP, Florence-2, GIT, ...: anything `AutoModelForImageTextToText` knows), written beside the images.
+
+Originals are never touched; each caption file is written atomically the moment its batch is done, and a
+record of what the captioner wrote (`.captioner.json` in the dataset) lets the report tell captioner captions
+from hand-written ones: a caption the person edited afterwards counts as theirs.
+
+`python -m trainer caption DATASET ...` runs this; the app runs the same command as a worker process.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.data.captions import split_tags, with_triggers
+from trainer.fsutil import atomic_write_text
+
+MODES = ("missing", "append", "overwrite")
+MODE_LABELS = {"missing": "Only images without a caption", "append": "Append to existing captions",
+               "overwrite": "Overwrite existing captions"}
+RECORD_FILE = ".captioner.json"
+# Known to load with transformers 5 (no remote code): BLIP and the transformers-native Florence-2 conversions.
+KNOWN_MODELS = ["Salesforce/blip-image-captioning-large", "Salesforce/blip-image-captioning-base",
+                "florence-community/Florence-2-base", "florence-community/Florence-2-large"]
+DEFAULT_MODEL = KNOWN_MODELS[0]
+FLORENCE_TASK = "<DETAILED_CAPTION>"
+
+
+class CaptionError(Exception):
+    """Something the person can fix (model not found, offline, bad folder): one plain sentence."""
+
+
+@dataclass
+class CaptionOptions:
+    model: str = DEFAULT_MODEL
+    mode: str = "missing"
+    trigger: str = ""  # comma-separated; put first in every caption written
+    batch_size: int = 4
+    max_new_tokens: int = 60
+    device: str = "auto"
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise CaptionError(f"Unknown mode '{self.mode}': use one of {', '.join(MODES)}.")
+        if not (1 <= int(self.batch_size) <= 64):
+            raise CaptionError(f"Batch size {self.batch_size} is out of range: use 1 to 64.")
+        if not (self.model or "").strip():
+            raise CaptionError("Give a captioning model: a hub id such as "
+                               f"'{DEFAULT_MODEL}' or the path of a downloaded model folder.")
+
+
+# ---------------------------------------------------------------------------------------------- what to caption
+def entries(folder: Path) -> list:
+    """Every image of the dataset (excluded ones too: they are still part of it), in file order."""
+    from trainer.data.scan import scan_dataset
+
+    res = scan_dataset(folder)
+    return sorted(res.items + res.excluded, key=lambda it: str(it.path))
+
+
+def targets(items: list, mode: str) -> list:
+    """The images a mode writes to: without a caption (missing), or all of them (append, overwrite)."""
+    return [it for it in items if mode != "missing" or not (it.caption or "").strip()]
+
+
+def compose(old: str | None, new: str, mode: str, triggers: list[str]) -> str:
+    """The caption to write: the captioner's text (after the old one when appending), trigger words first."""
+    new = " ".join(new.split()).strip(" ,")
+    text = f"{old.strip()}, {new}" if mode == "append" and (old or "").strip() and new else (new or (old or ""))
+    return with_triggers(text, triggers) if triggers else text
+
+
+def record(folder: Path) -> dict:
+    """{relative image path: {"model", "text"}} of the captions the captioner wrote."""
+    try:
+        data = json.loads((Path(folder) / RECORD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def provenance(folder: Path, items: list) -> dict:
+    """How many captions came from the captioner (and are unchanged since) and how many by hand."""
+    rec = record(folder)
+    auto = sum(1 for it in items if it.caption and rec.get(_rel(folder, it.path), {}).get("text") == it.caption)
+    return {"captioner": auto, "hand": sum(1 for it in items if it.caption) - auto}
+
+
+def _rel(folder: Path, p: Path) -> str:
+    return Path(p).resolve().relative_to(Path(folder).resolve()).as_posix()
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def model_label(model: str) -> str:
+    """A hub id as it is; a local folder by its name only (no path of this computer goes into a file)."""
+    return Path(model).name if Path(model).expanduser().is_dir() else model
+
+
+def resolve_model(model: str, emit=lambda e: None) -> str:
+    """A local model folder, or a hub id that is cached or can be downloaded (the first use says so)."""
+    from trainer.models.hub import how_to_get, is_hub_id, offline
+
+    model = (model or "").strip()
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise CaptionError(f"The folder {p} holds no config.json: give the folder of a downloaded captioning "
+                               "model (what `hf download <id>` fetches), not a parent folder.")
+        return str(p)
+    if not is_hub_id(model):
+        raise CaptionError(f"'{model}' is neither a model folder on this computer nor a hub id like '{DEFAULT_MODEL}'.")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return model
+    if offline():
+        raise CaptionError(f"The captioning model '{model}' is not downloaded and this computer is offline. "
+                           f"{how_to_get(model)} Or put the model folder anywhere and give its path.")
+    emit({"type": "status", "message": f"First use of '{model}': downloading it to the Hugging Face cache "
+                                       "(~/.cache/huggingface), once."})
+    return model
+
+
+class Captioner:
+    """One loaded vision-language model and its processor; `caption(images)` gives one text per image."""
+
+    def __init__(self, model: str, device: str = "auto"):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        dev = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev == "cuda" else torch.float32
+        try:
+            self.processor = AutoProcessor.from_pretrained(model)
+            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(dev).eval()
+        except (OSError, ValueError, KeyError) as e:
+            from trainer.models.hub import how_to_get, is_hub_id
+
+            hint = how_to_get(model) if is_hub_id(model) and not Path(model).exists() else ""
+            raise CaptionError(f"Could not load the captioning model '{model}': {str(e).splitlines()[0]} {hint}".strip())
+        self.device, self.dtype = dev, dtype
+        self.florence = self.model.config.model_type == "florence2"
+
+    def caption(self, images: list, max_new_tokens: int = 60) -> list[str]:
+        import torch
+
+        kw = {"text": [FLORENCE_TASK] * len(images)} if self.florence else {}
+        inputs = self.processor(images=images, return_tensors="pt", **kw).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+        if self.model.config.is_encoder_decoder is False and "input_ids" in inputs:  # decoder-only: drop the prompt
+            out = out[:, inputs["input_ids"].shape[1]:]
+        return [" ".join(t.split()) for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+
+
+# ---------------------------------------------------------------------------------------------- a whole run
+def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should_stop=lambda: False,
+                    preview: int = 0) -> dict:
+    """Caption the dataset's target images in batches; `preview` > 0 captions only that many and writes
+    nothing. Emits status / progress / caption / done events (dicts). Returns the done event."""
+    from trainer.data.images import ImageProblem, load_rgb
+    from trainer.data.importer import save_caption
+
+    opts.check()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CaptionError(f"Dataset folder not found: {folder}")
+    todo = targets(entries(folder), opts.mode)
+    if preview:
+        todo = todo[:preview]
+    if not todo:
+        done = {"type": "done", "written": 0, "total": 0, "preview": bool(preview),
+                "message": "Nothing to caption: every image has a caption already (choose Append or Overwrite to "
+                           "change them)." if opts.mode == "missing" else "The dataset has no images."}
+        emit(done)
+        return done
+    model = resolve_model(opts.model, emit)
+    emit({"type": "status", "message": f"Loading {model_label(opts.model)}..."})
+    cap = Captioner(model, opts.device)
+    triggers, label = split_tags(opts.trigger), model_label(opts.model)
+    rec, written, skipped, t0 = record(folder), 0, [], time.perf_counter()
+    emit({"type": "progress", "done": 0, "total": len(todo), "images_per_s": None, "eta_s": None, "device": cap.device})
+    for start in range(0, len(todo), opts.batch_size):
+        if should_stop():
+            break
+        batch, images = [], []
+        for it in todo[start:start + opts.batch_size]:
+            try:
+                images.append(load_rgb(it.path))
+                batch.append(it)
+            except ImageProblem as e:  # an unreadable image is reported and skipped, the run goes on
+                skipped.append(f"{it.path.name}: {e}")
+        texts = cap.caption(images, opts.max_new_tokens) if images else []
+        for it, text in zip(batch, texts):
+            final = compose(it.caption, text, opts.mode, triggers)
+            wrote = bool(text) and not preview
+            if wrote:
+                save_caption(it.path, final)
+                rec[_rel(folder, it.path)] = {"model": label, "text": " ".join(final.split())}
+                written += 1
+            emit({"type": "caption", "file": _rel(folder, it.path), "caption": final if text else "",
+                  "written": wrote})
+        if written and not preview:
+            atomic_write_text(folder / RECORD_FILE, json.dumps(rec, indent=1))
+        n = min(start + opts.batch_size, len(todo))
+        rate = n / max(time.perf_counter() - t0, 1e-9)
+        emit({"type": "progress", "done": n, "total": len(todo), "images_per_s": round(rate, 3),
+              "eta_s": round((len(todo) - n) / rate, 1), "device": cap.device})
+    stopped = should_stop()
+    what = "Previewed" if preview else "Wrote"
+    done = {"type": "done", "written": written, "total": len(todo), "preview": bool(preview), "stopped": stopped,
+            "skipped": skipped,
+            "message": f"{what} {written if not preview else len(todo)} caption(s) with {label}"
+                       + (" (cancelled; the captions written so far are kept)" if stopped else "")
+                       + (f"; skipped {len(skipped)} unreadable image(s)" if skipped else "") + "."}
+    emit(done)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def add_command(sub) -> None:
+    c = sub.add_parser("caption", help="caption a dataset's images with a local vision-language model")
+    c.add_argument("dataset", help="dataset folder")
+    c.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local model folder (default {DEFAULT_MODEL})")
+    c.add_argument("--mode", choices=MODES, default="missing",
+                   help="missing: only images without a caption; append; overwrite (replaces existing captions)")
+    c.add_argument("--trigger", default="", help="trigger word(s), comma-separated, put first in every caption")
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--max-new-tokens", type=int, default=60)
+    c.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    c.add_argument("--preview", type=int, default=0, metavar="N", help="caption the first N and write nothing")
+    c.add_argument("--events", help="append JSON-line events to this file (the app reads them)")
+    c.add_argument("--stop-file", help="stop after the current batch once this file exists")
+    c.set_defaults(fn=cmd_caption)
+
+
+def cmd_caption(args) -> int:
+    opts = CaptionOptions(model=args.model, mode=args.mode, trigger=args.trigger, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, device=args.device)
+    sink = open(args.events, "a", encoding="utf-8") if args.events else None
+
+    def emit(e: dict) -> None:
+        if sink:
+            sink.write(json.dumps(e) + "\n")
+            sink.flush()
+        if e["type"] == "caption":
+            print(f"{e['file']}: {e['caption']}")
+        elif e["type"] in ("status", "done", "error"):
+            print(e["message"])
+        elif e["type"] == "progress" and e["images_per_s"]:
+            print(f"{e['done']}/{e['total']} images, {e['images_per_s']:.2f} images/s, ETA {e['eta_s']:.0f} s")
+
+    stop = Path(args.stop_file) if args.stop_file else None
+    try:
+        caption_dataset(args.dataset, opts, emit, lambda: bool(stop and stop.exists()), preview=args.preview)
+        return 0
+    except CaptionError as e:
+        emit({"type": "error", "message": str(e)})
+        return 2
+    except Exception as e:  # the app shows this sentence, the worker log keeps the traceback
+        import traceback
+
+        traceback.print_exc()
+        emit({"type": "error", "message": f"Captioning failed: {type(e).__name__}: {e}"})
+        return 1
+    finally:
+        if sink:
+            sink.close()
