@@ -49,10 +49,9 @@ def test_preflight_reports_conflicts_and_dataset_problems_in_plain_words(tiny_sd
     ok, text = preflight({"base_model": str(tiny_sd1), "dataset": str(data), "resolution": 64, "min_bucket": 64})
     assert ok, text
     assert "Ready to start" in text and "bad.png" in text and "Estimated peak VRAM" in text and "SD 1.x" in text
-    ok, text = preflight({"base_model": str(tiny_sd1), "dataset": str(data), "cache_text_encoder_outputs": True,
-                          "train_text_encoder": True, "optimizer": "prodigy", "unet_lr": 1e-4, "max_bucket": 256})
+    ok, text = preflight({"base_model": str(tiny_sd1), "dataset": str(data), "train_text_encoder": True,
+                          "optimizer": "prodigy", "unet_lr": 1e-4, "max_bucket": 256})
     assert not ok
-    assert "cache_text_encoder_outputs is on while train_text_encoder is on" in text
     assert "Prodigy" in text and "max_bucket (256) is below the resolution (512)" in text
     ok, text = preflight({"base_model": str(tmp_path / "missing.safetensors"), "dataset": str(tmp_path / "nodata")})
     assert not ok and "Base model not found" in text and "Dataset folder not found" in text
@@ -101,7 +100,8 @@ def test_worker_protocol_start_events_stop_resume_crash_relist(tiny_sd1, tmp_pat
     assert again == run_id and not created2  # a second click does not start a second run
     wait_for(lambda: rm.get(run_id)["status"] == "finished")
     v = rm.view(run_id)
-    assert v.state == "finished" and v.step == 6 and len(v.losses) == 6
+    assert v.state == "finished" and v.step == 6
+    assert v.losses[0][0] == 1 and v.losses[-1][0] == 6  # the first step and the last always report
     assert v.samples and Path(v.samples[0][0]).is_file()
     assert Path(v.output).is_file()
 

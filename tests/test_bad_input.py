@@ -76,7 +76,6 @@ def test_empty_dataset(tiny_sd1, tmp_path, capsys):
         ({"optimizer": "sgdx"}, "optimizer = 'sgdx' is not one of"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
         ({"max_bucket": 256, "resolution": 512}, "max_bucket (256) is below the resolution"),
-        ({"cache_text_encoder_outputs": True, "train_text_encoder": True}, "cache_text_encoder_outputs is on while"),
     ],
 )
 def test_invalid_config_is_refused_before_loading(change, text, dataset, tmp_path, capsys):

@@ -292,3 +292,25 @@ def test_ddp_two_cpu_processes_write_one_file_with_equal_weights(tiny_sd1, tmp_p
     assert torch.allclose(sd[f"{name}.lora_up.weight"].float(), w0[key], atol=1e-6)
     # each rank trained on its own share: 4 images / 2 ranks = 2 batches per rank per epoch
     assert r0["micro_per_epoch"] == r1["micro_per_epoch"] == 2
+
+
+def test_progress_reports_by_the_clock_unless_a_step_interval_is_set(monkeypatch):
+    """log_every_steps = 0 (the default) reports the first step, then about every LOG_INTERVAL_S, and the last:
+    a fast GPU is not made to wait at every step. A set interval counts steps as before."""
+    from trainer import loop
+
+    clock = [100.0]
+    monkeypatch.setattr(loop.time, "time", lambda: clock[0])
+    state = loop.State(step0=10)
+    due = []
+    for step in range(11, 31):  # a resumed run: steps 11..30, each 0.5 s
+        state.step = step
+        if loop.report_due(0, state, 30):
+            due.append(step)
+            state.reported = clock[0]
+        clock[0] += 0.5
+    assert due == [11, 15, 19, 23, 27, 30]
+    assert [s for s in range(11, 31) if loop.report_due(5, loop.State(step=s, step0=10), 30)] == [15, 20, 25, 30]
+    assert TrainConfig().log_every_steps == 0
+    errors, _ = TrainConfig(log_every_steps=-1).problems()
+    assert any("log_every_steps must be 0" in e for e in errors)

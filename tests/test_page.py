@@ -301,8 +301,9 @@ def test_check_setup_says_how_long_the_run_takes_here_from_what_this_machine_mea
     events, _ = read_events(tmp_path / "run")
     m = timing.record(tmp_path / "timings.json", cfg, events, "r1")
     assert m["device"] == "cpu" and m["family"] == "sd1" and m["step_s"] > 0
-    # steps 1..5 were reported: the cost per step is the time between the first and last report over 4 steps
+    # the first and the last step always report: the cost per step is the time between them over 4 steps
     prog = [e for e in events if e["type"] == "progress"]
+    assert (prog[0]["step"], prog[-1]["step"]) == (1, 5)
     assert m["step_s"] == pytest.approx((prog[-1]["time"] - prog[0]["time"]) / 4, abs=5e-5)  # kept to 4 decimals
     measured = timing.load(tmp_path / "timings.json")
     _, text = preflight({**values, "max_steps": 40}, None, None, measured, "cpu")

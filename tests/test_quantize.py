@@ -152,3 +152,24 @@ def test_skipping_peft_input_casts_under_autocast_changes_no_number(tiny_sd1):
         results.append((out.detach(), [p.grad.clone() for p in lora.lora_parameters(m.unet)]))
     (a, ga), (b, gb) = results
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+def test_text_encoder_outputs_are_cached_by_default_when_the_encoders_are_frozen(tiny_sd1, dataset, tmp_path):
+    """Issue 13.2: frozen encoders and fixed captions cache by default (the encoders leave the device); a trained
+    encoder or randomised captions encode every step; sd-scripts gets the flag only when it applies."""
+    from trainer.config import TrainConfig, tomllib
+    from trainer.kohya import to_sd_scripts_toml
+    from trainer.loop import setup
+
+    def export_kohya(cfg):
+        return tomllib.loads(to_sd_scripts_toml(cfg))
+
+    assert TrainConfig(train_text_encoder=False).caches_text
+    assert not TrainConfig(train_text_encoder=True).caches_text
+    assert not TrainConfig(train_text_encoder=False, shuffle_tags=True).caches_text
+    assert not TrainConfig(train_text_encoder=False, cache_text_encoder_outputs=False).caches_text
+    assert "cache_text_encoder_outputs" not in export_kohya(TrainConfig(train_text_encoder=True))
+    assert export_kohya(TrainConfig(train_text_encoder=False))["cache_text_encoder_outputs"] is True
+    run = setup(base_config(tiny_sd1, dataset, tmp_path / "run", train_text_encoder=False), tmp_path / "run",
+                echo=lambda m: None)
+    assert run.text_cache is not None and all(next(te.parameters()).device.type == "cpu" for te in run.model.text_encoders)

@@ -81,7 +81,7 @@ class TrainConfig:
     flip: bool = _f(False, "Random horizontal flip (do not use for asymmetric subjects or text).", None, "images")
     cache_latents: bool = _f(True, "Encode every image with the VAE once and reuse the latents (faster, less VRAM).", None, "images")
     cache_latents_to_disk: bool = _f(True, "Keep cached latents on disk so later runs skip the VAE entirely.", None, "images")
-    cache_text_encoder_outputs: bool = _f(False, "Cache text-encoder outputs (only when the text encoder is not trained and captions are fixed).", None, "images")
+    cache_text_encoder_outputs: bool = _f(True, "Encode each caption once and let the text encoders leave the GPU, when they are not trained and captions are fixed (no tag shuffle or dropout); otherwise captions are encoded every step.", None, "images")
     # --- network
     rank: int = _f(16, "LoRA rank (dim): the capacity of the update. 8-32 for characters, 32-128 for styles.")
     alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha/rank. Changing rank without alpha changes the effective learning rate.")
@@ -140,7 +140,7 @@ class TrainConfig:
     sample_prompts: list = _f([], "Prompts for sample images ({trigger} is replaced by the trigger words).", None, "output")
     sample_steps: int = _f(20, "Denoising steps for sample images.", None, "output")
     sample_seed: int = _f(1234, "Seed for sample images (fixed, so samples are comparable across steps).", None, "output")
-    log_every_steps: int = _f(1, "Report loss every N steps (each report waits for the GPU).", None, "output")
+    log_every_steps: int = _f(0, "Report loss every N steps; 0: at the first step, then about every 2 seconds, and at the last (each report waits for the GPU, so reporting every step slows a fast GPU).", None, "output")
     device: str = _f("auto", "Where to train: auto (CUDA if present), cuda or cpu.", DEVICES, "advanced")
     config_version: int = _f(CONFIG_VERSION, "Version of this config format.", None, "advanced")
 
@@ -257,16 +257,6 @@ class TrainConfig:
         if self.clip_skip < 1:
             errors.append(f"clip_skip must be 1 or more (got {self.clip_skip}).")
         # options that silently conflict elsewhere
-        if self.cache_text_encoder_outputs and self.train_text_encoder:
-            errors.append(
-                "cache_text_encoder_outputs is on while train_text_encoder is on: cached outputs would never see the "
-                "text-encoder LoRA. Turn one of them off."
-            )
-        if self.cache_text_encoder_outputs and (self.shuffle_tags or self.caption_dropout or self.tag_dropout):
-            errors.append(
-                "cache_text_encoder_outputs needs fixed captions, but tag shuffle or caption/tag dropout is on. "
-                "Turn caching off or the caption randomisation off."
-            )
         if self.cache_latents and self.flip:
             warns.append("flip with cached latents: both flipped and unflipped latents are cached (twice the cache).")
         if self.optimizer == "prodigy" and (self.unet_lr < 0.1 or (self.train_text_encoder and 0 < self.text_encoder_lr < 0.1)):
@@ -278,8 +268,8 @@ class TrainConfig:
             warns.append(f"unet_lr={self.unet_lr} is very high for {self.optimizer}; 1e-4 is typical. Expect NaN loss.")
         if self.save_every_steps < 0 or self.sample_every_steps < 0 or self.keep_last < 0:
             errors.append("save_every_steps, sample_every_steps and keep_last must not be negative.")
-        if self.log_every_steps < 1:
-            errors.append("log_every_steps must be at least 1.")
+        if self.log_every_steps < 0:
+            errors.append("log_every_steps must be 0 (about every 2 seconds) or a number of steps.")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             errors.append(f"min_timestep ({self.min_timestep}) and max_timestep ({self.max_timestep}) must satisfy "
                           "0 <= min_timestep < max_timestep <= 1000.")
@@ -294,6 +284,12 @@ class TrainConfig:
                           "the base weights in full). Use base_quantization = 'fp8' or 'none', or turn DoRA off.")
         errors += self.block_problems()
         return errors, warns
+
+    @property
+    def caches_text(self) -> bool:
+        """Whether the text encoders' outputs are cached: asked for, encoders frozen, captions fixed."""
+        return (self.cache_text_encoder_outputs and not self.train_text_encoder
+                and not (self.shuffle_tags or self.caption_dropout or self.tag_dropout))
 
     def block_problems(self) -> list[str]:
         """The per-block fields in kohya's format (their count per family is checked once the model is known)."""

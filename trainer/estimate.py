@@ -83,7 +83,7 @@ def estimate_vram_gb(cfg, family: str) -> dict:
     wbytes = 2 if cfg.mixed_precision in ("fp16", "bf16") else 4
     q = getattr(cfg, "base_quantization", "none")
     weights = unet * base_bytes(q, wbytes, LINEAR_SHARE.get(fam, 0.5))
-    if not cfg.cache_text_encoder_outputs:
+    if not cfg.caches_text:
         frozen_te = not cfg.train_text_encoder
         weights += te * (base_bytes(q, wbytes, 0.95) if frozen_te else wbytes)
     if not cfg.cache_latents:

@@ -209,7 +209,10 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
         if key not in TOML_ELSEWHERE and (values[field] or key not in TOML_ONLY_WHEN_SET):
             d[key] = values[field]
     for key, field in FLAGS:
-        if key != "cache_text_encoder_outputs" or values[field]:
+        if key == "cache_text_encoder_outputs":  # sd-scripts refuses it beside a trained text encoder
+            if cfg.caches_text:
+                d[key] = True
+        else:
             d[key] = values[field]
     if cfg.max_steps:
         d["max_train_steps"] = cfg.max_steps

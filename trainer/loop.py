@@ -95,6 +95,7 @@ class State:
     nonfinite: bool | torch.Tensor = False  # kept on the device: read only at log intervals
     t0: float = field(default_factory=time.time)
     step0: int = 0
+    reported: float = 0.0  # time of the last progress report
 
 
 def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False, echo=print,
@@ -353,7 +354,7 @@ def prepare_data(cfg: TrainConfig, sets: tuple[list, list, list], model: LoadedM
 def cache_text(cfg: TrainConfig, model: LoadedModel, data: TrainData, dev, weight_dtype=torch.float32) -> dict | None:
     """Text-encoder outputs of every (fixed) caption, when the encoders are not trained: the encoders come to the
     device alone (before the UNet), encode, and leave again."""
-    if not (cfg.cache_text_encoder_outputs and not cfg.train_text_encoder):
+    if not cfg.caches_text:
         return None
     for te in model.text_encoders:
         te.requires_grad_(False)
@@ -537,7 +538,7 @@ def every(n: int, step: int, total: int) -> bool:
 def after_step(run: Run, state: State) -> bool:
     """Log, sample, save and poll the user's requests. True when the run should stop now."""
     cfg, step, total = run.cfg, state.step, run.total_steps
-    if step % cfg.log_every_steps == 0 or step == total:
+    if report_due(cfg.log_every_steps, state, total):
         report_progress(run, state)
     if every(cfg.sample_every_steps, step, total):
         render_samples(run, step)
@@ -552,6 +553,19 @@ def after_step(run: Run, state: State) -> bool:
     return want_stop
 
 
+LOG_INTERVAL_S = 2.0  # log_every_steps = 0: a report about this often (host clock: no wait for the device)
+
+
+def report_due(every_n: int, state: State, total: int) -> bool:
+    """Every n steps when n is set; else the first step of this attempt, then every LOG_INTERVAL_S. The last
+    step always reports."""
+    if state.step == total:
+        return True
+    if every_n:
+        return state.step % every_n == 0
+    return state.step == state.step0 + 1 or time.time() - state.reported >= LOG_INTERVAL_S
+
+
 def report_progress(run: Run, state: State) -> None:
     if bool(state.nonfinite):  # the only host sync: at log intervals
         raise TrainingError(
@@ -560,7 +574,7 @@ def report_progress(run: Run, state: State) -> None:
             "Lower the learning rate and resume from the last checkpoint."
         )
     avg = float(state.loss_sum) / max(1, state.loss_n)
-    state.loss_sum, state.loss_n = 0.0, 0
+    state.loss_sum, state.loss_n, state.reported = 0.0, 0, time.time()
     elapsed = time.time() - state.t0
     its = (state.step - state.step0) / elapsed if elapsed > 0 else 0.0
     eta = (run.total_steps - state.step) / its if its > 0 else None
