@@ -188,8 +188,8 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
         lines.append(f"- {report['image_count']} images ({report['images_with_repeats']} per epoch with repeats)")
     lines.append(f"- Model family: {fam_name}")
     lines += [f"- {n}" for n in notes]
-    lines.append(f"- Estimated peak VRAM: about {est['total_gb']} GB (weights {est['weights_gb']} GB, "
-                 f"activations {est['activations_gb']} GB, LoRA {est['lora_params_m']}M parameters)")
+    lines.append(f"- Estimated peak VRAM: about {est['total_gb']} GB, while {est['phase']}; the biggest part is "
+                 f"{est['biggest']} ({est['terms_gb'][est['biggest']]:.1f} GB). LoRA: {est['lora_params_m']}M parameters")
     if device:
         lines.append(duration_line(cfg, family, report["images_with_repeats"] if report else 1, timings or [], device))
     if not errors:

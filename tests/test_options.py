@@ -117,22 +117,48 @@ def test_worker_processes_are_watched_and_killed_without_posix_only_calls(tmp_pa
 
 
 # ------------------------------------------------------------------------------------------ 7. phases move back
-def test_sampling_moves_parked_text_encoders_back(tiny_sd1, dataset, tmp_path):
-    """With cached text-encoder outputs the encoders are parked off the GPU; sampling borrows them and returns them."""
+def test_sampling_leaves_parked_text_encoders_parked_and_draws_what_the_pipeline_draws(tiny_sd1, dataset, tmp_path):
+    """With cached text-encoder outputs the encoders are parked off the GPU, and the sample prompts were encoded
+    at set-up by the pipeline's own encode_prompt: sampling borrows only the VAE, and the image is the one the
+    pipeline makes from the prompt with the encoders at hand."""
+    import numpy as np
+    from PIL import Image
+
     from trainer.loop import render_samples, setup
 
     cfg = base_config(tiny_sd1, dataset, tmp_path / "run", train_text_encoder=False, cache_text_encoder_outputs=True,
-                      sample_prompts=["zwx"], sample_steps=1, max_steps=1)
+                      sample_prompts=["zwx, a photo"], sample_steps=2, max_steps=1)
     run = setup(cfg, tmp_path / "run", echo=lambda m: None)
+    assert set(run.sample_cond) == {"zwx, a photo"}
     moves = []
     for te in run.model.text_encoders + [run.model.vae]:
         orig = te.to
         te.to = lambda *a, _o=orig, _m=te, **k: (moves.append((_m, a[0] if a else k.get("device"))), _o(*a, **k))[1]
     render_samples(run, 1)
-    assert list((tmp_path / "run" / "samples").glob("*.png"))
-    for m in run.model.text_encoders + [run.model.vae]:
-        mine = [str(torch.device(d)) for mod, d in moves if mod is m]
-        assert mine == [str(run.accelerator.device), "cpu"], mine  # there for the samples, and back again
+    sample = np.asarray(Image.open(next((tmp_path / "run" / "samples").glob("*.png"))))
+    for m in run.model.text_encoders:
+        assert not [d for mod, d in moves if mod is m]  # never brought back
+    assert [str(torch.device(d)) for mod, d in moves if mod is run.model.vae] == [str(run.accelerator.device), "cpu"]
+    pipe = run.model.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad(), run.accelerator.autocast():
+        direct = pipe("zwx, a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(cfg.sample_seed),
+                      height=cfg.resolution, width=cfg.resolution).images[0]
+    assert np.array_equal(sample, np.asarray(direct))
+
+
+def test_large_samples_decode_in_tiles_and_the_vae_is_left_as_it_was(tiny_sd1):
+    from trainer.loop import tiled_decode
+    from trainer.models.load import load_model
+
+    vae = load_model(str(tiny_sd1)).vae
+    before = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+    with tiled_decode(vae, 512):
+        assert not vae.use_tiling  # 512 px and below: whole
+    with tiled_decode(vae, 1024):
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        assert (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size) == (True, 512, 512 // scale)
+    assert (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size) == before
 
 
 # ------------------------------------------------------------------------------------------ 8. one read

@@ -173,3 +173,16 @@ def test_text_encoder_outputs_are_cached_by_default_when_the_encoders_are_frozen
     run = setup(base_config(tiny_sd1, dataset, tmp_path / "run", train_text_encoder=False), tmp_path / "run",
                 echo=lambda m: None)
     assert run.text_cache is not None and all(next(te.parameters()).device.type == "cpu" for te in run.model.text_encoders)
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_a_quantised_base_renders_samples_of_several_steps(quant, tiny_sd1, dataset, tmp_path):
+    """The sampler upcasts its latents to fp32 after the first step; bitsandbytes layers answered in fp32 under
+    autocast, and the next bf16 norm refused the mix ('mixed dtype (CPU)'). They follow autocast now."""
+    from trainer.loop import render_samples, setup
+
+    cfg = base_config(tiny_sd1, dataset, tmp_path / "run", train_text_encoder=False, mixed_precision="bf16",
+                      base_quantization=quant, sample_prompts=["zwx"], sample_steps=3, max_steps=1)
+    run = setup(cfg, tmp_path / "run", echo=lambda m: None)
+    render_samples(run, 1)
+    assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 1

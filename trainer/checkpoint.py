@@ -61,11 +61,13 @@ def write_checkpoint(folder: Path, parts, optimizer_state: dict | None, state: d
 def save(run, step: int) -> Path | None:
     """Write the resumable checkpoint of a run (a loop.Run) at `step`, with its kohya file; keep the last K.
     Every rank waits here; rank 0 writes. Returns the folder (None on other ranks)."""
+    from trainer import placement
     from trainer.export import export_parts
 
     run.accelerator.wait_for_everyone()
     if not run.main:
         return None
+    placement.phase("save")
     cfg = run.cfg
     parts = run.parts()
     state = {"step": step, "total_steps": run.total_steps, "scheduler": run.scheduler.state_dict(), "config": cfg.to_dict(),

@@ -181,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     presets_cli.add_commands(sub)
     lora_cli.add_commands(sub)
 
-    from trainer import bench, caption, reliability
+    from trainer import bench, caption, memory, reliability
 
     bench.add_command(sub)
+    memory.add_command(sub)
     reliability.add_command(sub)
     caption.add_command(sub)
 

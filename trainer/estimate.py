@@ -1,15 +1,23 @@
-"""Rough peak-VRAM and time estimate from a config, before anything is loaded (torch-free).
+"""Peak-VRAM estimate from a config, before anything is loaded (torch-free).
 
-Component sizes are the real architectures' parameter counts. Activation figures are per image at the
-family's native resolution, scaled by pixel count and batch; they are starting figures to be replaced by
-`python -m trainer bench` measurements on real GPUs (see BENCHMARKS.md).
+Component sizes are the real architectures' parameter counts; LoRA sizes are counted from the targeted
+modules' shapes. Activation figures are per image at the family's native resolution, scaled by pixel count
+and batch, calibrated against `python -m trainer memory` (trainer/memory.py, figures in BENCHMARKS.md).
 """
 from __future__ import annotations
 
 from trainer.models import families
 
 GB = 1024**3
-ACT_GB = {"sd1": (3.0, 0.9), "sd2": (5.5, 1.4), "sdxl": (9.0, 2.2)}  # (no checkpointing, checkpointing) per image
+# Measured with `python -m trainer memory` on the full-size architectures (BENCHMARKS.md), bf16, SDPA:
+# activation GB per image at the family's native resolution, (without, with gradient checkpointing).
+# SD 2.x is SD 1.5's layout at 768 px: SD 1.5's figures, scaled by its pixels.
+ACT_GB = {"sd1": (0.93, 0.30), "sd2": (2.1, 0.68), "sdxl": (9.0, 2.2)}
+SAMPLE_ACT_GB = {"sd1": 0.4, "sd2": 0.9, "sdxl": 1.6}  # a sample with CFG, and its VAE decode
+VAE_ENCODE_GB_PER_MPIX = 2.5  # the fp32 VAE encoder's activations while caching latents, per megapixel
+# What a CUDA card needs beyond its tensors (trainer/memory.py says how these were chosen):
+CUDA_CONTEXT_GB = 0.4  # the CUDA context, cuBLAS / cuDNN handles and kernels, outside torch's allocator
+ALLOCATOR_SLACK = 0.08  # the caching allocator's block rounding and fragmentation, as a share of the peak
 
 
 def _modules(unet: dict, te_configs: list[dict], attention_only: bool):
@@ -62,6 +70,7 @@ def lora_param_count(cfg, family: str, config_dir=None) -> int:
 # Share of the UNet's parameters in Linear layers (the rest: convolutions, norms), counted from the real
 # architectures' configs: SD 1.5 0.31, SDXL 0.87 (SD 2.x has SD 1.5's layout). int8 / nf4 quantise Linears only.
 LINEAR_SHARE = {"sd1": 0.31, "sd2": 0.31, "sdxl": 0.87}
+TE_LINEAR_SHARE = 0.95  # CLIP text encoders: all but the embeddings and norms
 BYTES_PER_WEIGHT = {"fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}  # nf4: 4 bits + an fp32 scale per 64 weights
 
 
@@ -76,28 +85,52 @@ def base_bytes(quantization: str, wbytes: float, linear_share: float) -> float:
 
 
 def estimate_vram_gb(cfg, family: str) -> dict:
+    """Peak VRAM of a run, phase by phase as `python -m trainer memory` counts them (caching latents, caching
+    text-encoder outputs, the steps, sampling), plus the CUDA terms. Returns total_gb, the peak phase, its
+    terms in GB and the biggest of them, and the LoRA parameter count."""
+    from trainer.data.buckets import encode_batch
+
     fam = families.group(family)
     if fam not in families.FAMILIES:
         fam = "sdxl" if cfg.resolution >= 1024 else "sd1"
     unet, te, vae = families.family(fam).params
     wbytes = 2 if cfg.mixed_precision in ("fp16", "bf16") else 4
     q = getattr(cfg, "base_quantization", "none")
-    weights = unet * base_bytes(q, wbytes, LINEAR_SHARE.get(fam, 0.5))
-    if not cfg.caches_text:
-        frozen_te = not cfg.train_text_encoder
-        weights += te * (base_bytes(q, wbytes, 0.95) if frozen_te else wbytes)
-    if not cfg.cache_latents:
-        weights += vae * 4
+    unet_w = unet * base_bytes(q, wbytes, LINEAR_SHARE.get(fam, 0.5))
+    te_w = te * (wbytes if cfg.train_text_encoder else base_bytes(q, wbytes, TE_LINEAR_SHARE))
     try:
         lora = lora_param_count(cfg, fam if fam != "sd2" else (family if family in ("sd2", "sd2v") else "sd2"))
     except ValueError:  # per-block values for another family: the pre-flight check says so
         lora = 0
     opt_bytes = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}[cfg.optimizer]
-    train_state = lora * (4 + 4 + opt_bytes)  # weight, grad, optimizer state
-    scale = (cfg.resolution / families.family(fam).native_resolution) ** 2 * cfg.batch_size
-    act = ACT_GB[fam][1 if cfg.gradient_checkpointing else 0] * scale * GB
+    pixels = cfg.resolution * cfg.resolution
+    scale = pixels / families.family(fam).native_resolution ** 2
+    act = ACT_GB[fam][1 if cfg.gradient_checkpointing else 0] * scale * cfg.batch_size * GB
     if cfg.mixed_precision == "no":
         act *= 2
-    total = weights + train_state + act + 0.6 * GB  # + CUDA context and allocator slack
-    return {"total_gb": round(total / GB, 1), "weights_gb": round(weights / GB, 1),
+    steps = {"UNet weights": unet_w, "LoRA weights, gradients and optimizer state": lora * (4 + 4 + opt_bytes),
+             "activations": act}
+    if not cfg.caches_text:
+        steps["text encoders"] = te_w
+    if not cfg.cache_latents:
+        steps["VAE (fp32)"] = vae * 4
+    phases = {"training steps": steps}
+    if cfg.cache_latents:
+        phases["caching latents"] = {"VAE (fp32)": vae * 4, "VAE activations": VAE_ENCODE_GB_PER_MPIX * GB
+                                     * encode_batch(cfg.resolution, cfg.resolution) * pixels / 1e6}
+    if cfg.sample_prompts:
+        phases["sampling"] = {"UNet weights": unet_w, "text encoders": te * wbytes, "VAE (fp32)": vae * 4,
+                              "activations": SAMPLE_ACT_GB[fam] * scale * GB}
+    peak = max(phases, key=lambda p: sum(phases[p].values()))
+    terms = phases[peak]
+    counted = sum(terms.values())
+    biggest = max(terms, key=terms.get)
+    return {"total_gb": round(with_cuda_terms(counted), 1), "phase": peak, "biggest": biggest,
+            "terms_gb": {k: round(v / GB, 2) for k, v in terms.items()},
+            "weights_gb": round((unet_w + (te_w if not cfg.caches_text else 0)) / GB, 1),
             "activations_gb": round(act / GB, 1), "lora_params_m": round(lora / 1e6, 1)}
+
+
+def with_cuda_terms(counted_bytes: float) -> float:
+    """GB a CUDA card needs for this many bytes of tensors: the allocator's slack and the context added."""
+    return counted_bytes * (1 + ALLOCATOR_SLACK) / GB + CUDA_CONTEXT_GB

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import checkpoint as ckpt
+from trainer import placement
 from trainer.config import TrainConfig
 from trainer.data.cache import encode_pixels
 from trainer.data.captions import tag_frequency
@@ -56,6 +57,7 @@ class Run:
     micro_per_epoch: int
     weight_dtype: torch.dtype
     info: dict  # facts for the exported metadata
+    sample_cond: dict | None = None  # sample prompt -> the pipeline's embeddings, when frozen encoders are parked
 
     @property
     def main(self) -> bool:
@@ -166,7 +168,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel 
     # one big part on the device at a time, so the first run peaks no higher than the steps: the VAE alone
     # while latents are cached, the text encoders alone while their outputs are cached, then the UNet
     data = prepare_data(cfg, sets, model, accelerator, ev)
-    text_cache = cache_text(cfg, model, data, accelerator.device, weight_dtype)
+    text_cache, sample_cond = cache_text(cfg, model, data, accelerator.device, weight_dtype)
     alphas = add_lora(cfg, model, accelerator.device, weight_dtype, ev, parked_text_encoders=text_cache is not None)
     micro_per_epoch = data.micro_per_epoch(accelerator.num_processes)
 
@@ -185,7 +187,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel 
         "prediction_type": model.prediction_type,
     }
     return Run(cfg, files, accelerator, ev, model, alphas, data, text_cache, list(prepared[:-2]), prepared[-2],
-               prepared[-1], total_steps, steps_per_epoch, micro_per_epoch, weight_dtype, info)
+               prepared[-1], total_steps, steps_per_epoch, micro_per_epoch, weight_dtype, info, sample_cond)
 
 
 def resolve_device_and_precision(cfg: TrainConfig) -> tuple[str, str, list[str]]:
@@ -261,15 +263,16 @@ def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventL
              parked_text_encoders: bool = False) -> dict:
     """Freeze the base, inject LoRA with peft (fp32 weights), move the networks to the device (text encoders
     whose outputs are cached stay parked on the CPU; so does the VAE when latents are cached)."""
+    placement.phase("load")
     for m in [model.unet, model.vae, *model.text_encoders]:
         m.requires_grad_(False)
     if not cfg.cache_latents:  # the VAE encodes every batch; it stays fp32 (an fp16 SDXL VAE makes NaNs)
-        model.vae.to(dev, dtype=torch.float32)
+        placement.to_device(model.vae, dev, torch.float32)
     on_device = [model.unet] + ([] if parked_text_encoders else list(model.text_encoders))
     quant = cfg.base_quantization
     if quant != "none":  # the frozen weights take their final place and dtype before they are quantised
         for m in on_device:
-            m.to(dev, dtype=weight_dtype)
+            placement.to_device(m, dev, weight_dtype)
     frozen = [model.unet] + ([] if cfg.train_text_encoder else list(model.text_encoders))
     if quant in ("int8", "nf4"):
         from trainer.models.quantize import quantize_linears
@@ -287,7 +290,7 @@ def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventL
                             "block_lr_zero_threshold). Give some blocks a rank.")
     for m in [model.unet, *model.text_encoders]:
         if quant == "none" and m in on_device:
-            m.to(dev, dtype=weight_dtype)
+            placement.to_device(m, dev, weight_dtype)
         for p in lora.lora_parameters(m):
             p.data = p.data.float()  # LoRA weights train in fp32 whatever the compute precision
     if quant == "fp8":
@@ -329,7 +332,8 @@ def prepare_data(cfg: TrainConfig, sets: tuple[list, list, list], model: LoadedM
 
     vae_id = vae_fingerprint(model.vae)
     cache = LatentCache(default_cache_dir(), vae_id) if cfg.cache_latents_to_disk else MemoryLatentCache(vae_id)
-    model.vae.to(accelerator.device, dtype=torch.float32)  # alone on the device: nothing else is there yet
+    placement.phase("cache latents")
+    placement.to_device(model.vae, accelerator.device, torch.float32)  # alone on the device: nothing else is there yet
     with accelerator.main_process_first():
         t0 = time.time()
         jobs = [j for part in data.parts() for j in part.all_jobs()]
@@ -346,26 +350,47 @@ def prepare_data(cfg: TrainConfig, sets: tuple[list, list, list], model: LoadedM
     for name in ("reg", "val"):  # a class or validation set whose every file failed is dropped, said above
         if getattr(data, name) is not None and not getattr(data, name).items:
             setattr(data, name, None)
-    model.vae.to("cpu")  # free VRAM; samples move it back
+    placement.to_host(model.vae)  # free VRAM; samples move it back
     return data
 
 
 @torch.no_grad()
-def cache_text(cfg: TrainConfig, model: LoadedModel, data: TrainData, dev, weight_dtype=torch.float32) -> dict | None:
+def cache_text(cfg: TrainConfig, model: LoadedModel, data: TrainData, dev, weight_dtype=torch.float32):
     """Text-encoder outputs of every (fixed) caption, when the encoders are not trained: the encoders come to the
-    device alone (before the UNet), encode, and leave again."""
+    device alone (before the UNet), encode, and leave again. The sample prompts are encoded then too, the way
+    the pipeline does, so that sampling never brings them back. Returns (caption cache, sample conditioning),
+    both None when nothing is cached."""
     if not cfg.caches_text:
-        return None
+        return None, None
+    placement.phase("cache text encoders")
     for te in model.text_encoders:
         te.requires_grad_(False)
-        te.to(dev, dtype=weight_dtype)
+        placement.to_device(te, dev, weight_dtype)
     cache = {}
     for c in sorted({c for part in data.parts() for c in part.fixed_captions()}):
         h, p = encode_prompts(model, model.text_encoders, [c], cfg.clip_skip, dev)
-        cache[c] = (h[0].cpu(), None if p is None else p[0].cpu())
+        cache[c] = (placement.to_host(h[0]), None if p is None else placement.to_host(p[0]))
+    samples = sample_conditioning(model, [sample_text(cfg, p) for p in cfg.sample_prompts], dev)
     for te in model.text_encoders:
-        te.to("cpu")
-    return cache
+        placement.to_host(te)
+    return cache, samples
+
+
+def sample_text(cfg: TrainConfig, prompt: str) -> str:
+    return prompt.replace("{trigger}", ", ".join(cfg.trigger_words))
+
+
+def sample_conditioning(model: LoadedModel, prompts: list[str], dev) -> dict:
+    """Each prompt's embeddings (and the unconditional ones for guidance) from the pipeline's own encode_prompt,
+    parked on the host: the same numbers the pipeline would make while sampling."""
+    pipe = model.pipeline()
+    out = {}
+    for text in dict.fromkeys(prompts):
+        got = pipe.encode_prompt(text, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=True)
+        names = (["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+                 if model.is_sdxl else ["prompt_embeds", "negative_prompt_embeds"])
+        out[text] = {k: placement.to_host(v) for k, v in zip(names, got)}
+    return out
 
 
 def make_schedule(cfg: TrainConfig, model: LoadedModel, accelerator, micro_per_epoch: int, device: str):
@@ -461,13 +486,16 @@ def micro_step(run: Run, batch: dict, micro: int) -> torch.Tensor:
     reg = batch.get("reg") if "train" in batch else None
     batch = batch["train"] if "train" in batch else batch
     with acc.accumulate(*run.trainable):
+        placement.phase("forward")
         loss = batch_loss(run, batch, g)
+        placement.phase("backward")
         acc.backward(loss)
         if reg is not None and cfg.prior_loss_weight > 0:
             # a second backward adds its gradient to the first: the gradient of loss + w * prior loss, with one
             # batch's activations in memory at a time
             acc.backward(cfg.prior_loss_weight * batch_loss(run, reg, torch.Generator().manual_seed(
                 mix(cfg.seed, micro, acc.process_index, 7))))
+        placement.phase("optimizer")
         if acc.sync_gradients and cfg.max_grad_norm > 0:
             acc.clip_grad_norm_([p for g_ in run.optimizer.param_groups for p in g_["params"]], cfg.max_grad_norm)
         run.optimizer.step()
@@ -639,24 +667,29 @@ def poll_requests(accelerator, run_dir: Path) -> tuple[bool, bool]:
 @contextmanager
 def on_device(modules, dev):
     """Move modules to `dev` for a phase and each back to where it was afterwards (frozen parts that were
-    parked on the CPU stay out of VRAM for the rest of the run)."""
-    homes = [next(m.parameters()).device for m in modules]
+    parked on the host stay out of VRAM for the rest of the run)."""
+    homes = [placement.on_device_now(m) for m in modules]
     try:
-        yield [m.to(dev) for m in modules]
+        yield [placement.to_device(m, dev) for m in modules]
     finally:
         for m, home in zip(modules, homes):
-            m.to(home)
+            if not home:
+                placement.to_host(m)
 
 
 def render_samples(run: Run, step: int) -> None:
-    """Sample images with fixed prompts and seed, from the modules being trained."""
+    """Sample images with fixed prompts and seed, from the modules being trained. Frozen text encoders whose
+    prompts were encoded at set-up stay parked; above 512 px the VAE decodes in 512 px tiles (an SDXL decode at
+    1024 px needs 3 GB of activations whole, 1 GB tiled), so sampling peaks no higher than the steps."""
     cfg, acc, model = run.cfg, run.accelerator, run.model
     if not run.main or not cfg.sample_prompts:
         return
     run.files.samples.mkdir(parents=True, exist_ok=True)
+    placement.phase("sample")
     text_encoders = [acc.unwrap_model(t) for t in run.text_encoders]
     saved = model.unet, model.text_encoders
-    with on_device([model.vae, *text_encoders], acc.device):
+    cond = run.sample_cond
+    with on_device([model.vae] + ([] if cond else text_encoders), acc.device), tiled_decode(model.vae, cfg.resolution):
         model.unet, model.text_encoders = acc.unwrap_model(run.unet), text_encoders
         pipe = model.pipeline()
         pipe.set_progress_bar_config(disable=True)
@@ -665,10 +698,11 @@ def render_samples(run: Run, step: int) -> None:
             for i, prompt in enumerate(cfg.sample_prompts):
                 run.ev.emit("status", state="sampling", index=i, count=n, step=step,
                             message=f"Rendering sample {i + 1}/{n} at step {step}")
-                text = prompt.replace("{trigger}", ", ".join(cfg.trigger_words))
+                text = sample_text(cfg, prompt)
+                what = ({k: v.to(acc.device) for k, v in cond[text].items()} if cond else {"prompt": text})
                 g = torch.Generator(device="cpu").manual_seed(cfg.sample_seed + i)
                 with torch.no_grad(), acc.autocast():
-                    img = pipe(text, num_inference_steps=cfg.sample_steps, generator=g, height=cfg.resolution,
+                    img = pipe(**what, num_inference_steps=cfg.sample_steps, generator=g, height=cfg.resolution,
                                width=cfg.resolution).images[0]
                 p = run.files.sample(step, i)
                 img.save(p)
@@ -682,6 +716,24 @@ def render_samples(run: Run, step: int) -> None:
             model.unet, model.text_encoders = saved
             for m in run.trainable:
                 m.train()
+
+
+TILE_PX = 512
+
+
+@contextmanager
+def tiled_decode(vae, resolution: int):
+    """The VAE decodes in TILE_PX tiles (overlapping, blended: diffusers' own tiling) for larger images."""
+    if resolution <= TILE_PX:
+        yield
+        return
+    saved = vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = True, TILE_PX, TILE_PX // scale
+    try:
+        yield
+    finally:
+        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
 
 
 # ----------------------------------------------------------------------------- the end

@@ -44,3 +44,12 @@ def resize_crop_box(width: int, height: int, bw: int, bh: int) -> tuple[int, int
     rw, rh = max(bw, round(width * scale)), max(bh, round(height * scale))
     left, top = (rw - bw) // 2, (rh - bh) // 2
     return rw, rh, (left, top, left + bw, top + bh)
+
+
+ENCODE_PIXELS = 2 * 512 * 512  # pixels per VAE batch while caching latents
+
+
+def encode_batch(width: int, height: int) -> int:
+    """Images of one bucket the VAE encodes at once while caching latents: 2 at 512 px, 1 at 1024 px. The fp32
+    VAE's activations grow with the pixels, and caching must not peak above a low-VRAM run's steps."""
+    return max(1, ENCODE_PIXELS // (width * height))

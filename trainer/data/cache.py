@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from trainer.data.buckets import resize_crop_box
+from trainer.data.buckets import encode_batch, resize_crop_box
 from trainer.data.images import ImageProblem, load_rgb
 from trainer.fsutil import atomic_save_safetensors
 
@@ -78,9 +78,10 @@ class LatentCache:
         with safe_open(str(self.key(content_hash, bucket, flip)), framework="pt") as f:
             return f.get_tensor("latent")
 
-    def fill(self, vae, jobs: list[tuple[Path, str, tuple[int, int], bool]], batch_size: int = 4, on_progress=None) -> int:
-        """Encode every job not cached yet, `batch_size` images of one bucket at a time. Returns how many
-        images went through the VAE (0 on a second run)."""
+    def fill(self, vae, jobs: list[tuple[Path, str, tuple[int, int], bool]], batch_size: int | None = None,
+             on_progress=None) -> int:
+        """Encode every job not cached yet, images of one bucket at a time: `batch_size` of them, or by default
+        as many as buckets.encode_batch allows. Returns how many images went through the VAE (0 on a second run)."""
         pending = [j for j in dict.fromkeys(jobs) if not self.has(j[1], j[2], j[3])]
         self.failed: dict[Path, str] = {}
         by_bucket: dict[tuple[int, int], list] = {}
@@ -88,9 +89,10 @@ class LatentCache:
             by_bucket.setdefault(j[2], []).append(j)
         done = 0
         for bucket, js in by_bucket.items():
-            for i in range(0, len(js), batch_size):
+            n = batch_size or encode_batch(*bucket)
+            for i in range(0, len(js), n):
                 chunk, tensors = [], []
-                for job in js[i : i + batch_size]:
+                for job in js[i : i + n]:
                     try:
                         tensors.append(pixel_tensor(job[0], bucket, job[3]))
                         chunk.append(job)
@@ -119,7 +121,9 @@ class MemoryLatentCache(LatentCache):
         return (content_hash, tuple(bucket), bool(flip)) in self.latents
 
     def put(self, content_hash: str, bucket, flip, latent: torch.Tensor) -> None:
-        self.latents[(content_hash, tuple(bucket), bool(flip))] = latent.contiguous().cpu()
+        from trainer import placement
+
+        self.latents[(content_hash, tuple(bucket), bool(flip))] = placement.to_host(latent.contiguous())
 
     def get(self, content_hash: str, bucket, flip) -> torch.Tensor:
         return self.latents[(content_hash, tuple(bucket), bool(flip))]

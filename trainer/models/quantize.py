@@ -37,8 +37,22 @@ def quantize_linears(model: torch.nn.Module, kind: str, compute_dtype: torch.dty
             q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
         if lin.bias is not None:
             q.bias = torch.nn.Parameter(lin.bias.data.to("cpu", compute_dtype), requires_grad=False)
+        q.register_forward_pre_hook(_follow_autocast)
         setattr(parent, name.rsplit(".", 1)[-1], q.to(device))
     return len(targets)
+
+
+def _follow_autocast(module, args):
+    """bitsandbytes layers answer in their input's dtype, also under autocast, where a torch Linear answers in
+    the autocast dtype: an fp32 input (a sampler's upcast latents, its time embedding) would then meet bf16
+    weights further on. Cast the input as autocast casts a Linear's."""
+    x = args[0]
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        if x.dtype != dt:
+            return (x.to(dt), *args[1:])
+    return None
 
 
 class _Fp8Linear(torch.autograd.Function):

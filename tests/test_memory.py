@@ -1,0 +1,121 @@
+"""`python -m trainer memory`: the counter of bytes that would sit on the GPU, on the CPU (issue 13.3/13.4)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer import placement
+from trainer.config import TrainConfig
+from trainer.memory import DeviceMemory, measure
+
+MB = 1024**2
+
+
+def test_the_counter_follows_creation_freeing_parking_and_placed_modules():
+    with DeviceMemory() as c:
+        a = torch.empty(MB, dtype=torch.uint8)  # 1 MB made on the "device"
+        b = torch.empty(2 * MB, dtype=torch.uint8)
+        view = a[10:]  # a view shares its storage: not counted twice
+        assert c.extra == 3 * MB
+        del b
+        assert c.extra == MB and c.peaks["load"] == 3 * MB
+        placement.to_host(a)  # parked (a cache entry): no longer on the device
+        assert c.extra == 0
+        del view, a
+        lin = torch.nn.Linear(256, 256)  # built while counting, but not placed: its weights are created tensors
+        made = c.extra
+        assert made == (256 * 256 + 256) * 4
+        placement.phase("forward")
+        placement.to_device(lin, "cpu")  # placed: counted once, as the module's
+        assert c.resident_bytes == made and c.extra == 0
+        placement.to_host(lin)
+        assert c.resident_bytes == 0 and c.extra == 0
+        placement.to_device(lin, "cpu", torch.bfloat16)  # a cast makes new storages: the module's, once
+        assert c.resident_bytes == made // 2 and c.extra == 0
+    assert c.peaks["forward"] >= made
+    assert placement._watchers == []  # the counter leaves nothing behind
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from trainer.bench import build_model
+
+    return lambda: build_model("tiny", "cpu", torch.float32)
+
+
+def weight_bytes(module, dtype_bytes: int) -> int:
+    return sum(p.numel() for p in module.parameters()) * dtype_bytes
+
+
+def test_a_run_is_counted_phase_by_phase_and_parked_parts_do_not_count(tiny_model, tmp_path):
+    """Latent caching holds the fp32 VAE alone; cached text-encoder outputs take the encoders off the device for
+    the steps; LoRA parameters are counted exactly from the modules peft made."""
+    from trainer.estimate import lora_param_count
+
+    base = TrainConfig(base_model="x", resolution=64, batch_size=2, rank=4, alpha=4, mixed_precision="bf16",
+                       optimizer="adamw", train_text_encoder=False, cache_latents=True, min_bucket=64, max_bucket=64)
+    m = tiny_model()
+    vae, te = weight_bytes(m.vae, 4), weight_bytes(m.text_encoders[0], 2)
+    cached = measure(base, m, steps=2, work=tmp_path / "a")
+    assert list(cached["phases"])[:3] == ["load", "cache latents", "cache text encoders"]
+    assert {"forward", "backward", "optimizer", "sample", "save"} <= set(cached["phases"])
+    assert cached["phases"]["cache latents"] >= vae
+    frozen = measure(base.replace(cache_text_encoder_outputs=False), tiny_model(), steps=2, work=tmp_path / "b")
+    assert "cache text encoders" not in frozen["phases"]
+    # the encoders (bf16) sit on the device through the steps only when their outputs are not cached
+    assert frozen["phases"]["forward"] - cached["phases"]["forward"] >= 0.9 * te
+    unet_mods = cached["lora_params"]
+    assert unet_mods == lora_param_count(base, "sd1", config_dir=_tiny_configs(tmp_path)) > 0
+
+
+def _tiny_configs(tmp_path):
+    """The tiny model's configs in the layout estimate.lora_param_count reads."""
+    import json
+
+    from trainer.bench import build_model
+
+    m = build_model("tiny", "cpu", torch.float32)
+    d = tmp_path / "configs"
+    for name, module in (("unet", m.unet), ("text_encoder", m.text_encoders[0])):
+        (d / name).mkdir(parents=True)
+        cfg = module.config if isinstance(module.config, dict) else module.config.to_dict()
+        (d / name / "config.json").write_text(json.dumps(dict(cfg), default=str))
+    return d
+
+
+def test_a_quantised_base_counts_fewer_bytes(tiny_model, tmp_path):
+    base = TrainConfig(base_model="x", resolution=64, batch_size=1, rank=4, alpha=4, mixed_precision="bf16",
+                       optimizer="adamw", train_text_encoder=False, cache_latents=True, min_bucket=64, max_bucket=64)
+    plain = measure(base, tiny_model(), steps=1, work=tmp_path / "a")
+    nf4 = measure(base.replace(base_quantization="nf4"), tiny_model(), steps=1, work=tmp_path / "b")
+    assert nf4["phases"]["forward"] < plain["phases"]["forward"]
+
+
+def test_the_memory_command_writes_its_table(tmp_path, capsys):
+    from trainer.cli import main
+
+    out = tmp_path / "BENCH.md"
+    assert main(["memory", "--model", "tiny", "--resolution", "64", "--batch-size", "1", "--steps", "1",
+                 "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "### `trainer memory`" in text and "torch " in text and "| tiny 64px b1" in text
+    printed = capsys.readouterr().out
+    assert "peak:" in printed and "on a CUDA card about" in printed and "estimate" in printed
+
+
+@pytest.mark.slow
+def test_lora_parameter_counts_of_every_shipped_preset_are_exact():
+    """The estimate counts LoRA parameters from the configs' shapes; peft, injecting into the full-size
+    architecture (on the meta device: shapes only), makes exactly as many."""
+    from trainer.estimate import lora_param_count
+    from trainer.models import lora
+    from trainer.models.load import random_full_size
+    from trainer.presets import list_presets
+
+    for p in list_presets(None):
+        cfg = p.apply(TrainConfig(), True)
+        fam = "sdxl" if p.family == "sdxl" else "sd1"
+        m = random_full_size(fam, device="meta")
+        lora.inject_for_config(m, cfg)
+        made = sum(q.numel() for mod in [m.unet, *m.text_encoders] for q in lora.lora_parameters(mod))
+        assert made == lora_param_count(cfg, fam), p.key

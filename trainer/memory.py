@@ -1,0 +1,264 @@
+"""`python -m trainer memory`: the peak GPU memory a run needs, per phase, measured without a GPU.
+
+The full-size architecture (random weights) goes through the engine's real set-up and a few real training
+steps, a sample and a save on the CPU, in the run's precision, while `DeviceMemory` (a TorchDispatchMode)
+counts the bytes of the tensors that would sit on the GPU:
+- every storage an operation creates while counting (activations, gradients, optimizer state, casts,
+  quantised weights, autograd's saved tensors), until it is freed, unless the loop parks it on the host
+  (cached latents and text-encoder outputs);
+- the weights of the modules the loop put on the device (trainer/placement.py is where it says so).
+The model's build and the batch inputs are not counted (they are on the host, or a few MB).
+
+A CUDA run needs more than its tensors; those terms are added explicitly (constants in trainer/estimate.py):
+- CUDA_CONTEXT_GB (0.4): the CUDA context, cuBLAS / cuDNN handles and kernels, outside torch's allocator:
+  about 300-500 MB on current drivers with lazy module loading;
+- ALLOCATOR_SLACK (8%): the caching allocator's block rounding and fragmentation, as a share of the peak;
+- attention workspace: none added; PyTorch's SDPA on the CPU runs a flash kernel that allocates what the CUDA
+  flash kernel does (output and log-sum-exp), and those are counted.
+Where a GPU is available, `--device cuda` runs the same and reports torch.cuda.max_memory_allocated beside it.
+"""
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from trainer import placement
+
+from trainer.estimate import ALLOCATOR_SLACK, CUDA_CONTEXT_GB, GB, with_cuda_terms  # noqa: F401 (one owner)
+
+PHASES = ("load", "cache latents", "cache text encoders", "forward", "backward", "optimizer", "validate",
+          "sample", "save")
+
+
+class DeviceMemory(TorchDispatchMode):
+    """Live bytes that would be on the training device, with the peak of each phase."""
+
+    def __init__(self, say=None):
+        super().__init__()
+        self.say = say  # callable(str): each phase's first entry, for long CPU runs
+        self.t0 = time.time()
+        self.created: dict[int, int] = {}  # storage address -> bytes, for storages made while counting
+        self.host: set[int] = set()  # addresses parked on the host
+        self.modules: dict[int, torch.nn.Module] = {}  # modules on the device
+        self.resident: dict[int, int] = {}  # their tensors' storages
+        self.resident_bytes = 0
+        self.extra = 0  # created storages that are neither a resident module's nor parked
+        self.current = "load"
+        self.peaks: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ what the loop says
+    def phase(self, name: str) -> None:
+        self._resident()  # modules change inside a phase (LoRA injected, weights quantised)
+        if self.say and name not in self.peaks:
+            self.say(f"  ... {name} ({time.time() - self.t0:.0f} s)")
+        self.current = name
+        self._peak()
+
+    def placed(self, x, on_device: bool) -> None:
+        if isinstance(x, torch.nn.Module):
+            (self.modules.__setitem__(id(x), x) if on_device else self.modules.pop(id(x), None))
+            for t in _tensors(x):
+                ptr = t.untyped_storage().data_ptr()
+                (self.host.discard(ptr) if on_device else self.host.add(ptr))
+        else:
+            ptr = x.untyped_storage().data_ptr()
+            (self.host.discard(ptr) if on_device else self.host.add(ptr))
+        self._resident()
+        self._peak()
+
+    # ------------------------------------------------------------------ counting
+    def _resident(self) -> None:
+        self.resident = {}
+        for m in self.modules.values():
+            for t in _tensors(m):
+                st = t.untyped_storage()
+                self.resident[st.data_ptr()] = st.nbytes()
+        self.resident_bytes = sum(self.resident.values())
+        self.extra = sum(n for p, n in self.created.items() if p not in self.resident and p not in self.host)
+
+    def _counted(self, ptr: int) -> bool:
+        return ptr not in self.resident and ptr not in self.host
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if not ptr or ptr in self.created:
+            return
+        n = st.nbytes()
+        self.created[ptr] = n
+        weakref.finalize(st, self._free, ptr, n)
+        if self._counted(ptr):
+            self.extra += n
+
+    def _free(self, ptr: int, n: int) -> None:
+        if self.created.get(ptr) != n:
+            return
+        del self.created[ptr]
+        if self._counted(ptr):
+            self.extra -= n
+        self.host.discard(ptr)
+
+    def _peak(self) -> None:
+        now = self.resident_bytes + self.extra
+        if now > self.peaks.get(self.current, -1):
+            self.peaks[self.current] = now
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._track(t)
+        self._peak()
+        return out
+
+    def __enter__(self):
+        placement._watchers.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        placement._watchers.remove(self)
+        return super().__exit__(*exc)
+
+
+def _tensors(m: torch.nn.Module):
+    yield from m.parameters()
+    yield from m.buffers()
+
+
+# ---------------------------------------------------------------------------------------------- a measurement
+def measure(cfg, model, steps: int = 2, work: Path | None = None, say=None) -> dict:
+    """Run the real set-up, `steps` steps, one sample and the final save of `cfg` on `model` (random weights)
+    while counting. Returns {"phases": {phase: bytes}, "peak_bytes", "peak_phase", "lora_params", ...}."""
+    from trainer.bench import fresh_accelerate_state, synthetic_dataset
+    from trainer.loop import State, after_step, batch_iterator, finish, setup, train_step
+
+    work = Path(work or tempfile.mkdtemp(prefix="lora_memory_"))
+    data = synthetic_dataset(work / "data", max(2, cfg.batch_size * 2), cfg.resolution)
+    cfg = cfg.replace(dataset=str(data), output_dir=str(work / "run"), max_steps=steps,
+                      save_every_steps=0, sample_every_steps=0, validation_split=0.0, validation_dataset="",
+                      reg_dataset="", sample_prompts=["zwx, a photo"], sample_steps=2, log_every_steps=1,
+                      cache_latents_to_disk=False, tensorboard=False)
+    fresh_accelerate_state()
+    t0 = time.time()
+    counter = DeviceMemory(say)
+    with counter:
+        run = setup(cfg, work / "run", echo=lambda m: None, model=model)
+        state = State()
+        batches = batch_iterator(run, 0)
+        while state.step < run.total_steps:
+            train_step(run, state, batches)
+            after_step(run, state)
+        finish(run, state)
+    from trainer.models import lora
+
+    lora_params = sum(p.numel() for m in [run.model.unet, *run.model.text_encoders] for p in lora.lora_parameters(m))
+    phases = {p: counter.peaks[p] for p in PHASES if p in counter.peaks}
+    top = max(phases, key=phases.get)
+    return {"phases": phases, "peak_bytes": phases[top], "peak_phase": top, "lora_params": lora_params,
+            "seconds": time.time() - t0, "device": run.accelerator.device.type}
+
+
+def describe(r: dict) -> list[str]:
+    lines = [f"  {p:<20} {n / GB:7.2f} GB" for p, n in r["phases"].items()]
+    lines.append(f"  peak: {r['peak_bytes'] / GB:.2f} GB of tensors ({r['peak_phase']}); on a CUDA card about "
+                 f"{with_cuda_terms(r['peak_bytes']):.2f} GB with the allocator's slack ({ALLOCATOR_SLACK:.0%}) and "
+                 f"the CUDA context ({CUDA_CONTEXT_GB} GB)")
+    return lines
+
+
+def config_for(args):
+    from trainer.config import TrainConfig
+    from trainer.presets import find_preset
+
+    if args.config:
+        cfg = TrainConfig.load(args.config)
+    elif args.preset:
+        cfg = find_preset(args.preset).apply(TrainConfig(), True)
+    else:
+        cfg = TrainConfig(mixed_precision="bf16", optimizer="adamw8bit")
+    changes = {"base_model": "(random weights, full size)", "device": "cpu"}
+    if args.resolution:
+        changes["resolution"] = args.resolution
+    if args.batch_size:
+        changes["batch_size"] = args.batch_size
+    if args.quantization:
+        changes["base_quantization"] = args.quantization
+    cfg = cfg.replace(**changes)
+    if cfg.bucket_range[1] < cfg.resolution or cfg.bucket_range[0] > cfg.resolution:
+        cfg = cfg.replace(min_bucket=0, max_bucket=0)
+    return cfg
+
+
+def run_memory(args) -> int:
+    from trainer.bench import build_model
+    from trainer.estimate import estimate_vram_gb
+    from trainer.presets import list_presets
+
+    if args.preset == "all":  # every shipped preset, each on its own family's architecture
+        jobs = [(p.key, "sdxl" if p.family == "sdxl" else "sd15") for p in list_presets(None) if p.shipped]
+    else:
+        jobs = [(args.preset, args.model)]
+    rows = []
+    for key, arch in jobs:
+        args.preset, args.model = key, arch
+        cfg = config_for(args)
+        torch.manual_seed(0)
+        model = build_model(arch, "cpu", torch.float32)
+        print(f"{key or arch}: counting...", flush=True)
+        r = measure(cfg, model, args.steps, say=lambda m: print(m, flush=True))
+        del model
+        what = (f"{arch} {cfg.resolution}px b{cfg.batch_size} {cfg.mixed_precision}, rank {cfg.rank}, {cfg.optimizer}, "
+                f"base {cfg.base_quantization}, ckpt {'on' if cfg.gradient_checkpointing else 'off'}, TE "
+                f"{'trained' if cfg.train_text_encoder else ('cached' if cfg.caches_text else 'frozen')}"
+                + (f" ({key})" if key else ""))
+        est = estimate_vram_gb(cfg, "sdxl" if arch == "sdxl" else "sd1")
+        print(what)
+        print("\n".join(describe(r)))
+        print(f"  estimate (trainer/estimate.py): {est['total_gb']} GB; LoRA parameters {r['lora_params'] / 1e6:.2f} M "
+              f"(estimate {est['lora_params_m']} M); measured in {r['seconds']:.0f} s", flush=True)
+        rows.append((what, r, est))
+    if args.out:
+        record(Path(args.out), rows)
+    return 0
+
+
+def record(path: Path, rows: list) -> None:
+    """Append a table of measurements, with the machine and versions, to BENCHMARKS.md."""
+    import diffusers
+    import peft
+
+    machine = f"{platform.machine()}, {torch.get_num_threads()} CPU threads, no GPU"
+    lines = [f"\n### `trainer memory` ({time.strftime('%Y-%m-%d')}; {machine}; torch {torch.__version__}, "
+             f"diffusers {diffusers.__version__}, peft {peft.__version__})",
+             "GB of tensors that would sit on the GPU, counted on the CPU per phase; *CUDA* adds "
+             f"{ALLOCATOR_SLACK:.0%} allocator slack and {CUDA_CONTEXT_GB} GB of context (trainer/memory.py); "
+             "*estimate* is what the pre-flight check says (trainer/estimate.py).", "",
+             "| run | " + " | ".join(PHASES) + " | peak | CUDA | estimate |", "|---|" + "---|" * (len(PHASES) + 3)]
+    for what, r, est in rows:
+        lines.append(f"| {what} | " + " | ".join(f"{r['phases'][p] / GB:.2f}" if p in r["phases"] else "-" for p in PHASES)
+                     + f" | {r['peak_bytes'] / GB:.2f} | {with_cuda_terms(r['peak_bytes']):.2f} | {est['total_gb']} |")
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    from trainer.fsutil import atomic_write_text
+
+    atomic_write_text(path, text.rstrip() + "\n" + "\n".join(lines) + "\n")
+
+
+def add_command(sub) -> None:
+    m = sub.add_parser("memory", help="peak GPU memory per phase of a run, counted on the CPU (no GPU needed)")
+    m.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="sd15",
+                   help="full-size architecture with random weights (tiny: the test model)")
+    m.add_argument("--preset", help="a preset's key (e.g. sdxl_lowvram), or 'all' for every shipped preset")
+    m.add_argument("--config", help="a TrainConfig TOML instead of a preset")
+    m.add_argument("--resolution", type=int)
+    m.add_argument("--batch-size", type=int)
+    m.add_argument("--quantization", choices=["none", "fp8", "int8", "nf4"], help="override base_quantization")
+    m.add_argument("--steps", type=int, default=2, help="training steps to count (the optimizer state appears at the first)")
+    m.add_argument("--out", default="BENCHMARKS.md", help="append the figures here ('' = do not write)")
+    m.set_defaults(fn=run_memory)
