@@ -135,5 +135,7 @@ def progress_markdown(s: dict) -> str:
             return f"{what}: {s['status']}"
         speed = f" · {s['images_per_s']:.2f} images/s · about {s['eta_s']:.0f} s left" if s.get("images_per_s") else ""
         pct = 100 * s["done"] / max(1, s["total"])
-        return f"{what} `{s['dataset']}` on {s.get('device') or '...'}: {s['done']}/{s['total']} images ({pct:.0f}%){speed}"
+        bar = f'<progress value="{s["done"]}" max="{max(1, s["total"])}" style="width:100%"></progress>'
+        return (f"{bar}\n\n{what} `{s['dataset']}` on {s.get('device') or '...'}: {s['done']}/{s['total']} images "
+                f"({pct:.0f}%){speed}")
     return f"{what} of `{s['dataset']}` finished: {s.get('message', '')}"

@@ -162,3 +162,19 @@ def test_the_caption_command(blip, tmp_path, capsys):
     assert "img0.png: zwx, " in out and "Wrote 2 caption(s)" in out
     assert main(["caption", str(ds), "--mode", "overwrite", "--model", str(tmp_path / "nothing-here")]) == 2
     assert "neither a model folder" in capsys.readouterr().out
+
+
+def test_the_progress_line_says_how_far_how_fast_and_how_it_ended():
+    from app.captioning import progress_markdown
+
+    running = {"job": "j", "active": True, "dataset": "d", "device": "cuda", "done": 3, "total": 12,
+               "images_per_s": 1.5, "eta_s": 6.0, "status": ""}
+    md = progress_markdown(running)
+    assert '<progress value="3" max="12"' in md and "3/12 images (25%)" in md and "1.50 images/s" in md
+    assert "about 6 s left" in md
+    assert "Loading" in progress_markdown({**running, "total": 0, "status": "Loading tiny-blip..."})
+    assert progress_markdown({"job": "j", "active": False, "error": "The worker stopped."}).startswith(
+        "**Captioning stopped:** The worker stopped.")
+    done = progress_markdown({"job": "j", "active": False, "dataset": "d", "message": "Wrote 12 caption(s)."})
+    assert "finished: Wrote 12 caption(s)." in done
+    assert progress_markdown({"job": ""}) == ""

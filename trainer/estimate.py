@@ -9,11 +9,16 @@ from __future__ import annotations
 from trainer.models import families
 
 GB = 1024**3
-# Measured with `python -m trainer memory` on the full-size architectures (BENCHMARKS.md), bf16, SDPA:
-# activation GB per image at the family's native resolution, (without, with gradient checkpointing).
-# SD 2.x is SD 1.5's layout at 768 px: SD 1.5's figures, scaled by its pixels.
-ACT_GB = {"sd1": (0.93, 0.30), "sd2": (2.1, 0.68), "sdxl": (9.0, 2.2)}
-SAMPLE_ACT_GB = {"sd1": 0.4, "sd2": 0.9, "sdxl": 1.6}  # a sample with CFG, and its VAE decode
+# Activation GB per image at the family's native resolution, (without, with gradient checkpointing), bf16,
+# SDPA, from `python -m trainer memory` on the full-size architectures (BENCHMARKS.md): SD 1.5 without
+# checkpointing from the sd15_* presets (forward peak minus the weights: 0.93 per 512 px image), SDXL with
+# checkpointing from sdxl_4gb (2.43 - 1.78 GB at 1024 px, batch 1). Not measured yet: SD 1.5 with
+# checkpointing and SDXL without (a full-size SDXL step without it does not fit this 24 GB machine); those
+# two are the earlier rough figures. SD 2.x is SD 1.5's layout at 768 px: SD 1.5's figures scaled by pixels.
+ACT_GB = {"sd1": (0.93, 0.30), "sd2": (2.1, 0.68), "sdxl": (9.0, 0.62)}
+# A sample with CFG and its VAE decode (tiled above 512 px), beyond the weights: sd15_style 0.5 GB at 512 px,
+# sdxl_4gb 0.45 GB at 1024 px.
+SAMPLE_ACT_GB = {"sd1": 0.45, "sd2": 1.0, "sdxl": 0.45}
 VAE_ENCODE_GB_PER_MPIX = 2.5  # the fp32 VAE encoder's activations while caching latents, per megapixel
 # What a CUDA card needs beyond its tensors (trainer/memory.py says how these were chosen):
 CUDA_CONTEXT_GB = 0.4  # the CUDA context, cuBLAS / cuDNN handles and kernels, outside torch's allocator
@@ -118,9 +123,10 @@ def estimate_vram_gb(cfg, family: str) -> dict:
     if cfg.cache_latents:
         phases["caching latents"] = {"VAE (fp32)": vae * 4, "VAE activations": VAE_ENCODE_GB_PER_MPIX * GB
                                      * encode_batch(cfg.resolution, cfg.resolution) * pixels / 1e6}
-    if cfg.sample_prompts:
-        phases["sampling"] = {"UNet weights": unet_w, "text encoders": te * wbytes, "VAE (fp32)": vae * 4,
-                              "activations": SAMPLE_ACT_GB[fam] * scale * GB}
+    if cfg.sample_prompts:  # frozen encoders whose outputs are cached stay parked (prompts encoded at set-up)
+        phases["sampling"] = {"UNet weights": unet_w, "VAE (fp32)": vae * 4, "activations": SAMPLE_ACT_GB[fam] * scale * GB}
+        if not cfg.caches_text:
+            phases["sampling"]["text encoders"] = te_w
     peak = max(phases, key=lambda p: sum(phases[p].values()))
     terms = phases[peak]
     counted = sum(terms.values())

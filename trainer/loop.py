@@ -270,9 +270,10 @@ def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventL
         placement.to_device(model.vae, dev, torch.float32)
     on_device = [model.unet] + ([] if parked_text_encoders else list(model.text_encoders))
     quant = cfg.base_quantization
-    if quant != "none":  # the frozen weights take their final place and dtype before they are quantised
-        for m in on_device:
-            placement.to_device(m, dev, weight_dtype)
+    if quant != "none":  # cast and quantise on the host: the device never holds the full-precision base
+        with placement.host_side():
+            for m in on_device:
+                m.to(dtype=weight_dtype)
     frozen = [model.unet] + ([] if cfg.train_text_encoder else list(model.text_encoders))
     if quant in ("int8", "nf4"):
         from trainer.models.quantize import quantize_linears
@@ -299,6 +300,9 @@ def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventL
         for m in frozen:
             if m in on_device:
                 store_fp8(m, weight_dtype)
+    if quant != "none":
+        for m in on_device:  # quantised weights, norms and LoRA go to the device as they are
+            placement.to_device(m, dev)
     if weight_dtype != torch.float32 and not cfg.use_dora:  # under autocast: two casts per LoRA layer saved
         for m in [model.unet, *model.text_encoders]:
             lora.skip_input_casting(m)

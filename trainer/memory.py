@@ -15,7 +15,7 @@ A CUDA run needs more than its tensors; those terms are added explicitly (consta
 - ALLOCATOR_SLACK (8%): the caching allocator's block rounding and fragmentation, as a share of the peak;
 - attention workspace: none added; PyTorch's SDPA on the CPU runs a flash kernel that allocates what the CUDA
   flash kernel does (output and log-sum-exp), and those are counted.
-Where a GPU is available, `--device cuda` runs the same and reports torch.cuda.max_memory_allocated beside it.
+These two constants are assumptions until a GPU run sets `torch.cuda.max_memory_allocated` beside the count.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from trainer import placement
-
 from trainer.estimate import ALLOCATOR_SLACK, CUDA_CONTEXT_GB, GB, with_cuda_terms  # noqa: F401 (one owner)
 
 PHASES = ("load", "cache latents", "cache text encoders", "forward", "backward", "optimizer", "validate",
@@ -52,6 +51,8 @@ class DeviceMemory(TorchDispatchMode):
         self.extra = 0  # created storages that are neither a resident module's nor parked
         self.current = "load"
         self.peaks: dict[str, int] = {}
+        self._finalizers: list = []
+        self.host_side = False  # set by placement.host_side(): storages made now are in host memory
 
     # ------------------------------------------------------------------ what the loop says
     def phase(self, name: str) -> None:
@@ -63,13 +64,16 @@ class DeviceMemory(TorchDispatchMode):
 
     def placed(self, x, on_device: bool) -> None:
         if isinstance(x, torch.nn.Module):
-            (self.modules.__setitem__(id(x), x) if on_device else self.modules.pop(id(x), None))
-            for t in _tensors(x):
-                ptr = t.untyped_storage().data_ptr()
-                (self.host.discard(ptr) if on_device else self.host.add(ptr))
-        else:
-            ptr = x.untyped_storage().data_ptr()
-            (self.host.discard(ptr) if on_device else self.host.add(ptr))
+            if on_device:
+                self.modules[id(x)] = x
+            else:
+                self.modules.pop(id(x), None)
+        for t in (_tensors(x) if isinstance(x, torch.nn.Module) else [x]):
+            ptr = t.untyped_storage().data_ptr()
+            if on_device:
+                self.host.discard(ptr)
+            else:
+                self.host.add(ptr)
         self._resident()
         self._peak()
 
@@ -93,7 +97,9 @@ class DeviceMemory(TorchDispatchMode):
             return
         n = st.nbytes()
         self.created[ptr] = n
-        weakref.finalize(st, self._free, ptr, n)
+        self._finalizers.append(weakref.finalize(st, self._free, ptr, n))
+        if self.host_side:
+            self.host.add(ptr)
         if self._counted(ptr):
             self.extra += n
 
@@ -124,6 +130,9 @@ class DeviceMemory(TorchDispatchMode):
 
     def __exit__(self, *exc):
         placement._watchers.remove(self)
+        for f in self._finalizers:  # a finalizer holds the counter, and the counter the modules: let both go
+            f.detach()
+        self._finalizers, self.modules, self.created = [], {}, {}
         return super().__exit__(*exc)
 
 
@@ -133,6 +142,14 @@ def _tensors(m: torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- a measurement
+def measured_config(cfg):
+    """The config as `measure` runs it: one sample prompt of 2 denoising steps at the end, no validation or
+    class images, nothing saved or sampled in between (what the estimate of a measured row is of)."""
+    return cfg.replace(save_every_steps=0, sample_every_steps=0, validation_split=0.0, validation_dataset="",
+                       reg_dataset="", sample_prompts=["zwx, a photo"], sample_steps=2, log_every_steps=1,
+                       cache_latents_to_disk=False, tensorboard=False)
+
+
 def measure(cfg, model, steps: int = 2, work: Path | None = None, say=None) -> dict:
     """Run the real set-up, `steps` steps, one sample and the final save of `cfg` on `model` (random weights)
     while counting. Returns {"phases": {phase: bytes}, "peak_bytes", "peak_phase", "lora_params", ...}."""
@@ -141,10 +158,7 @@ def measure(cfg, model, steps: int = 2, work: Path | None = None, say=None) -> d
 
     work = Path(work or tempfile.mkdtemp(prefix="lora_memory_"))
     data = synthetic_dataset(work / "data", max(2, cfg.batch_size * 2), cfg.resolution)
-    cfg = cfg.replace(dataset=str(data), output_dir=str(work / "run"), max_steps=steps,
-                      save_every_steps=0, sample_every_steps=0, validation_split=0.0, validation_dataset="",
-                      reg_dataset="", sample_prompts=["zwx, a photo"], sample_steps=2, log_every_steps=1,
-                      cache_latents_to_disk=False, tensorboard=False)
+    cfg = measured_config(cfg).replace(dataset=str(data), output_dir=str(work / "run"), max_steps=steps)
     fresh_accelerate_state()
     t0 = time.time()
     counter = DeviceMemory(say)
@@ -173,6 +187,14 @@ def describe(r: dict) -> list[str]:
     return lines
 
 
+def summary(cfg, arch: str, key: str | None = None) -> str:
+    """A measured run in one line (BENCHMARKS.md's first column; a test matches presets by it)."""
+    return (f"{arch} {cfg.resolution}px b{cfg.batch_size} {cfg.mixed_precision}, rank {cfg.rank}, {cfg.optimizer}, "
+            f"base {cfg.base_quantization}, ckpt {'on' if cfg.gradient_checkpointing else 'off'}, TE "
+            f"{'trained' if cfg.train_text_encoder else ('cached' if cfg.caches_text else 'frozen')}"
+            + (f" ({key})" if key else ""))
+
+
 def config_for(args):
     from trainer.config import TrainConfig
     from trainer.presets import find_preset
@@ -196,34 +218,61 @@ def config_for(args):
     return cfg
 
 
-def run_memory(args) -> int:
+def measure_preset(key: str | None, arch: str, steps: int, resolution=None, batch_size=None, quantization=None,
+                   config=None) -> tuple[str, dict, dict]:
+    """One measurement: (settings line, measure()'s result, the estimate), printed as it goes."""
+    import argparse
+
     from trainer.bench import build_model
     from trainer.estimate import estimate_vram_gb
+
+    args = argparse.Namespace(preset=key, config=config, resolution=resolution, batch_size=batch_size,
+                              quantization=quantization)
+    cfg = config_for(args)
+    torch.manual_seed(0)
+    model = build_model(arch, "cpu", torch.float32)
+    print(f"{key or arch}: counting...", flush=True)
+    r = measure(cfg, model, steps, say=lambda m: print(m, flush=True))
+    what = summary(cfg, arch, key)
+    est = estimate_vram_gb(measured_config(cfg), "sdxl" if arch == "sdxl" else "sd1")
+    print(what)
+    print("\n".join(describe(r)))
+    print(f"  estimate (trainer/estimate.py): {est['total_gb']} GB; LoRA parameters {r['lora_params'] / 1e6:.2f} M "
+          f"(estimate {est['lora_params_m']} M); measured in {r['seconds']:.0f} s", flush=True)
+    return what, r, est
+
+
+def _child(job, conn) -> None:
+    conn.send(measure_preset(*job))
+    conn.close()
+
+
+def run_memory(args) -> int:
     from trainer.presets import list_presets
 
-    if args.preset == "all":  # every shipped preset, each on its own family's architecture
-        jobs = [(p.key, "sdxl" if p.family == "sdxl" else "sd15") for p in list_presets(None) if p.shipped]
+    if args.preset and (args.preset == "all" or "," in args.preset):
+        # several presets, each on its family's architecture and in a fresh process (a full-size SDXL build
+        # after others would not fit in this machine's memory)
+        import multiprocessing
+
+        wanted = None if args.preset == "all" else set(args.preset.split(","))
+        jobs = [(p.key, "sdxl" if p.family == "sdxl" else "sd15", args.steps) for p in list_presets(None)
+                if p.shipped and (wanted is None or p.key in wanted)]
+        ctx = multiprocessing.get_context("spawn")
+        rows = []
+        for job in jobs:  # not a Pool: its workers are daemons, and a run's data loader starts processes
+            here, there = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, args=(job, there))
+            proc.start()
+            there.close()
+            try:
+                rows.append(here.recv())
+            except EOFError:
+                raise SystemExit(f"error: measuring {job[0]} ended without a result (out of memory?)") from None
+            proc.join()
     else:
-        jobs = [(args.preset, args.model)]
-    rows = []
-    for key, arch in jobs:
-        args.preset, args.model = key, arch
-        cfg = config_for(args)
-        torch.manual_seed(0)
-        model = build_model(arch, "cpu", torch.float32)
-        print(f"{key or arch}: counting...", flush=True)
-        r = measure(cfg, model, args.steps, say=lambda m: print(m, flush=True))
-        del model
-        what = (f"{arch} {cfg.resolution}px b{cfg.batch_size} {cfg.mixed_precision}, rank {cfg.rank}, {cfg.optimizer}, "
-                f"base {cfg.base_quantization}, ckpt {'on' if cfg.gradient_checkpointing else 'off'}, TE "
-                f"{'trained' if cfg.train_text_encoder else ('cached' if cfg.caches_text else 'frozen')}"
-                + (f" ({key})" if key else ""))
-        est = estimate_vram_gb(cfg, "sdxl" if arch == "sdxl" else "sd1")
-        print(what)
-        print("\n".join(describe(r)))
-        print(f"  estimate (trainer/estimate.py): {est['total_gb']} GB; LoRA parameters {r['lora_params'] / 1e6:.2f} M "
-              f"(estimate {est['lora_params_m']} M); measured in {r['seconds']:.0f} s", flush=True)
-        rows.append((what, r, est))
+        rows = [measure_preset(args.preset, args.model, args.steps, args.resolution, args.batch_size,
+                               args.quantization, args.config)]
     if args.out:
         record(Path(args.out), rows)
     return 0
@@ -254,7 +303,7 @@ def add_command(sub) -> None:
     m = sub.add_parser("memory", help="peak GPU memory per phase of a run, counted on the CPU (no GPU needed)")
     m.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="sd15",
                    help="full-size architecture with random weights (tiny: the test model)")
-    m.add_argument("--preset", help="a preset's key (e.g. sdxl_lowvram), or 'all' for every shipped preset")
+    m.add_argument("--preset", help="a preset's key (e.g. sdxl_lowvram), several keys with commas, or 'all' for every shipped preset")
     m.add_argument("--config", help="a TrainConfig TOML instead of a preset")
     m.add_argument("--resolution", type=int)
     m.add_argument("--batch-size", type=int)

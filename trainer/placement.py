@@ -38,6 +38,18 @@ def on_device_now(module) -> bool:
     return next(module.parameters()).device.type != HOST
 
 
+@contextmanager
+def host_side():
+    """What is made inside is made in host memory (a cast of a model that is still parked)."""
+    for w in _watchers:
+        w.host_side = True
+    try:
+        yield
+    finally:
+        for w in _watchers:
+            w.host_side = False
+
+
 def phase(name: str) -> None:
     """The run enters a phase: load, cache latents, cache text encoders, forward, backward, optimizer, sample,
     save."""
