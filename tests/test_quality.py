@@ -204,7 +204,7 @@ def test_tensorboard_event_files_appear_when_enabled(tiny_sd1, dataset, tmp_path
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    assert run_cli(base_config(tiny_sd1, dataset, out, max_steps=3, tensorboard=True, validation_split=0.25,
+    assert run_cli(base_config(tiny_sd1, dataset, out, max_steps=3, log_every_steps=1, tensorboard=True, validation_split=0.25,
                                sample_every_steps=0, sample_prompts=["zwx"], sample_steps=1), tmp_path) == 0
     files = list((out / "tensorboard").rglob("events.out.tfevents*"))
     assert files
