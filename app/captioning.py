@@ -31,12 +31,14 @@ class CaptionJobs:
         except (OSError, ValueError):
             return {}
 
-    def running(self) -> bool:
+    def running(self, events: list[dict] | None = None) -> bool:
+        """A worker of the newest job is alive and has not said it ended (`events`: that job's, if read)."""
         job = self.latest()
         if not job:
             return False
         alive = self._proc.poll() is None if self._proc is not None else pid_alive(self._info(job).get("pid"))
-        return alive and not self._ended(job)  # a worker that said done is as good as gone
+        ended = any(e["type"] in ("done", "error") for e in (self._events(job) if events is None else events))
+        return alive and not ended  # a worker that said done is as good as gone
 
     @staticmethod
     def _events(job: Path) -> list[dict]:
@@ -51,9 +53,6 @@ class CaptionJobs:
             except ValueError:
                 pass  # a line being written
         return out
-
-    def _ended(self, job: Path) -> bool:
-        return any(e["type"] in ("done", "error") for e in self._events(job))
 
     # ------------------------------------------------------------------ actions
     def start(self, dataset: str, model: str, mode: str, trigger: str = "", batch_size: int = 4,
@@ -110,7 +109,7 @@ class CaptionJobs:
         prog = next((e for e in reversed(events) if e["type"] == "progress"), {})
         end = next((e for e in reversed(events) if e["type"] in ("done", "error")), None)
         status = next((e["message"] for e in reversed(events) if e["type"] == "status"), "Starting the worker...")
-        active = self.running()
+        active = self.running(events)
         error = end["message"] if end and end["type"] == "error" else None
         if not active and end is None:
             error = ("The captioning worker stopped without finishing (out of memory, or killed). The captions "

@@ -37,7 +37,6 @@ class DatasetTab:
             return "Give a captioning model: a hub id or the folder of a downloaded model."
         if self.captions is None:
             return "Captioning is not available in this app."
-        self.ws.dataset_path(name)  # a clear message when it does not exist
         return self.captions.start(name, model.strip(), mode, trigger or "", int(batch_size or 4), int(preview or 0))
 
     def captioning(self) -> tuple[str, list[list[str]], dict]:
