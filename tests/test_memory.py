@@ -142,7 +142,8 @@ def measured_rows(text: str) -> dict[str, list[str]]:
 def test_measured_presets_are_estimated_within_15_percent_and_card_presets_state_their_peak():
     """Issue 13.4/13.5: for each shipped preset measured with `trainer memory` as it is now (same settings line
     in BENCHMARKS.md), the pre-flight estimate is within 15% of the measurement; every preset named for a
-    card size is measured, fits the card, and states its measured peak in its description."""
+    card size is measured, fits the card, and states its measured peak in its description, and there is one for
+    each card size: 4, 6, 8, 12 and 24 GB."""
     import re
 
     from conftest import ROOT
@@ -151,7 +152,7 @@ def test_measured_presets_are_estimated_within_15_percent_and_card_presets_state
     from trainer.presets import list_presets
 
     rows = measured_rows((ROOT / "BENCHMARKS.md").read_text())
-    checked = 0
+    checked, cards = 0, set()
     for p in list_presets(None):
         cfg = p.apply(TrainConfig(), True)
         arch, fam = ("sdxl", "sdxl") if p.family == "sdxl" else ("sd15", "sd1")
@@ -167,8 +168,10 @@ def test_measured_presets_are_estimated_within_15_percent_and_card_presets_state
             size = int(card.group(1) or card.group(2))
             assert cuda <= size, (p.key, cuda)
             assert f"measured peak {cuda:.1f} GB" in p.description, p.key
+            cards.add(size)
         checked += 1
     assert checked >= 7, checked
+    assert cards >= {4, 6, 8, 12, 24}, cards  # a preset for each card size
 
 
 def test_the_counter_lets_go_of_the_models_it_counted():

@@ -115,7 +115,7 @@ class TrainConfig:
     seed: int = _f(42, "Random seed: the same seed and data give the same LoRA.")
     mixed_precision: str = _f("bf16", "Compute precision: bf16 (recent GPUs), fp16, or no (fp32). LoRA weights stay fp32.", PRECISIONS)
     save_precision: str = _f("fp16", "Precision of the exported file.", SAVE_PRECISIONS)
-    base_quantization: str = _f("none", "Store the frozen base model quantised (QLoRA): fp8 (weights as float8, computed in the run's precision; kohya's fp8_base), int8 or nf4 (bitsandbytes layers). Much less VRAM for the weights; the LoRA trains and exports as usual.", ("none", "fp8", "int8", "nf4"), "training")
+    base_quantization: str = _f("none", "Store the frozen base model quantised (QLoRA): fp8 (weights as float8, computed in the run's precision; kohya's fp8_base), int8 or nf4 (bitsandbytes layers). Much less VRAM for the weights; the LoRA trains and exports as usual. Samples take turns on the GPU: the UNet denoises while the VAE waits in RAM, then the other way round.", ("none", "fp8", "int8", "nf4"), "training")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less VRAM, about 20-30% slower.", None, "training")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images; 0 = off).", None, "training")
     min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off).", None, "training")
@@ -290,6 +290,13 @@ class TrainConfig:
         """Whether the text encoders' outputs are cached: asked for, encoders frozen, captions fixed."""
         return (self.cache_text_encoder_outputs and not self.train_text_encoder
                 and not (self.shuffle_tags or self.caption_dropout or self.tag_dropout))
+
+    @property
+    def samples_lean(self) -> bool:
+        """Whether samples bring one big part to the device at a time (the UNet to denoise, then the VAE to
+        decode): with a quantised base, whose runner chose memory over speed, and whose small UNet moves in a
+        fraction of a second."""
+        return self.base_quantization != "none"
 
     def block_problems(self) -> list[str]:
         """The per-block fields in kohya's format (their count per family is checked once the model is known)."""

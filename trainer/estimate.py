@@ -17,8 +17,13 @@ GB = 1024**3
 # two are the earlier rough figures. SD 2.x is SD 1.5's layout at 768 px: SD 1.5's figures scaled by pixels.
 ACT_GB = {"sd1": (0.93, 0.30), "sd2": (2.1, 0.68), "sdxl": (9.0, 0.62)}
 # A sample with CFG and its VAE decode (tiled above 512 px), beyond the weights: sd15_style 0.5 GB at 512 px,
-# sdxl_4gb 0.45 GB at 1024 px.
+# sdxl_4gb 0.45 GB at 1024 px (the UNet and the VAE on the device together).
 SAMPLE_ACT_GB = {"sd1": 0.45, "sd2": 1.0, "sdxl": 0.45}
+# With a quantised base they take turns (TrainConfig.samples_lean): the denoising steps beside the UNet, and the
+# decode beside the VAE alone (with the LoRA and its optimizer state), measured apart on SD 1.5 512 px nf4
+# (0.19 and 0.41 GB) and sdxl_6gb at 1024 px (0.43 and 0.44 GB).
+SAMPLE_DENOISE_ACT_GB = {"sd1": 0.2, "sd2": 0.45, "sdxl": 0.45}
+SAMPLE_DECODE_ACT_GB = {"sd1": 0.4, "sd2": 0.9, "sdxl": 0.45}
 VAE_ENCODE_GB_PER_MPIX = 2.5  # the fp32 VAE encoder's activations while caching latents, per megapixel
 # What a CUDA card needs beyond its tensors (trainer/memory.py says how these were chosen):
 CUDA_CONTEXT_GB = 0.4  # the CUDA context, cuBLAS / cuDNN handles and kernels, outside torch's allocator
@@ -124,9 +129,15 @@ def estimate_vram_gb(cfg, family: str) -> dict:
         phases["caching latents"] = {"VAE (fp32)": vae * 4, "VAE activations": VAE_ENCODE_GB_PER_MPIX * GB
                                      * encode_batch(cfg.resolution, cfg.resolution) * pixels / 1e6}
     if cfg.sample_prompts:  # frozen encoders whose outputs are cached stay parked (prompts encoded at set-up)
-        phases["sampling"] = {"UNet weights": unet_w, "VAE (fp32)": vae * 4, "activations": SAMPLE_ACT_GB[fam] * scale * GB}
+        sampling = {"UNet weights": unet_w, "VAE (fp32)": vae * 4, "activations": SAMPLE_ACT_GB[fam] * scale * GB}
+        if cfg.samples_lean:  # the UNet and the VAE take turns
+            phases["decoding a sample"] = {"VAE (fp32)": vae * 4, "activations": SAMPLE_DECODE_ACT_GB[fam] * scale * GB}
+            sampling["activations"] = SAMPLE_DENOISE_ACT_GB[fam] * scale * GB
+            if cfg.cache_latents:
+                del sampling["VAE (fp32)"]
         if not cfg.caches_text:
-            phases["sampling"]["text encoders"] = te_w
+            sampling["text encoders"] = te_w
+        phases["sampling"] = sampling
     peak = max(phases, key=lambda p: sum(phases[p].values()))
     terms = phases[peak]
     counted = sum(terms.values())

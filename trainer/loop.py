@@ -684,7 +684,9 @@ def on_device(modules, dev):
 def render_samples(run: Run, step: int) -> None:
     """Sample images with fixed prompts and seed, from the modules being trained. Frozen text encoders whose
     prompts were encoded at set-up stay parked; above 512 px the VAE decodes in 512 px tiles (an SDXL decode at
-    1024 px needs 3 GB of activations whole, 1 GB tiled), so sampling peaks no higher than the steps."""
+    1024 px needs 3 GB of activations whole, 1 GB tiled). With a quantised base (`TrainConfig.samples_lean`) one
+    big part is on the device at a time: the UNet denoises while a VAE of cached latents waits in RAM, then the
+    VAE decodes while the UNet waits, so sampling peaks no higher than the steps."""
     cfg, acc, model = run.cfg, run.accelerator, run.model
     if not run.main or not cfg.sample_prompts:
         return
@@ -693,8 +695,19 @@ def render_samples(run: Run, step: int) -> None:
     text_encoders = [acc.unwrap_model(t) for t in run.text_encoders]
     saved = model.unet, model.text_encoders
     cond = run.sample_cond
-    with on_device([model.vae] + ([] if cond else text_encoders), acc.device), tiled_decode(model.vae, cfg.resolution):
-        model.unet, model.text_encoders = acc.unwrap_model(run.unet), text_encoders
+    unet = acc.unwrap_model(run.unet)
+    lean = cfg.samples_lean and acc.num_processes == 1  # DDP keeps its parameters where it found them
+    vae_parked = not placement.on_device_now(model.vae)  # latents cached: the VAE waits in RAM
+
+    def decode_alone(pipe, i, t, kwargs):  # after the last denoising step the VAE comes, and the UNet goes
+        if lean and i == pipe.num_timesteps - 1:
+            placement.to_host(unet)
+            placement.to_device(model.vae, acc.device)
+        return kwargs
+
+    with on_device(([] if lean else [model.vae]) + ([] if cond else text_encoders), acc.device), \
+            tiled_decode(model.vae, cfg.resolution):
+        model.unet, model.text_encoders = unet, text_encoders
         pipe = model.pipeline()
         pipe.set_progress_bar_config(disable=True)
         try:
@@ -705,9 +718,15 @@ def render_samples(run: Run, step: int) -> None:
                 text = sample_text(cfg, prompt)
                 what = ({k: v.to(acc.device) for k, v in cond[text].items()} if cond else {"prompt": text})
                 g = torch.Generator(device="cpu").manual_seed(cfg.sample_seed + i)
-                with torch.no_grad(), acc.autocast():
-                    img = pipe(**what, num_inference_steps=cfg.sample_steps, generator=g, height=cfg.resolution,
-                               width=cfg.resolution).images[0]
+                try:
+                    with torch.no_grad(), acc.autocast():
+                        img = pipe(**what, num_inference_steps=cfg.sample_steps, generator=g, height=cfg.resolution,
+                                   width=cfg.resolution, callback_on_step_end=decode_alone).images[0]
+                finally:
+                    if lean and vae_parked:
+                        placement.to_host(model.vae)
+                    if lean and not placement.on_device_now(unet):
+                        placement.to_device(unet, acc.device)
                 p = run.files.sample(step, i)
                 img.save(p)
                 if cfg.tensorboard:
