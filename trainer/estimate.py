@@ -13,9 +13,9 @@ GB = 1024**3
 # SDPA, from `python -m trainer memory` on the full-size architectures (BENCHMARKS.md): SD 1.5 without
 # checkpointing from the sd15_* presets (forward peak minus the weights: 0.93 per 512 px image), SD 1.5 with it
 # from the 512 px nf4 batch 1 row (1.54 - 1.28 GB), SDXL with it from sdxl_4gb (2.43 - 1.78 GB at 1024 px,
-# batch 1). Not measured yet: SDXL without checkpointing (a full-size SDXL step without it does not fit this
-# 24 GB machine), the earlier rough figure. SD 2.x is SD 1.5's layout at 768 px: SD 1.5's figures scaled by pixels.
-ACT_GB = {"sd1": (0.93, 0.26), "sd2": (2.1, 0.59), "sdxl": (9.0, 0.62)}
+# batch 1), SDXL without it from the 1024 px batch 1 rank 8 row (11.27 - 4.89 GB; 768 px gave 3.62 GB, the same
+# per pixel). SD 2.x is SD 1.5's layout at 768 px: SD 1.5's figures scaled by pixels.
+ACT_GB = {"sd1": (0.93, 0.26), "sd2": (2.1, 0.59), "sdxl": (6.4, 0.62)}
 # A sample with CFG and its VAE decode (tiled above 512 px), beyond the weights: sd15_style 0.5 GB at 512 px,
 # sdxl_4gb 0.45 GB at 1024 px (the UNet and the VAE on the device together).
 SAMPLE_ACT_GB = {"sd1": 0.45, "sd2": 1.0, "sdxl": 0.45}
