@@ -129,12 +129,13 @@ def estimate_vram_gb(cfg, family: str) -> dict:
         phases["caching latents"] = {"VAE (fp32)": vae * 4, "VAE activations": VAE_ENCODE_GB_PER_MPIX * GB
                                      * encode_batch(cfg.resolution, cfg.resolution) * pixels / 1e6}
     if cfg.sample_prompts:  # frozen encoders whose outputs are cached stay parked (prompts encoded at set-up)
-        sampling = {"UNet weights": unet_w, "VAE (fp32)": vae * 4, "activations": SAMPLE_ACT_GB[fam] * scale * GB}
-        if cfg.samples_lean:  # the UNet and the VAE take turns
+        if cfg.samples_lean:  # the UNet and the VAE take turns (a VAE of uncached latents stays all run)
+            sampling = {"UNet weights": unet_w, "activations": SAMPLE_DENOISE_ACT_GB[fam] * scale * GB}
+            if not cfg.cache_latents:
+                sampling["VAE (fp32)"] = vae * 4
             phases["decoding a sample"] = {"VAE (fp32)": vae * 4, "activations": SAMPLE_DECODE_ACT_GB[fam] * scale * GB}
-            sampling["activations"] = SAMPLE_DENOISE_ACT_GB[fam] * scale * GB
-            if cfg.cache_latents:
-                del sampling["VAE (fp32)"]
+        else:
+            sampling = {"UNet weights": unet_w, "VAE (fp32)": vae * 4, "activations": SAMPLE_ACT_GB[fam] * scale * GB}
         if not cfg.caches_text:
             sampling["text encoders"] = te_w
         phases["sampling"] = sampling
