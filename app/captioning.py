@@ -3,14 +3,14 @@ training run; its JSON-line events say how far it is. No torch here."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from app.runs import PROJECT_ROOT, _tail, kill_tree, pid_alive
+from app.runs import _tail
+from app.workers import engine_command, gpu_busy, kill_tree, pid_alive, start_detached
 
 
 class CaptionJobs:
@@ -59,26 +59,20 @@ class CaptionJobs:
               preview: int = 0, device: str = "auto") -> str:
         """Start a worker; a plain sentence back. Refused while a training run (or another captioning) runs."""
         with self._lock:
-            if any(r["status"] == "running" for r in self.runs.list()):
-                return ("A training run is using the GPU right now: caption when it has finished (or stop it in "
-                        "the Train tab).")
             if self.running():
                 return "Captioning is already running: wait for it or cancel it."
+            if gpu_busy(self.runs, self, asking="captioning"):
+                return ("A training run is using the GPU right now: caption when it has finished (or stop it in "
+                        "the Train tab).")
             folder = self.ws.dataset_path(dataset)
             job = self.root / (time.strftime("job-%Y%m%d-%H%M%S-") + f"{time.time_ns() % 10**6:06d}")
             job.mkdir(parents=True)
-            cmd = [self.python, "-m", "trainer", "caption", str(folder), "--model", model, "--mode", mode,
-                   "--trigger", trigger, "--batch-size", str(int(batch_size)), "--device", device,
-                   "--events", str(job / "events.jsonl"), "--stop-file", str(job / "stop")]
+            cmd = engine_command("caption", str(folder), "--model", model, "--mode", mode, "--trigger", trigger,
+                                 "--batch-size", str(int(batch_size)), "--device", device,
+                                 "--events", str(job / "events.jsonl"), "--stop-file", str(job / "stop"), python=self.python)
             if preview:
                 cmd += ["--preview", str(int(preview))]
-            env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   "PYTHONUNBUFFERED": "1"}
-            with open(job / "worker.log", "ab") as log:
-                detach = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
-                          else {"start_new_session": True})
-                self._proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                              stdin=subprocess.DEVNULL, **detach)
+            self._proc = start_detached(cmd, job / "worker.log")
             (job / "job.json").write_text(json.dumps({"pid": self._proc.pid, "dataset": dataset, "mode": mode,
                                                       "preview": preview}))
         self.ws.update_settings(caption_model=model)

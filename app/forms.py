@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, TrainConfig, field_help
+from trainer.recipe.config import ConfigError, TrainConfig, field_help
 
 BASIC = ["base_model", "dataset", "trigger", "rank", "alpha", "unet_lr", "text_encoder_lr", "train_text_encoder",
          "max_steps", "epochs", "batch_size", "resolution", "optimizer", "mixed_precision", "output_name"]
@@ -102,7 +102,7 @@ def check_extra_folders(cfg: TrainConfig, errors: list[str], notes: list[str]) -
 
 def duration_line(cfg: TrainConfig, family: str, images_per_epoch: int, timings: list[dict], device: str) -> str:
     """'- Time on this machine (CPU): about 4 min (...)' for the plan."""
-    from trainer import timing
+    from trainer.recipe import timing
 
     run_device = device if cfg.device == "auto" else cfg.device
     steps = planned_steps(cfg, images_per_epoch)
@@ -115,11 +115,11 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
     """(ok to start, plain-language markdown): config errors, conflicts, dataset blockers, VRAM estimate and,
     given this machine's `device` ('cuda' | 'cpu') and measured `timings`, how long the run will take."""
     from trainer.data.report import dataset_report
-    from trainer.estimate import estimate_vram_gb
+    from trainer.recipe.estimate import estimate_vram_gb
     from trainer.models import families
     from trainer.models.hub import hub_status, is_hub_id
     from trainer.models.sniff import sniff_family
-    from trainer.presets import family_mismatch
+    from trainer.recipe.presets import family_mismatch
 
     errors: list[str] = []
     warns: list[str] = []
@@ -162,12 +162,14 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
                          + ("; those in '<repeats>_<name>' folders are captioned with the name" if cfg.caption_from_folder else "")
                          + (f"; they use '{cfg.class_caption}'" if cfg.class_caption else " and train on the trigger word alone"))
         if cfg.validation_split:
-            from trainer.data.scan import holdout_count
+            from trainer.data.scan import holdout_count, holdout_error
 
-            k = holdout_count(cfg.validation_split, report["image_count"])
-            (errors if k >= report["image_count"] else notes).append(
-                f"validation_split = {cfg.validation_split:g} holds out {k} of {report['image_count']} image(s)"
-                + (": none would be left to train on" if k >= report["image_count"] else " to measure a validation loss"))
+            n = report["image_count"]
+            if holdout_error(cfg.validation_split, n):
+                errors.append(holdout_error(cfg.validation_split, n))
+            else:
+                notes.append(f"validation_split = {cfg.validation_split:g} holds out "
+                             f"{holdout_count(cfg.validation_split, n)} of {n} image(s) to measure a validation loss")
         if report["duplicates"]:
             warns.append(f"{len(report['duplicates'])} group(s) of duplicate images")
         if cfg.masked_loss and not sum(report["masks"].values()):
@@ -198,6 +200,16 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
 
 
 # ------------------------------------------------------------------------------------------ the block table
+def block_families() -> dict[str, str]:
+    """{label: family key} for the block table: one entry per UNet block layout ('SD 1.x / SD 2.x (25 blocks)')."""
+    from trainer.models import families
+
+    layouts: dict[tuple, list] = {}
+    for f in families.groups():
+        layouts.setdefault(f.blocks, []).append(f)
+    return {" / ".join(f.group_name for f in fs) + f" ({sum(b)} blocks)": fs[0].key for b, fs in layouts.items()}
+
+
 def block_rows(values: dict[str, Any], family: str) -> list[list]:
     """Rows (block, rank, alpha, LR weight) of the per-block table from form values; blanks become the
     global rank / alpha and weight 1."""

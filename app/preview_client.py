@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 
-from app.runs import PROJECT_ROOT
+from app.workers import engine_command, start_attached
 
 
 class PreviewClient:
@@ -20,11 +19,9 @@ class PreviewClient:
     def _ensure(self) -> None:
         if self.proc and self.proc.poll() is None:
             return
-        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.proc = subprocess.Popen(
-            [self.python, "-m", "trainer", "preview-worker", "--out", self.out_dir], cwd=PROJECT_ROOT, env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
-        )
+        self.proc = start_attached(engine_command("preview-worker", "--out", self.out_dir, python=self.python),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                   bufsize=1)
         ready = self.proc.stdout.readline()
         if not ready:
             raise RuntimeError("The preview worker did not start.")

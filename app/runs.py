@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -17,13 +16,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 
-from trainer.config import TrainConfig
+from trainer.recipe.config import TrainConfig
 from trainer.events import read_events, request
 from trainer.runfiles import RunFiles
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from app.workers import engine_command, kill_tree, pid_alive, start_detached
+
 ACTIVE = ("queued", "running")
 
 
@@ -94,31 +93,6 @@ def config_hash(cfg: TrainConfig) -> str:
     d = cfg.to_dict()
     d.pop("output_dir", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def pid_alive(pid: int | None) -> bool:
-    """Is this process running (a zombie is not)? psutil answers the same on Linux, macOS and Windows."""
-    if not pid:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except (psutil.Error, ValueError):
-        return False
-
-
-def kill_tree(pid: int | None) -> None:
-    """Kill a worker and every process it started (DataLoader workers, torchrun children), on every platform."""
-    try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True) + [root]
-    except (psutil.Error, ValueError, TypeError):
-        return
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=10)
 
 
 def explain_crash(log_tail: str, code: int | None) -> str:
@@ -266,19 +240,12 @@ class RunManager:
 
     def _spawn(self, run: dict) -> None:
         files = RunFiles(run["dir"])
-        cmd = [self.python, "-m", "trainer", "train", str(files.config), "--run-dir", str(files.root)]
+        cmd = engine_command("train", str(files.config), "--run-dir", str(files.root), python=self.python)
         if run["resume"]:
             cmd.append("--resume")
-        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "PYTHONUNBUFFERED": "1"}
         # the run's outcome is what the event log says after this point
         offset = files.events.stat().st_size if files.events.exists() else 0
-        log = open(files.worker_log, "ab")
-        # its own session / process group: closing the browser or the app's terminal does not stop the run
-        detach = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True})
-        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL, **detach)
-        log.close()
+        proc = start_detached(cmd, files.worker_log)
         self._procs[run["id"]] = proc
         self._set(run["id"], status="running", pid=proc.pid, message=None, event_offset=offset)
         threading.Thread(target=self._watch, args=(run["id"], proc), daemon=True).start()
@@ -308,7 +275,7 @@ class RunManager:
 
     def _record_timing(self, run: dict, events: list[dict]) -> None:
         """What this attempt measured (s/step, start-up) goes into the workspace's timings, for the next estimate."""
-        from trainer import timing
+        from trainer.recipe import timing
 
         try:
             timing.record(self.ws.timings_path, TrainConfig.load(RunFiles(run["dir"]).config), events, run["id"])

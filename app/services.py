@@ -8,8 +8,9 @@ import shutil
 from pathlib import Path
 
 from app.forms import config_to_values, preflight, values_to_config
-from trainer.config import TrainConfig
-from trainer.presets import find_preset, list_presets
+from app.workers import gpu_busy
+from trainer.recipe.config import TrainConfig
+from trainer.recipe.presets import find_preset, list_presets
 from trainer.runfiles import RunFiles, step_of
 
 
@@ -55,7 +56,7 @@ class Studio:
     # ------------------------------------------------------------------ runs
     def check(self, values: dict, preset_key: str = "") -> tuple[bool, str]:
         from app.gpu import gpu_present
-        from trainer import timing
+        from trainer.recipe import timing
 
         preset = find_preset(preset_key, self.ws.presets_dir) if preset_key else None
         return preflight(values, self.ws.datasets_dir, preset, timing.load(self.ws.timings_path),
@@ -63,7 +64,7 @@ class Studio:
 
     def start(self, values: dict, preset_key: str = "") -> tuple[str | None, str]:
         """(run id or None, what to tell the person): a run starts only after the pre-flight check passes."""
-        if self.captions is not None and self.captions.running():
+        if gpu_busy(self.runs, self.captions, asking="training") == "captioning":
             return None, ("Auto-captioning is using the GPU right now (Dataset tab): start the run when it has "
                           "finished, or cancel it there.")
         ok, text = self.check(values, preset_key)

@@ -70,7 +70,7 @@ class Workspace:
 
     @property
     def timings_path(self) -> Path:
-        """Measured step costs of this machine's runs (trainer/timing.py)."""
+        """Measured step costs of this machine's runs (trainer/recipe/timing.py)."""
         return self.root / "timings.json"
 
     # ------------------------------------------------------------ what the page last showed
@@ -98,7 +98,7 @@ class Workspace:
 
     def caption_model(self) -> str:
         """The captioning model the person chose last (Dataset tab, Settings tab), else the default."""
-        from trainer.caption import DEFAULT_MODEL
+        from trainer.engine.autocaption import DEFAULT_MODEL
 
         return self.settings().get("caption_model") or DEFAULT_MODEL
 

@@ -24,7 +24,7 @@ def _fresh_accelerate():
     """Tests train several times in one process; accelerate's process-wide state must not carry over."""
     yield
     if "accelerate" in sys.modules:
-        from trainer.bench import fresh_accelerate_state
+        from trainer.engine.setup import fresh_accelerate_state
 
         fresh_accelerate_state()
 
@@ -83,7 +83,7 @@ def dataset(tmp_path) -> Path:
 
 
 def base_config(model: Path, data: Path, out: Path, **kw):
-    from trainer.config import TrainConfig
+    from trainer.recipe.config import TrainConfig
 
     values = dict(
         base_model=str(model), dataset=str(data), trigger="zwx", resolution=64, min_bucket=64, max_bucket=128,
@@ -92,6 +92,17 @@ def base_config(model: Path, data: Path, out: Path, **kw):
     )
     values.update(kw)
     return TrainConfig(**values)
+
+
+def quick_cfg(model, data, **kw):
+    """A worker-process run of a tiny model that checkpoints and samples along the way."""
+    from trainer.recipe.config import TrainConfig
+
+    vals = dict(base_model=str(model), dataset=str(data), trigger="zwx", resolution=64, min_bucket=64, max_bucket=128,
+                rank=4, alpha=4, max_steps=6, mixed_precision="no", device="cpu", save_every_steps=2,
+                sample_prompts=["{trigger} red square"], sample_every_steps=3, sample_steps=2)
+    vals.update(kw)
+    return TrainConfig(**vals)
 
 
 def free_port() -> int:
@@ -150,7 +161,7 @@ def stop_process_tree(proc) -> None:
 
     import psutil
 
-    from app.runs import kill_tree
+    from app.workers import kill_tree
 
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
@@ -170,7 +181,6 @@ def finished_run(model, tmp_path: Path, images: int = 2, **cfg):
     worker process. Returns (workspace, run manager, run id)."""
     from app.runs import RunManager
     from app.workspace import Workspace
-    from test_app import quick_cfg
 
     ws = Workspace(tmp_path / "ws")
     data = ws.dataset_path("d", create=True)

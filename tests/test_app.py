@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, launched_app, make_images, wait_for
+from conftest import ROOT, launched_app, make_images, quick_cfg, wait_for
 from app.forms import config_to_values, preflight, values_to_config
 from app.runs import RunManager
 from app.workspace import Workspace
-from trainer.config import ConfigError, TrainConfig
+from trainer.recipe.config import ConfigError, TrainConfig
 
 
 @pytest.mark.slow
@@ -56,7 +56,7 @@ def test_preflight_reports_conflicts_and_dataset_problems_in_plain_words(tiny_sd
     ok, text = preflight({"base_model": str(tmp_path / "missing.safetensors"), "dataset": str(tmp_path / "nodata")})
     assert not ok and "Base model not found" in text and "Dataset folder not found" in text
     # a preset for the wrong family is flagged before Start
-    from trainer.presets import find_preset
+    from trainer.recipe.presets import find_preset
 
     ok, text = preflight({"base_model": str(tiny_sd1), "dataset": str(data)}, preset=find_preset("sdxl_character"))
     assert not ok and "is for SDXL but the base model is SD 1.x" in text
@@ -77,14 +77,6 @@ def test_workspace_refuses_names_and_files_outside_it(tmp_path):
     link.symlink_to(tmp_path / "secret.txt")
     with pytest.raises(ValueError):
         ws.resolve_file(str(link))
-
-
-def quick_cfg(model, data, **kw):
-    vals = dict(base_model=str(model), dataset=str(data), trigger="zwx", resolution=64, min_bucket=64, max_bucket=128,
-                rank=4, alpha=4, max_steps=6, mixed_precision="no", device="cpu", save_every_steps=2,
-                sample_prompts=["{trigger} red square"], sample_every_steps=3, sample_steps=2)
-    vals.update(kw)
-    return TrainConfig(**vals)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from conftest import ROOT, base_config, make_images
 from trainer.cli import main as cli
-from trainer.config import ConfigError, TrainConfig
+from trainer.recipe.config import ConfigError, TrainConfig
 from trainer.events import read_events
 
 

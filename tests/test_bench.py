@@ -18,7 +18,7 @@ def test_bench_runs_two_steps_on_tiny(tmp_path, capsys):
 @pytest.mark.slow
 def test_the_sdxl_reference_loop_runs(tmp_path, monkeypatch):
     """It crashed without SDXL's added_cond_kwargs (issue 13.7): run it on a tiny SDXL in place of the full one."""
-    from trainer import bench
+    from trainer.measure import bench
     from trainer.models.load import from_pipeline
     from trainer.models.tiny import build_tiny_pipeline
 

@@ -62,7 +62,7 @@ def test_per_block_ranks_and_alphas_are_written_per_module(family, request, data
 
 
 def test_block_learning_rates_are_the_optimizer_group_rates(tiny_sd1, dataset, tmp_path):
-    from trainer.loop import setup
+    from trainer.engine.setup import setup
 
     down = ",".join(["0.5"] * 12)
     up = ",".join(["0", "2"] + ["1"] * 10)  # OUT00 not trained at all, OUT01 twice as fast
@@ -93,8 +93,8 @@ def test_block_values_for_the_wrong_family_are_refused_in_words(tiny_sd1, datase
 
 def test_the_block_table_round_trips_through_a_kohya_ss_preset():
     from app.forms import block_rows, rows_to_values
-    from trainer.config import TrainConfig, tomllib
-    from trainer.kohya import import_kohya, to_sd_scripts_toml
+    from trainer.recipe.config import TrainConfig, tomllib
+    from trainer.recipe.kohya_ss import import_kohya, to_sd_scripts_toml
 
     kohya_ss = {"network_dim": 16, "network_alpha": 8, "block_dims": values("sd1", rank_of),
                 "block_alphas": values("sd1", lambda b: 1), "down_lr_weight": ",".join(["1"] * 11 + ["0"]),
@@ -116,8 +116,8 @@ def test_the_block_table_round_trips_through_a_kohya_ss_preset():
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_the_estimate_counts_the_real_per_block_lora_size(family, request):
-    from trainer.config import TrainConfig
-    from trainer.estimate import lora_param_count
+    from trainer.recipe.config import TrainConfig
+    from trainer.recipe.estimate import lora_param_count
     from trainer.models.load import load_model
 
     model_dir = request.getfixturevalue(f"tiny_{family}")

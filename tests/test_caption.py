@@ -3,14 +3,13 @@ trigger first, preview, cancel, provenance in the report, the offline message, t
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import pytest
 
 from captioners import tiny_blip, tiny_florence
 from conftest import make_images, wait_for
-from trainer.caption import CaptionError, CaptionOptions, caption_dataset, resolve_model
+from trainer.engine.autocaption import CaptionError, CaptionOptions, caption_dataset, resolve_model
 from trainer.data.report import dataset_report, format_report
 
 
@@ -145,7 +144,7 @@ def test_the_dataset_tab_captions_through_the_worker_and_refuses_while_training(
 
     # cancel: the stop file ends the worker after its current batch; what it wrote stays
     assert tab.start_captioning("d", str(blip), "overwrite", True, batch_size=1) == "Captioning started."
-    time.sleep(0.5)
+    assert tab.captions.running()  # no sleep: cancel while the worker still loads, so it cannot finish first
     assert "Cancelling" in tab.captions.cancel()
     wait_for(lambda: tab.captioning()[2].get("finished"), timeout=180)
     md, rows, state = tab.captioning()

@@ -15,10 +15,10 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 from conftest import base_config
-from trainer import checkpoint as ckpt
+from trainer.engine import checkpoint as ckpt
 from trainer.cli import main as cli
-from trainer.config import TrainConfig
-from trainer.export import kohya_name
+from trainer.recipe.config import TrainConfig
+from trainer.loras.format import module_name
 from trainer.models import lora
 from trainer.models.load import load_model
 
@@ -79,7 +79,7 @@ def test_the_weight_comfyui_and_a1111_compute_from_the_file_is_the_trained_weigh
         for name, mod in model.named_modules():
             if not isinstance(mod, LoraLayer):
                 continue
-            key = kohya_name(part, name, family, state["layers_per_block"], up_attn)
+            key = module_name(part, name, family, {**state, "up_has_attn": up_attn})
             up, down, alpha = sd[f"{key}.lora_up.weight"], sd[f"{key}.lora_down.weight"], float(sd[f"{key}.alpha"])
             dora_scale, w = sd[f"{key}.dora_scale"], mod.get_base_layer().weight
             assert dora_scale.shape == (1, w.shape[1], *[1] * (w.dim() - 2))
@@ -105,13 +105,13 @@ def _bases(m, sd, family, state):
     for part, model in lora.part_modules(m).items():
         for name, mod in model.named_modules():
             if isinstance(mod, LoraLayer):
-                yield f"{kohya_name(part, name, family, state['layers_per_block'], up_attn)}.dora_scale", mod.get_base_layer().weight
+                yield f"{module_name(part, name, family, {**state, 'up_has_attn': up_attn})}.dora_scale", mod.get_base_layer().weight
 
 
 def test_dora_trains_a_different_file_that_diffusers_and_preview_load(tiny_sd1, dataset, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from trainer.preview import GenParams, LoraSpec, PreviewEngine
+    from trainer.engine.preview import GenParams, LoraSpec, PreviewEngine
 
     files = {}
     for dora in (False, True):

@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import ROOT, base_config, free_port, make_images
-from trainer import checkpoint as ckpt
+from trainer.engine import checkpoint as ckpt
 from trainer.cli import main as cli
-from trainer.config import TrainConfig
+from trainer.recipe.config import TrainConfig
 from trainer.events import read_events, request
 from trainer.models import lora
 from trainer.models.load import load_model
@@ -246,8 +246,9 @@ def test_v_prediction_model_trains_with_v_target(tiny_sd2v, dataset, tmp_path):
 
 DDP_SCRIPT = """
 import sys, torch
-from trainer.config import TrainConfig
-from trainer.loop import State, after_step, batch_iterator, finish, setup, train_step
+from trainer.recipe.config import TrainConfig
+from trainer.engine.loop import State, after_step, batch_iterator, finish, train_step
+from trainer.engine.setup import setup
 from trainer.models import lora
 
 cfg = TrainConfig.load(sys.argv[1])
@@ -297,7 +298,7 @@ def test_ddp_two_cpu_processes_write_one_file_with_equal_weights(tiny_sd1, tmp_p
 def test_progress_reports_by_the_clock_unless_a_step_interval_is_set(monkeypatch):
     """log_every_steps = 0 (the default) reports the first step, then about every LOG_INTERVAL_S, and the last:
     a fast GPU is not made to wait at every step. A set interval counts steps as before."""
-    from trainer import loop
+    from trainer.engine import loop
 
     clock = [100.0]
     monkeypatch.setattr(loop.time, "time", lambda: clock[0])

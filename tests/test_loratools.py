@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from test_preview import hand_made_kohya
-from trainer import loratools as lt
+from trainer.loras import tools as lt
 from trainer.cli import main as cli
 
 
 def updates(path) -> dict[str, torch.Tensor]:
-    return {n: m.update() for n, m in lt.read_lora(path).modules.items()}
+    return {n: m.update() for n, m in lt.read(path).modules.items()}
 
 
 def truncated(u: torch.Tensor, k: int) -> torch.Tensor:
@@ -37,7 +37,7 @@ def test_resize_at_full_rank_reproduces_the_update_and_to_k_is_the_truncated_svd
         assert torch.allclose(u, before[n], atol=1e-5), n
     k2 = tmp_path / "k2.safetensors"
     rep = lt.resize(sd1_lora, k2, rank=2, precision="fp32")
-    after = lt.read_lora(k2)
+    after = lt.read(k2)
     assert {m.rank for m in after.modules.values()} == {2} and all(m.alpha == 2.0 for m in after.modules.values())
     for n, m in after.modules.items():
         assert torch.allclose(m.update().double(), truncated(before[n], 2), atol=1e-5), n
@@ -61,7 +61,7 @@ def test_resize_by_energy_picks_the_smallest_rank_per_module(tiny_sd1, tmp_path)
     assert spec["modules"][name]["rank_99"] <= 2 and spec["modules"][name]["energy"][1] == pytest.approx(1.0)
     out = tmp_path / "e.safetensors"
     lt.resize(f, out, energy=0.95, precision="fp32")
-    after, before = lt.read_lora(out), lt.read_lora(f)
+    after, before = lt.read(out), lt.read(f)
     for n, m in after.modules.items():
         e = lt.kept_energy(lt.singular_values(before.modules[n]))
         assert m.rank == lt.rank_for(e, 0.95), n
@@ -120,7 +120,7 @@ def _planted(src, dst, family):
 @pytest.mark.parametrize("family,as_file", [("sd1", False), ("sdxl", True)])
 def test_extract_recovers_a_planted_low_rank_difference(family, as_file, request, tmp_path):
     from ldm import save_single_file
-    from trainer.export import kohya_name
+    from trainer.loras.format import module_name
 
     base = request.getfixturevalue(f"tiny_{family}")
     tuned = tmp_path / "tuned"
@@ -140,14 +140,14 @@ def test_extract_recovers_a_planted_low_rank_difference(family, as_file, request
     cfg = UNet2DConditionModel.load_config(base, subfolder="unet")
     up_attn = {i: "CrossAttn" in t for i, t in enumerate(cfg["up_block_types"])}
     for (part, n), d in planted.items():
-        key = kohya_name(part, n, family, cfg["layers_per_block"], up_attn)
+        key = module_name(part, n, family, {**cfg, "up_has_attn": up_attn})
         assert torch.allclose(got[key], d, atol=1e-5), key
-    planted_keys = {kohya_name(p, n, family, cfg["layers_per_block"], up_attn) for p, n in planted}
+    planted_keys = {module_name(p, n, family, {**cfg, "up_has_attn": up_attn}) for p, n in planted}
     for key, u in got.items():
         if key not in planted_keys:
             assert u.abs().max() < 1e-6, key  # untouched modules extract to nothing
     assert not any(k.startswith("lora_te2_") for k in got)  # an unchanged text encoder gets no LoRA
-    md = lt.read_lora(out).metadata
+    md = lt.read(out).metadata
     assert md["ss_base_model_version"] == ("sdxl_base_v1-0" if family == "sdxl" else "sd_v1")
 
 
@@ -198,7 +198,7 @@ def test_the_tools_tab_shows_a_spectrum_and_resizes_through_a_worker_process(tin
     assert {r[0] for r in rows} >= {"IN", "OUT", "TE"} and set(curve["block"]) >= {"IN", "OUT"}
     done = list(handler("Resize")(str(lora_file), 2, 0.95, "mine small"))
     assert "Wrote `mine small.safetensors`" in done[-1][0] and "Energy kept per block" in done[-1][0]
-    small = lt.read_lora(tmp_path / "ws" / "loras" / "mine small.safetensors")
+    small = lt.read(tmp_path / "ws" / "loras" / "mine small.safetensors")
     assert {m.rank for m in small.modules.values()} == {2}
     bad = list(handler("Resize")(str(lora_file), 9, 0.95, "too big"))
     assert bad[-1][0].startswith("**Resizing stopped:**") and "rank 4 at most" in bad[-1][0]
@@ -209,7 +209,7 @@ def test_preview_per_block_strength_applies_only_the_chosen_blocks(tiny_sd1, tmp
     IN modules' updates folded in, at the row's strength."""
     from diffusers import UNet2DConditionModel
 
-    from trainer.preview import LoraSpec, PreviewEngine
+    from trainer.engine.preview import LoraSpec, PreviewEngine
 
     f = tmp_path / "a.safetensors"
     deltas = hand_made_kohya(tiny_sd1, "sd1", f, rank=4, alpha=2.0, seed=4, every=1)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import placement
-from trainer.config import TrainConfig
-from trainer.memory import DeviceMemory, measure
+from trainer.engine import placement
+from trainer.recipe.config import TrainConfig
+from trainer.measure.memory import DeviceMemory, measure
 
 MB = 1024**2
 
@@ -38,7 +38,7 @@ def test_the_counter_follows_creation_freeing_parking_and_placed_modules():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from trainer.bench import build_model
+    from trainer.measure.bench import build_model
 
     return lambda: build_model("tiny", "cpu", torch.float32)
 
@@ -51,7 +51,7 @@ def weight_bytes(module, dtype_bytes: int) -> int:
 def test_a_run_is_counted_phase_by_phase_and_parked_parts_do_not_count(tiny_model, tmp_path):
     """Latent caching holds the fp32 VAE alone; cached text-encoder outputs take the encoders off the device for
     the steps; LoRA parameters are counted exactly from the modules peft made."""
-    from trainer.estimate import lora_param_count
+    from trainer.recipe.estimate import lora_param_count
 
     base = TrainConfig(base_model="x", resolution=64, batch_size=2, rank=4, alpha=4, mixed_precision="bf16",
                        optimizer="adamw", train_text_encoder=False, cache_latents=True, min_bucket=64, max_bucket=64)
@@ -73,7 +73,7 @@ def _tiny_configs(tmp_path):
     """The tiny model's configs in the layout estimate.lora_param_count reads."""
     import json
 
-    from trainer.bench import build_model
+    from trainer.measure.bench import build_model
 
     m = build_model("tiny", "cpu", torch.float32)
     d = tmp_path / "configs"
@@ -111,13 +111,27 @@ def test_the_memory_command_writes_its_table(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_measurement_commands_print_and_leave_tracked_files_alone(tmp_path, capsys, monkeypatch):
+    """Run as the README says (no --out), `trainer memory` prints its table and writes no file: BENCHMARKS.md of the
+    checkout stays as it is."""
+    from conftest import ROOT
+    from trainer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    before = (ROOT / "BENCHMARKS.md").read_bytes()
+    assert main(["memory", "--model", "tiny", "--resolution", "64", "--batch-size", "1", "--steps", "1"]) == 0
+    assert "### `trainer memory`" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == [] and (ROOT / "BENCHMARKS.md").read_bytes() == before
+
+
+@pytest.mark.slow
 def test_lora_parameter_counts_of_every_shipped_preset_are_exact():
     """The estimate counts LoRA parameters from the configs' shapes; peft, injecting into the full-size
     architecture (on the meta device: shapes only), makes exactly as many."""
-    from trainer.estimate import lora_param_count
+    from trainer.recipe.estimate import lora_param_count
     from trainer.models import lora
     from trainer.models.load import random_full_size
-    from trainer.presets import list_presets
+    from trainer.recipe.presets import list_presets
 
     for p in list_presets(None):
         cfg = p.apply(TrainConfig(), True)
@@ -147,9 +161,9 @@ def test_measured_presets_are_estimated_within_15_percent_and_card_presets_state
     import re
 
     from conftest import ROOT
-    from trainer.estimate import estimate_vram_gb
-    from trainer.memory import PHASES, measured_config, summary
-    from trainer.presets import list_presets
+    from trainer.recipe.estimate import estimate_vram_gb
+    from trainer.measure.memory import PHASES, measured_config, summary
+    from trainer.recipe.presets import list_presets
 
     rows = measured_rows((ROOT / "BENCHMARKS.md").read_text())
     checked, cards = 0, set()

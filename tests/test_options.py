@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from conftest import base_config, make_images
 from trainer.cli import main as cli
-from trainer.config import TrainConfig
+from trainer.recipe.config import TrainConfig
 from trainer.data.captions import CaptionOptions, build_caption
 from trainer.events import read_events
 
@@ -94,7 +94,7 @@ def test_worker_processes_are_watched_and_killed_without_posix_only_calls(tmp_pa
     import ast
 
     import app.runs
-    from app.runs import kill_tree, pid_alive
+    from app.workers import kill_tree, pid_alive
     from conftest import wait_for
 
     tree = ast.parse(Path(app.runs.__file__).read_text())
@@ -124,7 +124,8 @@ def test_sampling_leaves_parked_text_encoders_parked_and_draws_what_the_pipeline
     import numpy as np
     from PIL import Image
 
-    from trainer.loop import render_samples, setup
+    from trainer.engine.setup import setup
+    from trainer.engine.sampling import render_samples
 
     cfg = base_config(tiny_sd1, dataset, tmp_path / "run", train_text_encoder=False, cache_text_encoder_outputs=True,
                       sample_prompts=["zwx, a photo"], sample_steps=2, max_steps=1)
@@ -148,7 +149,7 @@ def test_sampling_leaves_parked_text_encoders_parked_and_draws_what_the_pipeline
 
 
 def test_large_samples_decode_in_tiles_and_the_vae_is_left_as_it_was(tiny_sd1):
-    from trainer.loop import tiled_decode
+    from trainer.engine.sampling import tiled_decode
     from trainer.models.load import load_model
 
     vae = load_model(str(tiny_sd1)).vae
@@ -202,7 +203,7 @@ def test_bf16_autocast_and_8bit_adamw_run_for_real_on_the_cpu(tiny_sd1, dataset,
     import bitsandbytes as bnb
     from diffusers import StableDiffusionPipeline
 
-    from trainer.loop import setup
+    from trainer.engine.setup import setup
 
     cfg = base_config(tiny_sd1, dataset, tmp_path / "run", mixed_precision="bf16", optimizer="adamw8bit", max_steps=3)
     run = setup(cfg, tmp_path / "probe", echo=lambda m: None)

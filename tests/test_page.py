@@ -66,7 +66,7 @@ def test_grid_labels_are_words_with_their_spaces():
     """PIL's bitmap default font all but drops spaces ('checkpointsatstrength 1'); grids use a real font."""
     from PIL import Image, ImageFont
 
-    from trainer.preview import grid, label_font
+    from trainer.engine.preview import grid, label_font
 
     for cell in (64, 512):
         font = label_font(cell)
@@ -209,7 +209,7 @@ def test_run_picker_and_outputs_follow_a_run_to_its_end_without_refresh(tiny_sd1
     from app.tabs.train import TrainTab
     from app.workspace import Workspace
     from conftest import wait_for
-    from test_app import quick_cfg
+    from conftest import quick_cfg
 
     ws = Workspace(tmp_path / "ws")
     data = ws.dataset_path("d", create=True)
@@ -235,7 +235,7 @@ def test_run_picker_and_outputs_follow_a_run_to_its_end_without_refresh(tiny_sd1
     assert vals["dataset"] == "d" and vals["max_steps"] == 2 and vals["base_model"] == str(tiny_sd1)
     assert vals["output_name"] == "lora" and "output_dir" not in vals
     # and the run measured this machine for the next estimate
-    from trainer import timing
+    from trainer.recipe import timing
 
     assert [m["run"] for m in timing.load(ws.timings_path)] == [run_id]
 
@@ -289,7 +289,7 @@ def test_page_messages_name_the_labels_the_person_sees(tmp_path):
 def test_check_setup_says_how_long_the_run_takes_here_from_what_this_machine_measured(tiny_sd1, dataset, tmp_path):
     from app.forms import config_to_values, preflight
     from conftest import base_config
-    from trainer import timing
+    from trainer.recipe import timing
     from trainer.cli import main as cli
 
     cfg = base_config(tiny_sd1, dataset, tmp_path / "run", max_steps=5)
@@ -320,7 +320,7 @@ def test_without_a_gpu_quick_test_and_every_preset_run_in_fp32_and_say_so(tmp_pa
     from app.runs import RunManager
     from app.services import Studio
     from app.workspace import Workspace
-    from trainer.presets import find_preset, list_presets
+    from trainer.recipe.presets import find_preset, list_presets
 
     ws = Workspace(tmp_path / "ws")
     studio = Studio(ws, RunManager(ws))

@@ -8,9 +8,9 @@ from safetensors import safe_open
 
 from conftest import base_config
 from trainer.cli import main as cli
-from trainer.config import ConfigError, TrainConfig, tomllib
-from trainer.kohya import import_kohya, import_kohya_file, to_sd_scripts_toml
-from trainer.presets import (
+from trainer.recipe.config import ConfigError, TrainConfig, tomllib
+from trainer.recipe.kohya_ss import import_kohya, import_kohya_file, to_sd_scripts_toml
+from trainer.recipe.presets import (
     SHIPPED_DIR, delete_user_preset, family_mismatch, find_preset, list_presets, rename_user_preset, save_user_preset,
 )
 

@@ -9,9 +9,9 @@ from safetensors.torch import save_file
 
 from conftest import base_config
 from trainer.cli import main as cli
-from trainer.export import diffusers_to_sgm
+from trainer.models.ldm_names import diffusers_to_sgm
 from trainer.models import lora
-from trainer.preview import GenParams, LoraSpec, PreviewEngine, PreviewError, handle
+from trainer.engine.preview import GenParams, LoraSpec, PreviewEngine, PreviewError, handle
 
 P = dict(prompt="zwx, red square", seed=3, steps=2, cfg=5.0, width=64, height=64, sampler="Euler")
 

@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import base_config, make_images
 from trainer.cli import main as cli
 from trainer.events import read_events
-from trainer.loop import batch_iterator, batch_loss, micro_step, setup
+from trainer.engine.loop import batch_iterator, batch_loss, micro_step
+from trainer.engine.setup import setup
 from trainer.models import lora
 
 
@@ -183,7 +184,7 @@ def test_timesteps_stay_in_the_chosen_range(tiny_sd1, dataset, tmp_path):
 def test_captions_from_kohya_folder_names(tmp_path):
     from trainer.data.scan import folder_caption, scan_dataset
     from trainer.events import EventLog
-    from trainer.loop import scan_for_training
+    from trainer.engine.setup import scan_for_training
 
     d = tmp_path / "d"
     make_images(d / "10_zwx woman", 1, caption=None)
@@ -220,8 +221,8 @@ def test_tensorboard_event_files_appear_when_enabled(tiny_sd1, dataset, tmp_path
 
 # ------------------------------------------------------------------------------------------ kohya_ss import
 def test_kohya_import_maps_every_quality_setting_and_drops_nothing_silently():
-    from trainer.config import TrainConfig
-    from trainer.kohya import import_kohya
+    from trainer.recipe.config import TrainConfig
+    from trainer.recipe.kohya_ss import import_kohya
 
     mapped, notes = import_kohya({
         "reg_data_dir": "/kohya/reg", "prior_loss_weight": 0.5, "min_timestep": 100, "max_timestep": 900,

@@ -67,9 +67,9 @@ def test_a_lora_trained_on_a_quantised_base_learns(quant, tiny_sd1, tmp_path):
 
 
 def test_quantisation_is_in_the_estimate_the_kohya_import_and_the_checks():
-    from trainer.config import TrainConfig
-    from trainer.estimate import estimate_vram_gb
-    from trainer.kohya import import_kohya, to_sd_scripts_toml
+    from trainer.recipe.config import TrainConfig
+    from trainer.recipe.estimate import estimate_vram_gb
+    from trainer.recipe.kohya_ss import import_kohya, to_sd_scripts_toml
 
     cfg = TrainConfig(base_model="m", dataset="d", mixed_precision="bf16")
     full = estimate_vram_gb(cfg, "sdxl")["weights_gb"]
@@ -87,7 +87,7 @@ def test_set_up_brings_one_big_part_to_the_device_at_a_time(cache_te, tiny_sd1, 
     """Issue 13.2: the VAE alone while latents are cached, then the text encoders alone while their outputs are
     cached, then the UNet: the first run never holds them all at once (it used to move the UNet and the
     encoders first, then run the VAE beside them)."""
-    from trainer.loop import setup
+    from trainer.engine.setup import setup
     from trainer.models.load import LoadedModel
 
     moves = []
@@ -114,7 +114,7 @@ def test_set_up_brings_one_big_part_to_the_device_at_a_time(cache_te, tiny_sd1, 
         return m
 
     monkeypatch.setattr(torch.nn.Module, "to", recording_to)
-    monkeypatch.setattr("trainer.loop.load_model", tagged_load)
+    monkeypatch.setattr("trainer.engine.setup.load_model", tagged_load)
     cfg = base_config(tiny_sd1, dataset, tmp_path / "run", train_text_encoder=False, cache_text_encoder_outputs=cache_te)
     setup(cfg, tmp_path / "run", echo=lambda m: None)
     first = {role: next(i for i, m in enumerate(moves) if m == (role, "device")) for role in ("vae", "te", "unet")}
@@ -129,7 +129,7 @@ def test_set_up_brings_one_big_part_to_the_device_at_a_time(cache_te, tiny_sd1, 
 def test_skipping_peft_input_casts_under_autocast_changes_no_number(tiny_sd1):
     """Issue 13.6: peft casts each LoRA input to fp32 and autocast casts it back; without both casts the
     forward and the gradients are bit for bit the same."""
-    from trainer.config import TrainConfig
+    from trainer.recipe.config import TrainConfig
     from trainer.models.load import load_model
 
     results = []
@@ -157,9 +157,9 @@ def test_skipping_peft_input_casts_under_autocast_changes_no_number(tiny_sd1):
 def test_text_encoder_outputs_are_cached_by_default_when_the_encoders_are_frozen(tiny_sd1, dataset, tmp_path):
     """Issue 13.2: frozen encoders and fixed captions cache by default (the encoders leave the device); a trained
     encoder or randomised captions encode every step; sd-scripts gets the flag only when it applies."""
-    from trainer.config import TrainConfig, tomllib
-    from trainer.kohya import to_sd_scripts_toml
-    from trainer.loop import setup
+    from trainer.recipe.config import TrainConfig, tomllib
+    from trainer.recipe.kohya_ss import to_sd_scripts_toml
+    from trainer.engine.setup import setup
 
     def export_kohya(cfg):
         return tomllib.loads(to_sd_scripts_toml(cfg))
@@ -179,7 +179,8 @@ def test_text_encoder_outputs_are_cached_by_default_when_the_encoders_are_frozen
 def test_a_quantised_base_renders_samples_of_several_steps(quant, tiny_sd1, dataset, tmp_path):
     """The sampler upcasts its latents to fp32 after the first step; bitsandbytes layers answered in fp32 under
     autocast, and the next bf16 norm refused the mix ('mixed dtype (CPU)'). They follow autocast now."""
-    from trainer.loop import render_samples, setup
+    from trainer.engine.setup import setup
+    from trainer.engine.sampling import render_samples
 
     cfg = base_config(tiny_sd1, dataset, tmp_path / "run", train_text_encoder=False, mixed_precision="bf16",
                       base_quantization=quant, sample_prompts=["zwx"], sample_steps=3, max_steps=1)
@@ -195,8 +196,9 @@ def test_with_a_quantised_base_a_sample_has_one_big_part_on_the_device_at_a_time
     quantised base the UNet now denoises while the VAE (its latents cached) waits in RAM, then the VAE decodes
     while the UNet waits, and each goes back after. A full-precision base keeps its UNet in place (no round
     trip for a run that did not ask for memory)."""
-    from trainer import placement
-    from trainer.loop import render_samples, setup
+    from trainer.engine import placement
+    from trainer.engine.setup import setup
+    from trainer.engine.sampling import render_samples
 
     cfg = base_config(tiny_sd1, dataset, tmp_path / "run", train_text_encoder=False, base_quantization=quant,
                       sample_prompts=["zwx", "zwx, red"], sample_steps=2, max_steps=1)

@@ -10,9 +10,9 @@ import urllib.request
 import pytest
 
 from conftest import base_config, launched_app, make_images
-from trainer import checkpoint as ckpt
-from trainer.faults import FAULT_ENV
-from trainer.reliability import check_files, fuzz_inputs, kill_trials
+from trainer.engine import checkpoint as ckpt
+from trainer.engine.faults import FAULT_ENV
+from trainer.measure.reliability import check_files, fuzz_inputs, kill_trials
 
 
 @pytest.mark.slow
@@ -56,7 +56,7 @@ def test_out_of_memory_in_a_worker_is_explained_and_the_app_keeps_serving(tiny_s
     from app.runs import RunManager
     from app.workspace import Workspace
     from conftest import wait_for
-    from test_app import quick_cfg
+    from conftest import quick_cfg
 
     ws = Workspace(tmp_path / "ws")
     data = ws.dataset_path("d", create=True)
@@ -87,7 +87,7 @@ def test_caption_edit_during_a_run_is_kept(tiny_sd1, tmp_path):
     from app.runs import RunManager
     from app.workspace import Workspace
     from conftest import wait_for
-    from test_app import quick_cfg
+    from conftest import quick_cfg
     from trainer.data.importer import save_caption
 
     ws = Workspace(tmp_path / "ws")

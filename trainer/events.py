@@ -1,7 +1,7 @@
 """Events out of the engine (JSON lines, append-only) and commands into it (files polled between steps).
 
 The UI re-reads `events.jsonl` from any offset, so a reloaded page or a restarted app re-attaches to a run.
-Event types: status, log, warning, progress, sample, checkpoint, error, stopped, done.
+Event types: status, log, warning, progress, validation, sample, checkpoint, error, stopped, done.
 """
 from __future__ import annotations
 

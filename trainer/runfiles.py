@@ -3,7 +3,7 @@
     <run>/config.toml                     the TrainConfig the run was started with
     <run>/events.jsonl                    the append-only event log (trainer.events)
     <run>/control/{stop,save}             requests into the engine, polled between steps
-    <run>/checkpoints/step-000100/        resumable checkpoints (trainer.checkpoint), each with its kohya file
+    <run>/checkpoints/step-000100/        resumable checkpoints (trainer.engine.checkpoint), each with its kohya file
     <run>/samples/step000100_00.png       sample images
     <run>/<output_name>.safetensors       the final LoRA
     <run>/worker.log, <run>/error.log     the worker's output; an engine bug's traceback

@@ -24,7 +24,7 @@ class DatasetTab:
     def start_captioning(self, name: str, model: str, mode: str, confirm: bool, trigger: str = "",
                          batch_size: int = 4, preview: int = 0) -> str:
         """Start the captioning worker on a dataset (or a preview of its first captions); a sentence back."""
-        from trainer.caption import MODES
+        from trainer.engine.autocaption import MODES
 
         if not name:
             return "Pick a dataset first."
@@ -258,7 +258,7 @@ class DatasetTab:
         return ds
 
     def build_captioning(self) -> dict:
-        from trainer.caption import KNOWN_MODELS, MODE_LABELS
+        from trainer.engine.autocaption import KNOWN_MODELS, MODE_LABELS
 
         with gr.Accordion("Auto-caption with a local model", open=False, elem_id="cap-accordion"):
             gr.Markdown("A vision-language model (BLIP, Florence-2) writes a caption for each image, on the GPU "

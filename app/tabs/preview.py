@@ -10,9 +10,10 @@ import gradio as gr
 from app.gpu import gpu_present
 from app.preview_client import PreviewClient
 from app.ui_util import friendly
+from app.workers import gpu_busy
 from trainer.fsutil import safe_name, unique_path
 from trainer.models.sniff import trigger_words
-from trainer.samplers import SAMPLERS
+from trainer.engine.samplers import SAMPLERS
 
 MODES = ["Single image", "Base vs LoRA", "Strength grid", "Checkpoint grid"]
 ROWS = 4
@@ -44,7 +45,7 @@ class PreviewTab:
         return str(dst)
 
     def busy_message(self) -> str | None:
-        if gpu_present() and any(r["status"] == "running" for r in self.runs.list()):
+        if gpu_present() and gpu_busy(self.runs, asking="preview") == "training":
             return ("A training run is using the GPU. Preview waits for the GPU: stop the run or wait until it "
                     "finishes, so the two do not fight for VRAM.")
         return None

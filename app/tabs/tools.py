@@ -4,15 +4,13 @@ loras/ folder, where Preview finds them."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import gradio as gr
 
-from app.runs import PROJECT_ROOT
+from app.workers import engine_command, start_attached
 from app.ui_util import friendly
 from trainer.fsutil import safe_name
 
@@ -20,10 +18,9 @@ from trainer.fsutil import safe_name
 def run_tool(argv: list[str]):
     """Run one `trainer lora` command; yield ('progress', done, total) while it works, then ('done', result) or
     ('error', message)."""
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", "lora", *argv], cwd=PROJECT_ROOT, env=env,
-                                stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        proc = start_attached(engine_command("lora", *argv), stdout=out, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, text=True)
         errors = []
         for line in proc.stderr:
             if line.startswith("progress "):

@@ -7,8 +7,8 @@ import gradio as gr
 
 from app.forms import ADVANCED, BASIC, FIELDS, HIDDEN, config_to_values, in_ui_words, label, values_to_config
 from app.ui_util import friendly
-from trainer.config import TrainConfig
-from trainer.presets import delete_user_preset, save_user_preset
+from trainer.recipe.config import TrainConfig
+from trainer.recipe.presets import delete_user_preset, save_user_preset
 from trainer.runfiles import RunFiles
 
 
@@ -216,11 +216,11 @@ class TrainTab:
     def build_block_table(self):
         """Per-block rank, alpha and learning-rate weight as a table (kohya's IN / MID / OUT numbering), filled by
         hand or suggested from a trained LoRA's spectrum; it writes the block_* fields of the form."""
-        from app.forms import block_rows, rows_to_values, suggest_ranks
+        from app.forms import block_families, block_rows, rows_to_values, suggest_ranks
 
         comps = self.comps
         block_fields = ["block_dims", "block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight"]
-        fams = {"SD 1.x / SD 2.x (25 blocks)": "sd1", "SDXL (19 blocks)": "sdxl"}
+        fams = block_families()
         with gr.Accordion("Per-block rank, alpha and learning rate", open=False):
             gr.Markdown("Rank 0 or LR weight 0: the block gets no LoRA. *Use these values* writes the table into the "
                         "block fields above (Advanced, Blocks); empty fields mean one rank everywhere.")
@@ -304,7 +304,7 @@ class TrainTab:
 
         @friendly
         def on_kohya(data):
-            from trainer.kohya import import_kohya_file
+            from trainer.recipe.kohya_ss import import_kohya_file
 
             f = data[kohya_file]
             if not f:
@@ -319,7 +319,7 @@ class TrainTab:
 
         @friendly
         def on_export(data):
-            from trainer.kohya import to_sd_scripts_toml
+            from trainer.recipe.kohya_ss import to_sd_scripts_toml
 
             return gr.Code(value=to_sd_scripts_toml(values_to_config(self.values_of(data), ws.datasets_dir)), visible=True)
 

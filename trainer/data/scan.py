@@ -137,6 +137,15 @@ def holdout_count(fraction: float, images: int) -> int:
     return max(1, round(fraction * images)) if fraction > 0 else 0
 
 
+def holdout_error(fraction: float, images: int) -> str | None:
+    """The sentence when a validation_split would leave no image to train on (the pre-flight check and the engine
+    both ask here), else None."""
+    if fraction > 0 and holdout_count(fraction, images) >= images:
+        return (f"validation_split = {fraction:g} would hold out all {images} image(s): none would be left to train "
+                "on. Add images or lower it.")
+    return None
+
+
 def folder_caption(item: ImageItem) -> str | None:
     """kohya's DreamBooth-style caption from a '<repeats>_<name>' folder: 'zwx woman' for 10_zwx woman/."""
     m = REPEATS_DIR.match(item.subset)

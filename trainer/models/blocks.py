@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import re
 
-from trainer.models.families import BLOCKS, group
+from trainer.models import families
 
 _SGM = re.compile(r"^lora_unet_(input_blocks|output_blocks)_(\d+)_")
 _DIFFUSERS = re.compile(r"^lora_unet_(down|up)_blocks_(\d+)_(attentions|resnets|downsamplers|upsamplers)_(\d+)_")
 # the kohya_ss / sd-scripts keys, as TrainConfig fields of the same names
-FIELDS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
-          "up_lr_weight")
+LR_FIELDS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
+FIELDS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas") + LR_FIELDS
 
 
 def names(family: str) -> list[str]:
-    n_in, _, n_out = BLOCKS[group(family)]
-    return [f"IN{i:02d}" for i in range(n_in)] + ["MID"] + [f"OUT{i:02d}" for i in range(n_out)]
+    return families.family(family).block_names
 
 
 def of(kohya_name: str) -> str | None:
@@ -61,9 +60,10 @@ def lengths(kind: str) -> tuple:
     """How many values a field may hold, over the families (25 or 19 blocks; 12 or 9 IN / OUT weights)."""
     if kind == "mid_lr_weight":
         return (1,)
+    layouts = {f.blocks for f in families.FAMILIES.values()}
     if kind in ("down_lr_weight", "up_lr_weight"):
-        return tuple(sorted({BLOCKS[g][0] for g in BLOCKS}, reverse=True))
-    return tuple(sorted({sum(BLOCKS[g]) for g in BLOCKS}, reverse=True))
+        return tuple(sorted({b[0] for b in layouts}, reverse=True))
+    return tuple(sorted({sum(b) for b in layouts}, reverse=True))
 
 
 class Plan:
@@ -73,7 +73,7 @@ class Plan:
     def __init__(self, cfg, family: str):
         self.blocks = names(family)
         n = len(self.blocks)
-        n_side = BLOCKS[group(family)][0]
+        n_side = families.family(family).blocks[0]
         self.dims = parse(cfg.block_dims, n, "block_dims", integer=True)
         self.alphas = parse(cfg.block_alphas, n, "block_alphas")
         self.conv_dims = parse(cfg.conv_block_dims, n, "conv_block_dims", integer=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from trainer.models.sniff import family_from_folder, family_from_keys
 
 log = logging.getLogger(__name__)
 
-CONFIG_ROOT = Path(__file__).parent / "configs"
+CONFIG_ROOT = families.CONFIG_ROOT
 
 
 class ModelError(ValueError):
@@ -37,10 +37,12 @@ class LoadedModel:
     tokenizers: list
     noise_scheduler: object
     source: str
+    lora_names: dict = field(default_factory=dict)  # part -> {module path: kohya name}, given at injection
 
     @property
-    def is_sdxl(self) -> bool:
-        return self.family == "sdxl"
+    def spec(self) -> families.Family:
+        """The family's facts and behaviour (key names, pipeline, calibration)."""
+        return families.family(self.family)
 
     @property
     def prediction_type(self) -> str:
@@ -52,38 +54,38 @@ class LoadedModel:
 
     def pipeline(self, scheduler=None):
         """A diffusers pipeline over these very modules (adapters included)."""
-        from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+        import diffusers
 
-        if self.is_sdxl:
-            sched = scheduler or EulerDiscreteScheduler.from_config(self.noise_scheduler.config)
-            return StableDiffusionXLPipeline(
-                vae=self.vae,
-                text_encoder=self.text_encoders[0],
-                text_encoder_2=self.text_encoders[1],
-                tokenizer=self.tokenizers[0],
-                tokenizer_2=self.tokenizers[1],
-                unet=self.unet,
-                scheduler=sched,
-            )
-        sched = scheduler or DDIMScheduler.from_config(self.noise_scheduler.config)
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoders[0],
-            tokenizer=self.tokenizers[0],
-            unet=self.unet,
-            scheduler=sched,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        spec = self.spec
+        sched = scheduler or getattr(diffusers, spec.sample_scheduler).from_config(self.noise_scheduler.config)
+        parts = {}
+        for i, (te, tok) in enumerate(zip(self.text_encoders, self.tokenizers)):
+            suffix = f"_{i + 1}" if i else ""
+            parts[f"text_encoder{suffix}"], parts[f"tokenizer{suffix}"] = te, tok
+        return getattr(diffusers, spec.pipeline)(vae=self.vae, unet=self.unet, scheduler=sched, **parts,
+                                                 **pipeline_extras(spec))
+
+
+def pipeline_extras(spec: families.Family) -> dict:
+    """What a family's pipeline needs beside its modules: SD 1.x / 2.x pipelines come with a safety checker
+    slot, left empty (the trainer shows what the model makes)."""
+    if spec.pooled_conditioning:
+        return {}
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def text_encoder_names(spec: families.Family) -> list[str]:
+    """The pipeline's attribute names of the text encoders: text_encoder, text_encoder_2, ..."""
+    return ["text_encoder" + (f"_{i + 1}" if i else "") for i in range(spec.text_encoders)]
 
 
 def from_pipeline(pipe, family: str, source: str = "memory") -> LoadedModel:
     """A LoadedModel over an existing pipeline's modules (single-file loads, tiny test and benchmark models)."""
     from diffusers import DDPMScheduler
 
-    tes = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
-    toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    names = text_encoder_names(families.family(family))
+    tes = [getattr(pipe, n) for n in names]
+    toks = [getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in names]
     pred = families.family(family).prediction_type
     return LoadedModel(family, pipe.unet, pipe.vae, tes, toks, DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=pred), source)
 
@@ -93,16 +95,15 @@ def random_full_size(family: str, device="cpu", dtype=torch.float32) -> LoadedMo
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    d = shipped_config_dir(family)
+    spec = families.family(family)
+    d = spec.config_dir
     rd = lambda p: json.loads((d / p).read_text())  # noqa: E731
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(rd("unet/config.json")).to(dtype)
         vae = AutoencoderKL.from_config(rd("vae/config.json")).to(dtype)
-        tes = [CLIPTextModel(CLIPTextConfig(**rd("text_encoder/config.json"))).to(dtype)]
-        toks = [clip_tokenizer(pad="!" if families.family(family).is_v2 else None)]
-        if family == "sdxl":
-            tes.append(CLIPTextModelWithProjection(CLIPTextConfig(**rd("text_encoder_2/config.json"))).to(dtype))
-            toks.append(clip_tokenizer(pad="!"))
+        tes = [(CLIPTextModelWithProjection if i else CLIPTextModel)(CLIPTextConfig(**rd(f"{n}/config.json"))).to(dtype)
+               for i, n in enumerate(text_encoder_names(spec))]
+    toks = [clip_tokenizer(pad=pad) for pad in spec.tokenizer_pads]
     sched = DDPMScheduler.from_config(rd("scheduler/scheduler_config.json"))
     return LoadedModel(family, unet, vae, tes, toks, sched, f"random {family}")
 
@@ -228,11 +229,10 @@ def _from_pretrained(folder: str, family: str, dtype, local_only: bool) -> Loade
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **kw)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **kw)
-        tes = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype, **kw)]
-        toks = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **kw)]
-        if family == "sdxl":
-            tes.append(CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", torch_dtype=dtype, **kw))
-            toks.append(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **kw))
+        names = text_encoder_names(families.family(family))
+        tes = [(CLIPTextModelWithProjection if i else CLIPTextModel).from_pretrained(folder, subfolder=n, torch_dtype=dtype, **kw)
+               for i, n in enumerate(names)]
+        toks = [CLIPTokenizer.from_pretrained(folder, subfolder=n.replace("text_encoder", "tokenizer"), **kw) for n in names]
         sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", **kw)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelError(
@@ -253,15 +253,15 @@ def clip_tokenizer(pad: str | None = None):
 
 
 def shipped_config_dir(family: str) -> Path:
-    return CONFIG_ROOT / family
+    return families.family(family).config_dir
 
 
 def _from_single_file(path: Path, family: str, config_dir: str | None, dtype) -> LoadedModel:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     detected = family_of_file(path)
     fam = detected if family == "auto" else family
-    if (fam == "sdxl") != (detected == "sdxl"):
+    if families.group(fam) != families.group(detected):
         raise ModelError(
             f"{path.name} is a {family_name(detected)} checkpoint, but model_family is set to {family_name(fam)}. "
             "Set model_family to auto."
@@ -269,12 +269,12 @@ def _from_single_file(path: Path, family: str, config_dir: str | None, dtype) ->
     cfg_dir = Path(config_dir) if config_dir else shipped_config_dir(fam)
     if not (cfg_dir / "model_index.json").is_file():
         raise ModelError(f"No model configs for {family_name(fam)} at {cfg_dir}; the installation is incomplete.")
-    cls = StableDiffusionXLPipeline if fam == "sdxl" else StableDiffusionPipeline
-    extra = {} if fam == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    spec = families.family(fam)
+    cls = getattr(diffusers, spec.pipeline)
+    extra = {k: v for k, v in pipeline_extras(spec).items() if k != "feature_extractor"}
     if not config_dir:  # the shipped configs carry no tokenizer files: use the one shipped CLIP BPE
-        extra["tokenizer"] = clip_tokenizer(pad="!" if families.family(fam).is_v2 else None)
-        if fam == "sdxl":
-            extra["tokenizer_2"] = clip_tokenizer(pad="!")
+        for n, pad in zip(text_encoder_names(spec), spec.tokenizer_pads):
+            extra[n.replace("text_encoder", "tokenizer")] = clip_tokenizer(pad=pad)
     try:
         pipe = cls.from_single_file(
             str(path), config=str(cfg_dir), local_files_only=True, torch_dtype=dtype, **extra

@@ -186,14 +186,25 @@ def set_lora_scale(model: torch.nn.Module, scale: float) -> None:
                 m.scaling[name] = scale * m.lora_alpha[name] / m.r[name]
 
 
+def name_modules(model, part: str, modules) -> dict[str, str]:
+    """Give each targeted module its kohya file name, once, as the LoRA is injected (kohya's networks/lora.py does
+    the same): `model.lora_names[part]` then answers every later question (its block, its key in the file)."""
+    from trainer.loras.format import layout_of, module_names
+
+    names = module_names(part, modules, model.family, layout_of(model.unet.config))
+    model.lora_names.setdefault(part, {}).update(names)
+    return names
+
+
 def unet_blocks(model, modules) -> dict[str, str | None]:
-    """kohya's block (IN04, MID, OUT02, ...) of each UNet module path."""
-    from trainer.export import kohya_name
+    """kohya's block (IN04, MID, OUT02, ...) of each UNet module path, from the names given at injection."""
     from trainer.models import blocks
 
-    c = model.unet.config
-    up_attn = {i: "CrossAttn" in t for i, t in enumerate(c.up_block_types)}
-    return {n: blocks.of(kohya_name("unet", n, model.family, c.layers_per_block, up_attn)) for n in modules}
+    names = model.lora_names.get("unet", {})
+    missing = [m for m in modules if m not in names]
+    if missing:
+        names = {**names, **name_modules(model, "unet", missing)}
+    return {n: blocks.of(names[n]) for n in modules}
 
 
 def inject_for_config(model, cfg) -> dict[str, dict[str, float]]:
@@ -203,6 +214,7 @@ def inject_for_config(model, cfg) -> dict[str, dict[str, float]]:
 
     plan = Plan(cfg, model.family)
     attn, conv = unet_targets(model.unet, conv=cfg.conv_rank > 0 or plan.conv_dims is not None, target=cfg.network_target)
+    name_modules(model, "unet", attn + conv)
     ranks = None
     if plan.active:
         where = unet_blocks(model, attn + conv)
@@ -211,8 +223,10 @@ def inject_for_config(model, cfg) -> dict[str, dict[str, float]]:
     alphas = {"unet": inject(model.unet, attn, cfg.rank, cfg.alpha, cfg.dropout, conv, cfg.conv_rank, cfg.conv_alpha,
                              dora=cfg.use_dora, ranks=ranks)}
     if cfg.train_text_encoder:
-        for name, te in zip(("te1", "te2"), model.text_encoders):
-            alphas[name] = inject(te, text_encoder_targets(te), cfg.rank, cfg.alpha, cfg.dropout, dora=cfg.use_dora)
+        for name, te in zip(model.spec.te_parts, model.text_encoders):
+            targets = text_encoder_targets(te)
+            name_modules(model, name, targets)
+            alphas[name] = inject(te, targets, cfg.rank, cfg.alpha, cfg.dropout, dora=cfg.use_dora)
     return alphas
 
 
@@ -233,7 +247,7 @@ def unet_param_groups(model, cfg) -> list[dict]:
 
 
 def part_modules(model) -> dict[str, torch.nn.Module]:
-    return {"unet": model.unet, **dict(zip(("te1", "te2"), model.text_encoders))}
+    return {"unet": model.unet, **dict(zip(model.spec.te_parts, model.text_encoders))}
 
 
 def load_parts(model, parts: dict[str, tuple[dict, dict]]) -> None:

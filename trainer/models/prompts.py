@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def encode_prompts(model, text_encoders, captions: list[str], clip_skip: int, device):
     """Encoder hidden states (and SDXL's pooled embedding). `text_encoders` may be accelerate-wrapped."""
-    if model.is_sdxl:
+    if model.spec.pooled_conditioning:
         hidden, pooled = [], None
         for tok, te in zip(model.tokenizers, text_encoders):
             ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids

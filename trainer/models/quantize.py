@@ -127,3 +127,44 @@ def store_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
 def frozen_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's frozen (non-LoRA) weights take where they are stored."""
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+
+
+# ----------------------------------------------------------------------------- storing and placing the frozen base
+def store_base(quant: str, resident: list, frozen: list, weight_dtype: torch.dtype, dev) -> None:
+    """Before the LoRA goes in: cast the parts that will live on the device (`resident`) to the compute dtype and
+    quantise the frozen ones (int8 / nf4), all on the host: the device never holds the full-precision base. Parked
+    text encoders are not used again: nothing to quantise there. Nothing happens without quantisation."""
+    from trainer.engine import placement
+
+    if quant == "none":
+        return
+    with placement.host_side():
+        for m in resident:
+            m.to(dtype=weight_dtype)
+    if quant in ("int8", "nf4"):
+        for m in frozen:
+            if m in resident:
+                quantize_linears(m, quant, weight_dtype, dev)
+
+
+def place_base(quant: str, parts: list, resident: list, frozen: list, weight_dtype: torch.dtype, dev) -> str | None:
+    """After the LoRA went in: LoRA weights in fp32 (they train in fp32 whatever the compute precision), the resident
+    parts on the device (cast to the compute dtype without quantisation; as they are with it, after fp8 storage of
+    the frozen ones). Returns the line to log about the stored base, or None."""
+    from trainer.engine import placement
+    from trainer.models.lora import lora_parameters
+
+    for m in parts:
+        if quant == "none" and m in resident:
+            placement.to_device(m, dev, weight_dtype)
+        for p in lora_parameters(m):
+            p.data = p.data.float()
+    if quant == "none":
+        return None
+    if quant == "fp8":
+        for m in frozen:
+            if m in resident:
+                store_fp8(m, weight_dtype)
+    for m in resident:  # quantised weights, norms and LoRA go to the device as they are
+        placement.to_device(m, dev)
+    return f"Base stored as {quant}: frozen weights {frozen_bytes(parts[0]) / 2**20:.0f} MiB (UNet)"

@@ -59,14 +59,11 @@ def trigger_words(path: str | Path) -> list[str]:
 
 
 def family_from_keys(keys) -> str | None:
-    keys = list(keys)
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    return None
+    """The family of a single-file checkpoint's keys (the family object knows its marker), or None."""
+    from trainer.models.families import from_checkpoint_keys
+
+    fam = from_checkpoint_keys(keys)
+    return fam.key if fam else None
 
 
 def sniff_family(base_model: str) -> str:

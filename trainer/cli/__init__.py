@@ -18,8 +18,8 @@ EXIT_INTERNAL = 1
 
 
 def _user_errors():
-    from trainer.config import ConfigError
-    from trainer.loop import TrainingError
+    from trainer.recipe.config import ConfigError
+    from trainer.engine.setup import TrainingError
     from trainer.models.load import ModelError
 
     return (ConfigError, ModelError, TrainingError)
@@ -27,7 +27,7 @@ def _user_errors():
 
 def _parse_set(pairs: list[str]) -> dict:
     """--set key=value overrides; values parsed as TOML scalars when they can be."""
-    from trainer.config import tomllib
+    from trainer.recipe.config import tomllib
 
     out = {}
     for pair in pairs:
@@ -42,8 +42,8 @@ def _parse_set(pairs: list[str]) -> dict:
 
 
 def cmd_train(args) -> int:
-    from trainer.config import TrainConfig
-    from trainer.loop import train
+    from trainer.recipe.config import TrainConfig
+    from trainer.engine.loop import train
     from trainer.runfiles import RunFiles
 
     cfg = TrainConfig.load(args.config)
@@ -53,7 +53,7 @@ def cmd_train(args) -> int:
     try:
         cfg.validate()
         if int(os.environ.get("RANK", "0")) == 0:
-            from trainer.loop import check_output_dir
+            from trainer.engine.setup import check_output_dir
 
             check_output_dir(run_dir)
             saved = RunFiles(run_dir).config
@@ -97,9 +97,9 @@ def _fail(run_dir: Path, message: str, internal: bool) -> None:
 
 
 def cmd_export(args) -> int:
-    from trainer import checkpoint as ckpt
-    from trainer.config import TrainConfig
-    from trainer.export import export_parts
+    from trainer.engine import checkpoint as ckpt
+    from trainer.recipe.config import TrainConfig
+    from trainer.loras.export import export_parts
 
     src = Path(args.checkpoint)
     folder = src if (src / "state.json").is_file() else ckpt.latest_checkpoint(src)
@@ -133,7 +133,7 @@ def cmd_dataset(args) -> int:
 
 def config_reference() -> str:
     """Markdown table of every TrainConfig field, from the help texts (the README embeds this)."""
-    from trainer.config import field_help
+    from trainer.recipe.config import field_help
 
     rows = ["| key | default | what it does |", "|---|---|---|"]
     for f in field_help():
@@ -171,17 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     pw = sub.add_parser("preview-worker", help="serve preview requests (JSON lines on stdin/stdout); used by the app")
     pw.add_argument("--out", required=True, help="folder for generated images")
     pw.add_argument("--device", default="auto")
-    pw.set_defaults(fn=lambda a: __import__("trainer.preview", fromlist=["serve"]).serve(a.out, a.device))
+    pw.set_defaults(fn=lambda a: __import__("trainer.engine.preview", fromlist=["serve"]).serve(a.out, a.device))
 
     r = sub.add_parser("config-reference", help="print the TrainConfig reference (markdown) that the README embeds")
     r.set_defaults(fn=lambda a: print(config_reference()) or 0)
 
-    from trainer import lora_cli, presets_cli
+    from trainer.cli import lora as lora_cli, presets as presets_cli
 
     presets_cli.add_commands(sub)
     lora_cli.add_commands(sub)
 
-    from trainer import bench, caption, memory, reliability
+    from trainer.engine import autocaption as caption
+    from trainer.measure import bench, memory, reliability
 
     bench.add_command(sub)
     memory.add_command(sub)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.faults import maybe_inject
+from trainer.engine.faults import maybe_inject
 from trainer.fsutil import atomic_dir
 from trainer.runfiles import LORA_STATE, OPTIMIZER, STATE, RunFiles
 
@@ -59,10 +59,10 @@ def write_checkpoint(folder: Path, parts, optimizer_state: dict | None, state: d
 
 
 def save(run, step: int) -> Path | None:
-    """Write the resumable checkpoint of a run (a loop.Run) at `step`, with its kohya file; keep the last K.
+    """Write the resumable checkpoint of a run (an engine.setup.Run) at `step`, with its kohya file; keep the last K.
     Every rank waits here; rank 0 writes. Returns the folder (None on other ranks)."""
-    from trainer import placement
-    from trainer.export import export_parts
+    from trainer.engine import placement
+    from trainer.loras.export import export_parts
 
     run.accelerator.wait_for_everyone()
     if not run.main:

@@ -57,7 +57,7 @@ def _rank_or_energy(p) -> None:
 
 def parse_sources(items: list[str]) -> list[tuple[str, float]]:
     """'a.safetensors:0.7' -> ('a.safetensors', 0.7); a missing weight is 1."""
-    from trainer.loratools import LoraToolError
+    from trainer.loras.tools import LoraToolError
 
     out = []
     for item in items:
@@ -80,7 +80,7 @@ def _spectrum_text(rep: dict) -> str:
 
 
 def _run(fn, as_json: bool, text=None) -> int:
-    from trainer import loratools
+    from trainer.loras import tools as loratools
 
     try:
         rep = fn(loratools)

@@ -2,30 +2,16 @@
 
 Component sizes are the real architectures' parameter counts; LoRA sizes are counted from the targeted
 modules' shapes. Activation figures are per image at the family's native resolution, scaled by pixel count
-and batch, calibrated against `python -m trainer memory` (trainer/memory.py, figures in BENCHMARKS.md).
+and batch, calibrated against `python -m trainer memory` (trainer/measure/memory.py, figures in BENCHMARKS.md).
 """
 from __future__ import annotations
 
 from trainer.models import families
 
 GB = 1024**3
-# Activation GB per image at the family's native resolution, (without, with gradient checkpointing), bf16,
-# SDPA, from `python -m trainer memory` on the full-size architectures (BENCHMARKS.md): SD 1.5 without
-# checkpointing from the sd15_* presets (forward peak minus the weights: 0.93 per 512 px image), SD 1.5 with it
-# from the 512 px nf4 batch 1 row (1.54 - 1.28 GB), SDXL with it from sdxl_4gb (2.43 - 1.78 GB at 1024 px,
-# batch 1), SDXL without it from the 1024 px batch 1 rank 8 row (11.27 - 4.89 GB; 768 px gave 3.62 GB, the same
-# per pixel). SD 2.x is SD 1.5's layout at 768 px: SD 1.5's figures scaled by pixels.
-ACT_GB = {"sd1": (0.93, 0.26), "sd2": (2.1, 0.59), "sdxl": (6.4, 0.62)}
-# A sample with CFG and its VAE decode (tiled above 512 px), beyond the weights: sd15_style 0.5 GB at 512 px,
-# sdxl_4gb 0.45 GB at 1024 px (the UNet and the VAE on the device together).
-SAMPLE_ACT_GB = {"sd1": 0.45, "sd2": 1.0, "sdxl": 0.45}
-# With a quantised base they take turns (TrainConfig.samples_lean): the denoising steps beside the UNet, and the
-# decode beside the VAE alone (with the LoRA and its optimizer state), measured apart on SD 1.5 512 px nf4
-# (0.19 and 0.41 GB) and sdxl_6gb at 1024 px (0.43 and 0.44 GB).
-SAMPLE_DENOISE_ACT_GB = {"sd1": 0.2, "sd2": 0.45, "sdxl": 0.45}
-SAMPLE_DECODE_ACT_GB = {"sd1": 0.4, "sd2": 0.9, "sdxl": 0.45}
+# Activation, sampling and linear-share figures are each family's own (trainer/models/families/, `calibration`).
 VAE_ENCODE_GB_PER_MPIX = 2.5  # the fp32 VAE encoder's activations while caching latents, per megapixel
-# What a CUDA card needs beyond its tensors (trainer/memory.py says how these were chosen):
+# What a CUDA card needs beyond its tensors (trainer/measure/memory.py says how these were chosen):
 CUDA_CONTEXT_GB = 0.4  # the CUDA context, cuBLAS / cuDNN handles and kernels, outside torch's allocator
 ALLOCATOR_SLACK = 0.08  # the caching allocator's block rounding and fragmentation, as a share of the peak
 
@@ -68,7 +54,7 @@ def lora_param_count(cfg, family: str, config_dir=None) -> int:
 
     from trainer.models.blocks import Plan
 
-    d = Path(config_dir) if config_dir else Path(__file__).parent / "models" / "configs" / family
+    d = Path(config_dir) if config_dir else families.family(family).config_dir
     unet = json.loads((d / "unet" / "config.json").read_text())
     tes = [json.loads((d / s / "config.json").read_text()) for s in ("text_encoder", "text_encoder_2")
            if cfg.train_text_encoder and (d / s / "config.json").is_file()]
@@ -77,9 +63,6 @@ def lora_param_count(cfg, family: str, config_dir=None) -> int:
                for block, n in _modules(unet, tes, cfg.network_target == "attention"))
 
 
-# Share of the UNet's parameters in Linear layers (the rest: convolutions, norms), counted from the real
-# architectures' configs: SD 1.5 0.31, SDXL 0.87 (SD 2.x has SD 1.5's layout). int8 / nf4 quantise Linears only.
-LINEAR_SHARE = {"sd1": 0.31, "sd2": 0.31, "sdxl": 0.87}
 TE_LINEAR_SHARE = 0.95  # CLIP text encoders: all but the embeddings and norms
 BYTES_PER_WEIGHT = {"fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}  # nf4: 4 bits + an fp32 scale per 64 weights
 
@@ -100,22 +83,22 @@ def estimate_vram_gb(cfg, family: str) -> dict:
     terms in GB and the biggest of them, and the LoRA parameter count."""
     from trainer.data.buckets import encode_batch
 
-    fam = families.group(family)
-    if fam not in families.FAMILIES:
-        fam = "sdxl" if cfg.resolution >= 1024 else "sd1"
-    unet, te, vae = families.family(fam).params
+    spec = families.resolve(family, cfg.resolution)
+    group = families.family(spec.group)  # the calibration was measured on the group's own family
+    cal = group.calibration
+    unet, te, vae = group.params
     wbytes = 2 if cfg.mixed_precision in ("fp16", "bf16") else 4
     q = getattr(cfg, "base_quantization", "none")
-    unet_w = unet * base_bytes(q, wbytes, LINEAR_SHARE.get(fam, 0.5))
+    unet_w = unet * base_bytes(q, wbytes, cal.linear_share)
     te_w = te * (wbytes if cfg.train_text_encoder else base_bytes(q, wbytes, TE_LINEAR_SHARE))
     try:
-        lora = lora_param_count(cfg, fam if fam != "sd2" else (family if family in ("sd2", "sd2v") else "sd2"))
+        lora = lora_param_count(cfg, spec.key)
     except ValueError:  # per-block values for another family: the pre-flight check says so
         lora = 0
     opt_bytes = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}[cfg.optimizer]
     pixels = cfg.resolution * cfg.resolution
-    scale = pixels / families.family(fam).native_resolution ** 2
-    act = ACT_GB[fam][1 if cfg.gradient_checkpointing else 0] * scale * cfg.batch_size * GB
+    scale = pixels / group.native_resolution ** 2
+    act = cal.act_gb[1 if cfg.gradient_checkpointing else 0] * scale * cfg.batch_size * GB
     if cfg.mixed_precision == "no":
         act *= 2
     steps = {"UNet weights": unet_w, "LoRA weights, gradients and optimizer state": lora * (4 + 4 + opt_bytes),
@@ -130,12 +113,12 @@ def estimate_vram_gb(cfg, family: str) -> dict:
                                      * encode_batch(cfg.resolution, cfg.resolution) * pixels / 1e6}
     if cfg.sample_prompts:  # frozen encoders whose outputs are cached stay parked (prompts encoded at set-up)
         if cfg.samples_lean:  # the UNet and the VAE take turns (a VAE of uncached latents stays all run)
-            sampling = {"UNet weights": unet_w, "activations": SAMPLE_DENOISE_ACT_GB[fam] * scale * GB}
+            sampling = {"UNet weights": unet_w, "activations": cal.sample_denoise_act_gb * scale * GB}
             if not cfg.cache_latents:
                 sampling["VAE (fp32)"] = vae * 4
-            phases["decoding a sample"] = {"VAE (fp32)": vae * 4, "activations": SAMPLE_DECODE_ACT_GB[fam] * scale * GB}
+            phases["decoding a sample"] = {"VAE (fp32)": vae * 4, "activations": cal.sample_decode_act_gb * scale * GB}
         else:
-            sampling = {"UNet weights": unet_w, "VAE (fp32)": vae * 4, "activations": SAMPLE_ACT_GB[fam] * scale * GB}
+            sampling = {"UNet weights": unet_w, "VAE (fp32)": vae * 4, "activations": cal.sample_act_gb * scale * GB}
         if not cfg.caches_text:
             sampling["text encoders"] = te_w
         phases["sampling"] = sampling

@@ -23,11 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.config import ConfigError, TrainConfig, dumps_toml, tomllib
+from trainer.recipe.config import ConfigError, TrainConfig, dumps_toml, tomllib
 from trainer.fsutil import atomic_write_text, safe_name
 from trainer.models import families
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "presets"
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "presets"
 # Fields that belong to a person's run, not to a recipe
 PERSONAL = ("base_model", "dataset", "trigger", "output_dir", "output_name", "config_version", "class_caption", "sample_prompts")
 

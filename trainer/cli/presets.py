@@ -20,7 +20,7 @@ def add_commands(sub) -> None:
 
 
 def _list(args) -> int:
-    from trainer.presets import list_presets
+    from trainer.recipe.presets import list_presets
 
     for p in list_presets(args.user_dir):
         print(f"{p.key:20s} {p.family:5s} {p.name}{'' if p.shipped else '  (yours)'}")
@@ -28,9 +28,9 @@ def _list(args) -> int:
 
 
 def _import(args) -> int:
-    from trainer.config import TrainConfig, dumps_toml
+    from trainer.recipe.config import TrainConfig, dumps_toml
     from trainer.fsutil import atomic_write_text
-    from trainer.kohya import import_kohya_file
+    from trainer.recipe.kohya_ss import import_kohya_file
 
     try:
         values, notes = import_kohya_file(args.json_file)
@@ -48,8 +48,8 @@ def _import(args) -> int:
 
 
 def _export(args) -> int:
-    from trainer.config import TrainConfig
-    from trainer.kohya import to_sd_scripts_toml
+    from trainer.recipe.config import TrainConfig
+    from trainer.recipe.kohya_ss import to_sd_scripts_toml
 
     print(to_sd_scripts_toml(TrainConfig.load(args.config)), end="")
     return 0

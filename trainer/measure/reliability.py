@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def check_files(run_dir: Path) -> list[str]:
@@ -166,11 +166,11 @@ def fuzz_inputs(n: int, seed: int = 0) -> dict:
     return stats
 
 
-def write_report(out: Path, kills: int = 10, fuzz: int = 3000) -> str:
-    """Run the trials on a tiny model and write RELIABILITY.md."""
+def write_report(out: Path | None, kills: int = 10, fuzz: int = 3000) -> str:
+    """Run the trials on a tiny model; return the report, written to `out` (RELIABILITY.md) when given."""
     import platform
 
-    from trainer.config import TrainConfig
+    from trainer.recipe.config import TrainConfig
     from trainer.models.tiny import save_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="lora_reliability_"))
@@ -243,13 +243,14 @@ randomness of step N is a function of (seed, N), and resume restores LoRA weight
 """
     if k["bad_files"] or f["crashes"]:
         text += "\n## Problems found\n" + "\n".join(f"- {x}" for x in k["bad_files"] + f["crashes"]) + "\n"
-    Path(out).write_text(text)
+    if out:
+        Path(out).write_text(text)
     return text
 
 
 def add_command(sub) -> None:
-    r = sub.add_parser("reliability", help="run the fault trials and write RELIABILITY.md")
+    r = sub.add_parser("reliability", help="run the fault trials and print the report (--out RELIABILITY.md to keep it)")
     r.add_argument("--kills", type=int, default=10)
     r.add_argument("--fuzz", type=int, default=3000)
-    r.add_argument("--out", default="RELIABILITY.md")
-    r.set_defaults(fn=lambda a: print(write_report(Path(a.out), a.kills, a.fuzz)) or 0)
+    r.add_argument("--out", default="", help="also write the report to this file (e.g. RELIABILITY.md)")
+    r.set_defaults(fn=lambda a: print(write_report(Path(a.out) if a.out else None, a.kills, a.fuzz)) or 0)

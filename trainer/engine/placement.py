@@ -1,6 +1,6 @@
 """Where each big part of a run lives: on the training device, or parked on the host. The loop moves models
 and cached tensors only through `to_device` / `to_host` and names its phases with `phase`, so one place
-knows, and `python -m trainer memory` (trainer/memory.py) can count what would sit on a GPU even when the
+knows, and `python -m trainer memory` (trainer/measure/memory.py) can count what would sit on a GPU even when the
 device is the CPU itself. Without a watcher each call is the plain `.to()`."""
 from __future__ import annotations
 

@@ -13,12 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainer.measure import ARCHITECTURES, family_of
+
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "A10G": 70.0}
 
 
 def add_command(sub) -> None:
     b = sub.add_parser("bench", help="measure training speed and memory against the reference loop")
-    b.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny")
+    b.add_argument("--model", choices=["tiny", *ARCHITECTURES], default="tiny")
     b.add_argument("--steps", type=int, default=10, help="measured steps (after warm-up)")
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--batch", type=int, default=None)
@@ -30,7 +32,7 @@ def add_command(sub) -> None:
                    help="comma list of: reference, ours, ours_cached, kohya_cached, default, lowvram, dataset")
     b.add_argument("--repeats", type=int, default=5,
                    help="measure every variant this many times, interleaved (A B C A B C ...); report median and range")
-    b.add_argument("--out", default="BENCHMARKS.md", help="append results here ('' = do not write)")
+    b.add_argument("--out", default="", help="also append the table to this file (e.g. BENCHMARKS.md); default: print only")
     b.set_defaults(fn=run_bench)
 
 
@@ -87,7 +89,7 @@ def build_model(name: str, device: str, dtype):
     torch.manual_seed(0)
     if name == "tiny":
         return from_pipeline(build_tiny_pipeline("sd1"), "sd1", "tiny sd1")
-    return random_full_size({"sd15": "sd1", "sdxl": "sdxl"}[name], device=device, dtype=torch.float32)
+    return random_full_size(family_of(name), device=device, dtype=torch.float32)
 
 
 def synthetic_dataset(folder: Path, n: int, res: int) -> Path:
@@ -123,7 +125,7 @@ def count_step_flops(model, batch: int, res: int, device, dtype, train_te: bool)
             with torch.set_grad_enabled(True):
                 hs, pooled = encode_prompts(model, model.text_encoders, ["zwx, a photo"] * batch, 1, device)
                 kw = {}
-                if model.is_sdxl:
+                if model.spec.pooled_conditioning:
                     kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * batch, device=device, dtype=dtype)}
                 out = model.unet(lat, t, hs.to(dtype), **kw).sample
                 out.float().pow(2).mean().backward()
@@ -171,7 +173,7 @@ def reference_loop(model, data_dir: Path, cfg, steps: int, warmup: int, device, 
             ts = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
             noisy = sched.add_noise(latents, noise, ts)
             kw = {}
-            if model.is_sdxl:  # train_text_to_image_lora_sdxl.py: both encoders, pooled embeds and time ids
+            if model.spec.pooled_conditioning:  # train_text_to_image_lora_sdxl.py: both encoders, pooled embeds and time ids
                 from trainer.models.prompts import encode_prompts
 
                 with torch.no_grad():
@@ -202,7 +204,8 @@ def reference_loop(model, data_dir: Path, cfg, steps: int, warmup: int, device, 
 def ours(model, data_dir: Path, cfg, steps: int, warmup: int, work: Path) -> dict:
     """Our engine's own loop (train()), timed from its event log."""
     from trainer.events import read_events
-    from trainer.loop import train
+    from trainer.engine.loop import train
+    from trainer.engine.setup import fresh_accelerate_state
 
     run = Path(tempfile.mkdtemp(dir=work))
     cfg = cfg.replace(max_steps=warmup + steps, output_dir=str(run), log_every_steps=1, save_every_steps=0,
@@ -216,19 +219,11 @@ def ours(model, data_dir: Path, cfg, steps: int, warmup: int, work: Path) -> dic
     return {"step_s": (t_end - t_w) / steps, "first_step_s": first}
 
 
-def fresh_accelerate_state() -> None:
-    """accelerate keeps process-wide singletons; each variant measured in this one process starts clean."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 # ------------------------------------------------------------------------------------ main
 def run_bench(args) -> int:
     import torch
 
-    from trainer.config import TrainConfig
+    from trainer.recipe.config import TrainConfig
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     defaults = {"tiny": (64, 2), "sd15": (512, 4), "sdxl": (1024, 1)}[args.model]
@@ -348,7 +343,7 @@ def dataset_bench(work: Path, res: int, n: int = 1000) -> dict:
     t0 = time.perf_counter()
     rep = dataset_report(d, 512, "zwx")
     scan_s = time.perf_counter() - t0
-    from trainer.config import TrainConfig
+    from trainer.recipe.config import TrainConfig
     from trainer.data.loader import TrainData
     from trainer.data.scan import scan_dataset
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from trainer.models import families
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -28,7 +30,7 @@ SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 DEVICES = ("auto", "cuda", "cpu")
-FAMILIES = ("auto", "sd1", "sd2", "sd2v", "sdxl")
+FAMILIES = ("auto",) + families.KEYS
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 
 
@@ -112,9 +114,9 @@ class TrainConfig:
     lr_scheduler: str = _f("constant", "Learning-rate schedule.", SCHEDULERS, "training")
     warmup_steps: int = _f(0, "Steps of linear warm-up at the start of the schedule.", None, "training")
     max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0 = off).", None, "training")
-    seed: int = _f(42, "Random seed: the same seed and data give the same LoRA.")
+    seed: int = _f(42, "Random seed: the same seed and data give the same LoRA.", None, "training")
     mixed_precision: str = _f("bf16", "Compute precision: bf16 (recent GPUs), fp16, or no (fp32). LoRA weights stay fp32.", PRECISIONS)
-    save_precision: str = _f("fp16", "Precision of the exported file.", SAVE_PRECISIONS)
+    save_precision: str = _f("fp16", "Precision of the exported file.", SAVE_PRECISIONS, "output")
     base_quantization: str = _f("none", "Store the frozen base model quantised (QLoRA): fp8 (weights as float8, computed in the run's precision; kohya's fp8_base), int8 or nf4 (bitsandbytes layers). Much less VRAM for the weights; the LoRA trains and exports as usual. Samples take turns on the GPU: the UNet denoises while the VAE waits in RAM, then the other way round.", ("none", "fp8", "int8", "nf4"), "training")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less VRAM, about 20-30% slower.", None, "training")
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images; 0 = off).", None, "training")

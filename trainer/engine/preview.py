@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 from trainer.models import families
-from trainer.models.sniff import read_metadata, safetensors_keys
-from trainer import samplers
+from trainer.models.load import text_encoder_names
+from trainer.engine import samplers
 
 
 class PreviewError(ValueError):
@@ -34,16 +34,14 @@ class LoraSpec:
     name: str = ""
     blocks: tuple = (1.0, 1.0, 1.0)  # IN / MID / OUT multipliers of the UNet part (A1111's LoRA Block Weight)
 
-    def weights(self, sdxl: bool):
-        """What diffusers' set_adapters takes for this LoRA: one strength, or per-block UNet strengths."""
+    def weights(self, text_encoders: list[str]):
+        """What diffusers' set_adapters takes for this LoRA: one strength, or per-block UNet strengths (the
+        pipeline's `text_encoders` at the LoRA's strength)."""
         s = self.strength if self.enabled else 0.0
         if tuple(float(b) for b in self.blocks) == (1.0, 1.0, 1.0):
             return s
         i, m, o = (float(b) * s for b in self.blocks)
-        w = {"unet": {"down": i, "mid": m, "up": o}, "text_encoder": s}
-        if sdxl:
-            w["text_encoder_2"] = s
-        return w
+        return {"unet": {"down": i, "mid": m, "up": o}, **{t: s for t in text_encoders}}
 
     @property
     def display(self) -> str:
@@ -72,22 +70,16 @@ def make_scheduler(name: str, config):
 
 
 def lora_family(path: str | Path) -> str | None:
-    """The base family a kohya LoRA file is for, from its metadata or else its key names."""
+    """The base family group a kohya LoRA file is for (trainer/loras/format.py decides), None when nothing tells."""
+    from trainer.loras.format import LoraFileError, family_of, header_shapes
+
     try:
-        md = read_metadata(path)
-        keys = safetensors_keys(path)
-    except (OSError, ValueError) as e:
-        raise PreviewError(f"{Path(path).name} is not a readable LoRA file ({e}).") from None
-    fam = families.from_base_version(md.get("ss_base_model_version", ""))
-    if fam:
-        return fam.group
-    if any(k.startswith(("lora_te1_", "lora_te2_")) or "input_blocks" in k for k in keys):
-        return "sdxl"
-    if any(k.startswith("lora_te_") or k.startswith("lora_unet_down_blocks") for k in keys):
-        return None  # SD1 or SD2: tell apart by shapes at load time
-    if not any(k.startswith("lora_") for k in keys):
+        shapes, md = header_shapes(path)
+    except LoraFileError as e:
+        raise PreviewError(str(e)) from None
+    if not any(k.startswith("lora_") for k in shapes):
         raise PreviewError(f"{Path(path).name} has no kohya LoRA keys (lora_unet_..., lora_te_...). Is it a LoRA?")
-    return None
+    return family_of(shapes, md)
 
 
 def a1111_parameters(p: GenParams, model_name: str, seed: int, loras: list[LoraSpec]) -> str:
@@ -206,21 +198,20 @@ class PreviewEngine:
         Preview shows a DoRA LoRA as ComfyUI and A1111 apply it (strength blends W + s * (W' - W))."""
         from safetensors import safe_open
 
-        from trainer.export import kohya_name
+        from trainer.loras.format import layout_of, module_name
         from trainer.models.lora import use_column_dora
 
         with safe_open(path, framework="pt") as f:
             scales = {k[: -len(".dora_scale")]: f.get_tensor(k) for k in f.keys() if k.endswith(".dora_scale")}
         if not scales:
             return 0
-        cfg = self.pipe.unet.config
-        up_attn = {i: "CrossAttn" in t for i, t in enumerate(cfg.up_block_types)}
-        parts = [("unet", self.pipe.unet), ("te1", self.pipe.text_encoder)]
-        if getattr(self.pipe, "text_encoder_2", None) is not None:
-            parts.append(("te2", self.pipe.text_encoder_2))
+        layout = layout_of(self.pipe.unet.config)
+        spec = families.family(self.family)
+        parts = [("unet", self.pipe.unet)] + [(part, getattr(self.pipe, attr)) for part, attr in
+                                             zip(spec.te_parts, text_encoder_names(spec))]
         n = 0
         for part, model in parts:
-            names = {m: kohya_name(part, m, self.family, cfg.layers_per_block, up_attn) for m, _ in model.named_modules()}
+            names = {m: module_name(part, m, self.family, layout) for m, _ in model.named_modules()}
             found = {m: scales[k] for m, k in names.items() if k in scales}
             n += use_column_dora(model, adapter, magnitudes=found) if found else 0
         return n
@@ -230,7 +221,7 @@ class PreviewEngine:
         wanted = {}
         for lo in loras:
             name = self.ensure_lora(lo.path)
-            wanted[name] = lo.weights(self.family == "sdxl")
+            wanted[name] = lo.weights(text_encoder_names(families.family(self.family)))
         if not self.loaded:
             return
         names = list(self.loaded)

@@ -6,10 +6,10 @@ counts the bytes of the tensors that would sit on the GPU:
 - every storage an operation creates while counting (activations, gradients, optimizer state, casts,
   quantised weights, autograd's saved tensors), until it is freed, unless the loop parks it on the host
   (cached latents and text-encoder outputs);
-- the weights of the modules the loop put on the device (trainer/placement.py is where it says so).
+- the weights of the modules the loop put on the device (trainer/engine/placement.py is where it says so).
 The model's build and the batch inputs are not counted (they are on the host, or a few MB).
 
-A CUDA run needs more than its tensors; those terms are added explicitly (constants in trainer/estimate.py):
+A CUDA run needs more than its tensors; those terms are added explicitly (constants in trainer/recipe/estimate.py):
 - CUDA_CONTEXT_GB (0.4): the CUDA context, cuBLAS / cuDNN handles and kernels, outside torch's allocator:
   about 300-500 MB on current drivers with lazy module loading;
 - ALLOCATOR_SLACK (8%): the caching allocator's block rounding and fragmentation, as a share of the peak;
@@ -29,8 +29,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from trainer import placement
-from trainer.estimate import ALLOCATOR_SLACK, CUDA_CONTEXT_GB, GB, with_cuda_terms  # noqa: F401 (one owner)
+from trainer.engine import placement
+from trainer.measure import ARCHITECTURES, arch_of, family_of
+from trainer.recipe.estimate import ALLOCATOR_SLACK, CUDA_CONTEXT_GB, GB, with_cuda_terms  # noqa: F401 (one owner)
 
 PHASES = ("load", "cache latents", "cache text encoders", "forward", "backward", "optimizer", "validate",
           "sample", "save")
@@ -153,8 +154,9 @@ def measured_config(cfg):
 def measure(cfg, model, steps: int = 2, work: Path | None = None, say=None) -> dict:
     """Run the real set-up, `steps` steps, one sample and the final save of `cfg` on `model` (random weights)
     while counting. Returns {"phases": {phase: bytes}, "peak_bytes", "peak_phase", "lora_params", ...}."""
-    from trainer.bench import fresh_accelerate_state, synthetic_dataset
-    from trainer.loop import State, after_step, batch_iterator, finish, setup, train_step
+    from trainer.engine.loop import train
+    from trainer.engine.setup import fresh_accelerate_state
+    from trainer.measure.bench import synthetic_dataset
 
     work = Path(work or tempfile.mkdtemp(prefix="lora_memory_"))
     data = synthetic_dataset(work / "data", max(2, cfg.batch_size * 2), cfg.resolution)
@@ -162,14 +164,10 @@ def measure(cfg, model, steps: int = 2, work: Path | None = None, say=None) -> d
     fresh_accelerate_state()
     t0 = time.time()
     counter = DeviceMemory(say)
+    seen = {}
     with counter:
-        run = setup(cfg, work / "run", echo=lambda m: None, model=model)
-        state = State()
-        batches = batch_iterator(run, 0)
-        while state.step < run.total_steps:
-            train_step(run, state, batches)
-            after_step(run, state)
-        finish(run, state)
+        train(cfg, work / "run", echo=lambda m: None, model=model, on_setup=lambda r: seen.setdefault("run", r))
+    run = seen["run"]
     from trainer.models import lora
 
     lora_params = sum(p.numel() for m in [run.model.unet, *run.model.text_encoders] for p in lora.lora_parameters(m))
@@ -196,8 +194,8 @@ def summary(cfg, arch: str, key: str | None = None) -> str:
 
 
 def config_for(args):
-    from trainer.config import TrainConfig
-    from trainer.presets import find_preset
+    from trainer.recipe.config import TrainConfig
+    from trainer.recipe.presets import find_preset
 
     if args.config:
         cfg = TrainConfig.load(args.config)
@@ -223,8 +221,8 @@ def measure_preset(key: str | None, arch: str, steps: int, resolution=None, batc
     """One measurement: (settings line, measure()'s result, the estimate), printed as it goes."""
     import argparse
 
-    from trainer.bench import build_model
-    from trainer.estimate import estimate_vram_gb
+    from trainer.measure.bench import build_model
+    from trainer.recipe.estimate import estimate_vram_gb
 
     args = argparse.Namespace(preset=key, config=config, resolution=resolution, batch_size=batch_size,
                               quantization=quantization)
@@ -234,10 +232,10 @@ def measure_preset(key: str | None, arch: str, steps: int, resolution=None, batc
     print(f"{key or arch}: counting...", flush=True)
     r = measure(cfg, model, steps, say=lambda m: print(m, flush=True))
     what = summary(cfg, arch, key)
-    est = estimate_vram_gb(measured_config(cfg), "sdxl" if arch == "sdxl" else "sd1")
+    est = estimate_vram_gb(measured_config(cfg), family_of(arch))
     print(what)
     print("\n".join(describe(r)))
-    print(f"  estimate (trainer/estimate.py): {est['total_gb']} GB; LoRA parameters {r['lora_params'] / 1e6:.2f} M "
+    print(f"  estimate (trainer/recipe/estimate.py): {est['total_gb']} GB; LoRA parameters {r['lora_params'] / 1e6:.2f} M "
           f"(estimate {est['lora_params_m']} M); measured in {r['seconds']:.0f} s", flush=True)
     return what, r, est
 
@@ -248,7 +246,7 @@ def _child(job, conn) -> None:
 
 
 def run_memory(args) -> int:
-    from trainer.presets import list_presets
+    from trainer.recipe.presets import list_presets
 
     if args.preset and (args.preset == "all" or "," in args.preset):
         # several presets, each on its family's architecture and in a fresh process (a full-size SDXL build
@@ -256,7 +254,7 @@ def run_memory(args) -> int:
         import multiprocessing
 
         wanted = None if args.preset == "all" else set(args.preset.split(","))
-        jobs = [(p.key, "sdxl" if p.family == "sdxl" else "sd15", args.steps) for p in list_presets(None)
+        jobs = [(p.key, arch_of(p.family), args.steps) for p in list_presets(None)
                 if p.shipped and (wanted is None or p.key in wanted)]
         ctx = multiprocessing.get_context("spawn")
         rows = []
@@ -273,13 +271,23 @@ def run_memory(args) -> int:
     else:
         rows = [measure_preset(args.preset, args.model, args.steps, args.resolution, args.batch_size,
                                args.quantization, args.config)]
+    table = table_of(rows)
+    print(table)
     if args.out:
-        record(Path(args.out), rows)
+        record(Path(args.out), table)
     return 0
 
 
-def record(path: Path, rows: list) -> None:
-    """Append a table of measurements, with the machine and versions, to BENCHMARKS.md."""
+def record(path: Path, table: str) -> None:
+    """Append a table of measurements to a file (BENCHMARKS.md when asked with --out)."""
+    from trainer.fsutil import atomic_write_text
+
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    atomic_write_text(path, text.rstrip() + "\n" + table + "\n")
+
+
+def table_of(rows: list) -> str:
+    """A table of measurements, with the machine and versions (BENCHMARKS.md's form)."""
     import diffusers
     import peft
 
@@ -287,21 +295,18 @@ def record(path: Path, rows: list) -> None:
     lines = [f"\n### `trainer memory` ({time.strftime('%Y-%m-%d')}; {machine}; torch {torch.__version__}, "
              f"diffusers {diffusers.__version__}, peft {peft.__version__})",
              "GB of tensors that would sit on the GPU, counted on the CPU per phase; *CUDA* adds "
-             f"{ALLOCATOR_SLACK:.0%} allocator slack and {CUDA_CONTEXT_GB} GB of context (trainer/memory.py); "
-             "*estimate* is what the pre-flight check says (trainer/estimate.py).", "",
+             f"{ALLOCATOR_SLACK:.0%} allocator slack and {CUDA_CONTEXT_GB} GB of context (trainer/measure/memory.py); "
+             "*estimate* is what the pre-flight check says (trainer/recipe/estimate.py).", "",
              "| run | " + " | ".join(PHASES) + " | peak | CUDA | estimate |", "|---|" + "---|" * (len(PHASES) + 3)]
     for what, r, est in rows:
         lines.append(f"| {what} | " + " | ".join(f"{r['phases'][p] / GB:.2f}" if p in r["phases"] else "-" for p in PHASES)
                      + f" | {r['peak_bytes'] / GB:.2f} | {with_cuda_terms(r['peak_bytes']):.2f} | {est['total_gb']} |")
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    from trainer.fsutil import atomic_write_text
-
-    atomic_write_text(path, text.rstrip() + "\n" + "\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 def add_command(sub) -> None:
     m = sub.add_parser("memory", help="peak GPU memory per phase of a run, counted on the CPU (no GPU needed)")
-    m.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="sd15",
+    m.add_argument("--model", choices=["tiny", *ARCHITECTURES], default="sd15",
                    help="full-size architecture with random weights (tiny: the test model)")
     m.add_argument("--preset", help="a preset's key (e.g. sdxl_lowvram), several keys with commas, or 'all' for every shipped preset")
     m.add_argument("--config", help="a TrainConfig TOML instead of a preset")
@@ -309,5 +314,5 @@ def add_command(sub) -> None:
     m.add_argument("--batch-size", type=int)
     m.add_argument("--quantization", choices=["none", "fp8", "int8", "nf4"], help="override base_quantization")
     m.add_argument("--steps", type=int, default=2, help="training steps to count (the optimizer state appears at the first)")
-    m.add_argument("--out", default="BENCHMARKS.md", help="append the figures here ('' = do not write)")
+    m.add_argument("--out", default="", help="also append the table to this file (e.g. BENCHMARKS.md); default: print only")
     m.set_defaults(fn=run_memory)

@@ -15,11 +15,7 @@ from pathlib import Path
 from trainer.fsutil import atomic_write_text
 from trainer.models import families
 
-# Seconds per image per step at the family's native resolution, before this machine measured anything.
-# cpu: measured with `python -m trainer bench` on a 2-core x86 VM (fp32, see BENCHMARKS.md), scaled by pixels;
-# cuda: rough figures for a mid-range consumer card (bf16), replaced by the first measured run.
-PRIOR_S = {("sd1", "cpu"): 25.0, ("sd2", "cpu"): 40.0, ("sdxl", "cpu"): 160.0,
-           ("sd1", "cuda"): 0.25, ("sd2", "cuda"): 0.4, ("sdxl", "cuda"): 1.0}
+# Seconds per image per step before this machine measured anything: each family's `calibration.prior_step_s`.
 PRIOR_STARTUP_S = {"cpu": 120.0, "cuda": 60.0}  # loading, caching
 KEEP = 50  # measurements kept per workspace
 
@@ -71,7 +67,8 @@ def fmt_duration(s: float) -> str:
 
 def estimate(cfg, family: str, total_steps: int, device: str, measurements: list[dict]) -> dict:
     """{seconds, startup_s, step_s, source}: the run's expected duration on `device`, and what it rests on."""
-    fam = families.group(family) if family not in ("auto", "") else ("sdxl" if cfg.resolution >= 1024 else "sd1")
+    spec = families.family(families.resolve(family, cfg.resolution).group)
+    fam = spec.key
     base = Path(cfg.base_model).name or cfg.base_model
     work = _work(cfg.resolution, cfg.batch_size, cfg.gradient_accumulation)
     same = [m for m in measurements if m["device"] == device and m.get("te") == bool(cfg.train_text_encoder)]
@@ -83,8 +80,7 @@ def estimate(cfg, family: str, total_steps: int, device: str, measurements: list
         runs = sorted({m.get("run", "") for m in pick[-5:]} - {""})
         source = f"measured on this machine ({', '.join(runs[-2:]) or 'earlier runs'}), scaled to this resolution and batch"
     else:
-        native = families.family(fam).native_resolution if fam in families.FAMILIES else 512
-        step_s = PRIOR_S.get((fam, device), PRIOR_S[("sd1", device)]) * work / _work(native, 1, 1)
+        step_s = spec.calibration.prior_step_s[device] * work / _work(spec.native_resolution, 1, 1)
         startup = PRIOR_STARTUP_S[device]
         source = "a rough figure for this kind of machine, until a run here has measured it"
     rounds = (total_steps // cfg.sample_every_steps if cfg.sample_every_steps else 0) + 1

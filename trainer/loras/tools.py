@@ -9,57 +9,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from trainer.export import DTYPES, _num, write_lora
+from trainer.loras.format import DTYPES, LoraFileError, Module, layout_of, module_name, pack, read, write
+from trainer.loras.metadata import num
 from trainer.models import families
 
-SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
 BLOCKS = ("IN", "MID", "OUT", "TE", "OTHER")
 THRESHOLDS = (0.90, 0.95, 0.99)
-
-
-class LoraToolError(ValueError):
-    """A problem with a LoRA file or a request, in one plain sentence."""
-
-
-@dataclass
-class Module:
-    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
-    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
-    alpha: float
-    dora_scale: torch.Tensor | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def shape(self) -> tuple:
-        """The adapted weight's shape."""
-        return (self.up.shape[0], *self.down.shape[1:])
-
-    def update(self) -> torch.Tensor:
-        """What a loader adds to the weight at strength 1, flattened to [out, in * k]."""
-        return (self.up.float().flatten(1) @ self.down.float().flatten(1)) * (self.alpha / self.rank)
-
-
-@dataclass
-class LoraFile:
-    path: Path
-    modules: dict[str, Module]
-    metadata: dict[str, str]
-    family: str  # sd1 | sd2 | sdxl
-    dtype: torch.dtype
-    size: int = 0
-    extra: dict = field(default_factory=dict)  # tensors that are not LoRA modules (kept as they are)
-
-    @property
-    def name(self) -> str:
-        return self.path.name
+LoraToolError = LoraFileError  # a problem with a LoRA file or a request, in one plain sentence
 
 
 def block_of(name: str) -> str:
@@ -75,59 +35,9 @@ def block_of(name: str) -> str:
     return "OTHER"
 
 
-def read_lora(path: str | Path) -> LoraFile:
-    """Read a kohya LoRA / LoCon file. Raise LoraToolError naming the problem."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise LoraToolError(f"{path.name}: no such file.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for a damaged or foreign file
-        raise LoraToolError(f"{path.name} is not a readable .safetensors file ({str(e).splitlines()[0][:120]}); "
-                            "it may be damaged or incomplete: download it again.") from None
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    extra = {}
-    for k, v in tensors.items():
-        suffix = next((s for s in SUFFIXES if k.endswith(s)), None)
-        if suffix is None or not k.startswith("lora_"):
-            extra[k] = v
-            continue
-        parts.setdefault(k[: -len(suffix)], {})[suffix] = v
-    if any(k.endswith((".hada_w1_a", ".lokr_w1")) for k in extra):
-        raise LoraToolError(f"{path.name} is a LoHa/LoKr (LyCORIS) file; these tools work on LoRA and LoCon files.")
-    modules = {}
-    for name, t in parts.items():
-        if ".lora_down.weight" not in t or ".lora_up.weight" not in t:
-            raise LoraToolError(f"{path.name}: module {name} lacks its lora_down or lora_up weight; the file is damaged.")
-        down, up = t[".lora_down.weight"], t[".lora_up.weight"]
-        alpha = float(t[".alpha"]) if ".alpha" in t else float(down.shape[0])  # no alpha: read as alpha = rank
-        modules[name] = Module(down, up, alpha, t.get(".dora_scale"))
-    if not modules:
-        raise LoraToolError(f"{path.name} has no kohya LoRA keys (lora_unet_..., lora_te_...). Is it a LoRA?")
-    dtype = next(iter(modules.values())).down.dtype
-    return LoraFile(path, modules, metadata, lora_family(modules, metadata), dtype, path.stat().st_size, extra)
-
-
-def lora_family(modules: dict[str, Module], metadata: dict) -> str:
-    fam = families.from_base_version(metadata.get("ss_base_model_version", ""))
-    if fam:
-        return fam.group
-    if any(n.startswith(("lora_te1_", "lora_te2_")) or "input_blocks" in n or "output_blocks" in n for n in modules):
-        return "sdxl"
-    te = [m for n, m in modules.items() if n.startswith("lora_te_") and n.endswith("q_proj")]
-    if te:  # CLIP-L (SD1) is 768 wide, OpenCLIP-H (SD2) 1024
-        return "sd2" if te[0].down.shape[1] == 1024 else "sd1"
-    attn2 = [m for n, m in modules.items() if n.endswith("attn2_to_k")]
-    return "sd2" if attn2 and attn2[0].down.shape[1] == 1024 else "sd1"
-
-
 # --------------------------------------------------------------------------------------------- info / spectrum
 def info(path) -> dict:
-    lf = read_lora(path)
+    lf = read(path)
     ranks = sorted({m.rank for m in lf.modules.values()})
     alphas = sorted({m.alpha for m in lf.modules.values()})
     blocks = {}
@@ -168,7 +78,7 @@ def rank_for(energy: torch.Tensor, target: float) -> int:
 def spectrum(path, on_progress=None) -> dict:
     """Per module: singular values, kept energy per rank, the smallest rank keeping 90/95/99%. Per block (IN, MID,
     OUT, TE): the energy kept when every module is cut to rank k, and the smallest such k for each threshold."""
-    lf = read_lora(path)
+    lf = read(path)
     mods, per_block = {}, {}
     for i, (name, m) in enumerate(lf.modules.items()):
         s = singular_values(m)
@@ -209,17 +119,6 @@ def factorise(update: torch.Tensor, shape: tuple, rank: int | None = None, energ
     return down, up, float(k), float(e[k - 1])
 
 
-def tensors_of(modules: dict[str, Module], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, m in modules.items():
-        out[f"{name}.lora_down.weight"] = m.down.to(dtype).contiguous()
-        out[f"{name}.lora_up.weight"] = m.up.to(dtype).contiguous()
-        out[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
-        if m.dora_scale is not None:
-            out[f"{name}.dora_scale"] = m.dora_scale.to(dtype).contiguous()
-    return out
-
-
 def save(modules: dict[str, Module], family: str, out: str | Path, base_meta: dict, tool: dict, dtype) -> Path:
     """Write a kohya file: the source's metadata, ranks and alphas as they now are, what was done."""
     ranks = {m.rank for m in modules.values()}
@@ -230,7 +129,7 @@ def save(modules: dict[str, Module], family: str, out: str | Path, base_meta: di
         "ss_network_module": md.get("ss_network_module", "networks.lora"),
         # kohya's resize writes "Dynamic" when modules have ranks of their own; loaders read rank per module
         "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-        "ss_network_alpha": _num(alphas.pop()) if len(alphas) == 1 else "Dynamic",
+        "ss_network_alpha": num(alphas.pop()) if len(alphas) == 1 else "Dynamic",
         "ss_base_model_version": md.get("ss_base_model_version", fam.base_version),
         "ss_v2": md.get("ss_v2", str(fam.is_v2)),
         "modelspec.sai_model_spec": md.get("modelspec.sai_model_spec", "1.0.1"),
@@ -242,7 +141,7 @@ def save(modules: dict[str, Module], family: str, out: str | Path, base_meta: di
     })
     ss = {k: v for k, v in md.items() if k.startswith("ss_")}
     rest = {k: v for k, v in md.items() if not k.startswith("ss_")}
-    write_lora(Path(out), tensors_of(modules, dtype), ss, rest)
+    write(Path(out), pack(modules, dtype), ss, rest)
     return Path(out)
 
 
@@ -263,7 +162,7 @@ def resize(path, out, rank: int | None = None, energy: float | None = None, prec
         raise LoraToolError("Give either a rank (--rank N) or an energy share to keep (--energy 0.95).")
     if energy is not None and not 0 < energy <= 1:
         raise LoraToolError(f"The energy to keep must be between 0 and 1 (got {energy}), e.g. 0.95.")
-    lf = read_lora(path)
+    lf = read(path)
     top = max(m.rank for m in lf.modules.values())
     if rank is not None and not 1 <= rank <= top:
         raise LoraToolError(f"Rank {rank} is not possible for {lf.name}: its modules have rank {top} at most. "
@@ -290,7 +189,7 @@ def merge(sources: list[tuple[str, float]], out, rank: int | None = None, precis
     sum of updates); with `rank`, re-factorised to that rank per module."""
     if len(sources) < 2:
         raise LoraToolError("Give at least two LoRA files to merge, each as FILE:WEIGHT.")
-    files = [(read_lora(p), float(w)) for p, w in sources]
+    files = [(read(p), float(w)) for p, w in sources]
     fams = {lf.family for lf, _ in files}
     if len(fams) > 1:
         raise LoraToolError("These LoRAs are for different model families (" + ", ".join(
@@ -385,16 +284,17 @@ class Weights:
         return self._ldm(part, module, layout)
 
     def _ldm(self, part: str, module: str, layout: dict) -> torch.Tensor:
-        from trainer.export import clip_path, diffusers_to_sgm
+        """A module's weight in the original layout: LDM UNet names, and each text encoder where the family keeps
+        it (CLIP-L whole, OpenCLIP's attention as one in_proj for q, k and v)."""
+        from trainer.models.ldm_names import clip_path, diffusers_to_sgm
 
         if part == "unet":
             key = "model.diffusion_model." + diffusers_to_sgm(module, layout["layers_per_block"], layout["up_has_attn"]) + ".weight"
             return self._tensor(key)
         path = clip_path(module)
-        clip_l = {"sd1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
-        if part == "te1" and self.family in clip_l:
-            return self._tensor(clip_l[self.family] + path + ".weight")
-        prefix = "cond_stage_model.model." if self.family == "sd2" else "conditioner.embedders.1.model."
+        prefix, kind = families.family(self.family).checkpoint_te[part]
+        if kind == "clip":
+            return self._tensor(prefix + path + ".weight")
         i, rest = path.removeprefix("text_model.encoder.layers.").split(".", 1)
         base = f"{prefix}transformer.resblocks.{i}."
         if rest in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
@@ -426,17 +326,13 @@ def target_modules(config_dir: Path, family: str, conv: bool) -> dict[str, dict[
                 te = CLIPTextModel(CLIPTextConfig(**json.loads((config_dir / sub / "config.json").read_text())))
                 tm = dict(te.named_modules())
                 out[part] = {n: tuple(tm[n].weight.shape) for n in lora.text_encoder_targets(te)}
-    layout = {"layers_per_block": unet.config.layers_per_block,
-              "up_has_attn": {i: "CrossAttn" in t for i, t in enumerate(unet.config.up_block_types)}}
-    return out, layout
+    return out, layout_of(unet.config)
 
 
 def extract(base, tuned, out, rank: int | None = None, energy: float | None = None, conv: bool = False,
             precision: str = "fp16", on_progress=None, model_config: str | None = None) -> dict:
     """A LoRA of the difference between two checkpoints of one family, on the modules kohya targets (UNet, and the
     text encoders where they differ), factorised per module and read module by module."""
-    from trainer.export import kohya_name
-
     if (rank is None) == (energy is None):
         raise LoraToolError("Give either a rank (--rank N) or an energy share to keep (--energy 0.95).")
     a, b = Weights(base), Weights(tuned)
@@ -456,7 +352,7 @@ def extract(base, tuned, out, rank: int | None = None, energy: float | None = No
             sq = float((diff.double() ** 2).sum())
             if part != "unet" and sq == 0:
                 continue  # an unchanged text encoder gets no LoRA
-            name = kohya_name(part, module, a.family, layout["layers_per_block"], layout["up_has_attn"])
+            name = module_name(part, module, a.family, layout)
             down, up, alpha, kept[name] = factorise(diff, shape, rank, energy)
             modules[name], totals[name] = Module(down, up, alpha), sq
     if not modules or all(v == 0 for v in totals.values()):

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.config import TrainConfig, dumps_toml
+from trainer.loras.metadata import network_args
+from trainer.models import blocks, families
+from trainer.recipe.config import TrainConfig, dumps_toml
 
 _OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "pagedadamw8bit": "adamw8bit"}
 _SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
@@ -36,8 +38,7 @@ FLAGS = (
     ("cache_text_encoder_outputs", "cache_text_encoder_outputs"), ("masked_loss", "masked_loss"),
 )
 # per-block settings: kohya_ss stores them as comma-separated strings, sd-scripts reads them from network_args
-BLOCK_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
-              "mid_lr_weight", "up_lr_weight")
+BLOCK_KEYS = blocks.FIELDS  # kohya's names are our field names
 # keys with rules of their own (precedence, percentages, names), handled one by one in import_kohya
 SPECIAL = {"learning_rate", "unet_lr", "text_encoder_lr", "network_train_unet_only", "optimizer", "lr_scheduler",
            "lr_warmup", "max_train_steps", "epoch", "max_resolution", "mixed_precision", "save_precision",
@@ -182,7 +183,7 @@ def import_kohya_file(path: str | Path) -> tuple[dict, list[str]]:
 
 def to_sd_scripts_toml(cfg: TrainConfig) -> str:
     """An sd-scripts (train_network.py --config_file) TOML of the same run."""
-    sdxl_hint = cfg.resolution >= 1024
+    fam = families.resolve(cfg.model_family, cfg.resolution)
     values = {**cfg.to_dict(), "min_bucket": cfg.bucket_range[0], "max_bucket": cfg.bucket_range[1]}
     d = {
         "pretrained_model_name_or_path": cfg.base_model,
@@ -218,10 +219,8 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
         d["max_train_steps"] = cfg.max_steps
     else:
         d["max_train_epochs"] = cfg.epochs
-    args = [f"conv_dim={cfg.conv_rank}", f"conv_alpha={cfg.conv_alpha:g}"] if cfg.conv_rank else []
-    args += [f"{k}={getattr(cfg, k)}" for k in BLOCK_KEYS if getattr(cfg, k)]
-    if any(getattr(cfg, k) for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")):
-        args.append(f"block_lr_zero_threshold={cfg.block_lr_zero_threshold:g}")
+    # the file's own network_args (trainer/loras/format.py), less LyCORIS' dora_wd: sd-scripts' networks.lora has no DoRA
+    args = [f"{k}={v}" for k, v in network_args(cfg).items() if k != "dora_wd"]
     if args:
         d["network_args"] = args
     if cfg.prediction_type == "v_prediction":
@@ -233,5 +232,5 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
     if cfg.tensorboard:
         d["log_with"], d["logging_dir"] = "tensorboard", str(Path(cfg.output_dir) / "tensorboard")
     header = "# sd-scripts config exported by LoRA Studio. Run: accelerate launch "
-    header += ("sdxl_train_network.py" if sdxl_hint else "train_network.py") + " --config_file THIS.toml\n"
+    header += fam.sd_scripts_trainer + " --config_file THIS.toml\n"
     return header + dumps_toml(d)

@@ -1,0 +1,77 @@
+"""Starting, watching and stopping engine processes: the one owner of how the app runs `python -m trainer ...`.
+
+Training runs (app/runs.py), captioning (app/captioning.py), the Preview worker (app/preview_client.py) and the
+LoRA tools (app/tabs/tools.py) all start their process here, with the same environment; `gpu_busy` is the one
+rule for "one job on the GPU at a time". The GPU belongs to these processes, never to the UI process.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def engine_command(*args: str, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "trainer", *args]
+
+
+def worker_env(unbuffered: bool = True) -> dict:
+    """The environment of every engine process: this checkout first on PYTHONPATH, output not held back."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_detached(cmd: list[str], log_path: str | Path) -> subprocess.Popen:
+    """A worker in its own session / process group, its output appended to `log_path`: closing the browser or the
+    app's terminal does not stop it, and a restarted app finds it again by its process id."""
+    detach = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True})
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, env=worker_env(),
+                                stdin=subprocess.DEVNULL, **detach)
+
+
+def start_attached(cmd: list[str], **pipes) -> subprocess.Popen:
+    """A worker that talks to this process through pipes (Preview's requests, the tools' progress lines)."""
+    return subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=worker_env(unbuffered=False), **pipes)
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Is this process running (a zombie is not)? psutil answers the same on Linux, macOS and Windows."""
+    if not pid:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError):
+        return False
+
+
+def kill_tree(pid: int | None) -> None:
+    """Kill a worker and every process it started (DataLoader workers, torchrun children), on every platform."""
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except (psutil.Error, ValueError, TypeError):
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def gpu_busy(runs, captions=None, asking: str = "") -> str | None:
+    """Which job holds the GPU, in words for the page, or None when it is free: a training run, or
+    auto-captioning. `asking` is the job that wants it ('training', 'captioning', 'preview')."""
+    if asking != "training" and any(r["status"] == "running" for r in runs.list()):
+        return "training"
+    if asking != "captioning" and captions is not None and captions.running():
+        return "captioning"
+    return None

@@ -1,0 +1,322 @@
+"""The training loop, in phases: `setup` (trainer/engine/setup.py) builds one `Run`, `train_step` is the maths,
+`after_step` decides (log, sample, save, stop) with small predicates, `finish` saves and exports. `train()` reads
+top to bottom.
+
+Randomness is a function of (seed, micro-step, rank): noise, timesteps, dropout and captions of step N are
+the same whether the run got there in one go or was stopped and resumed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trainer.data.cache import encode_pixels
+from trainer.data.loader import make_loader, mix
+from trainer.engine import checkpoint as ckpt
+from trainer.engine import placement
+from trainer.engine.faults import maybe_inject
+from trainer.engine.sampling import render_samples
+from trainer.engine.setup import Run, TrainingError, setup
+from trainer.events import take_request
+from trainer.models import lora
+from trainer.models.load import LoadedModel
+from trainer.models.prompts import encode_prompts
+from trainer.recipe.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class State:
+    step: int = 0
+    epoch: int = 1
+    loss_sum: float | torch.Tensor = 0.0
+    loss_n: int = 0
+    nonfinite: bool | torch.Tensor = False  # kept on the device: read only at log intervals
+    t0: float = field(default_factory=time.time)
+    step0: int = 0
+    reported: float = 0.0  # time of the last progress report
+
+
+def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False, echo=print,
+          model: LoadedModel | None = None, on_setup=None) -> Path:
+    """Train a LoRA; return the exported file (the run folder when stopped). Raise TrainingError on failure.
+    `model` skips loading (the benchmark passes random-weight full-size models built in memory); `on_setup(run)`
+    sees the set-up run (the measurements read what it built)."""
+    run = setup(cfg, Path(run_dir or cfg.output_dir), echo, model)
+    if on_setup:
+        on_setup(run)
+    state = restore(run) if resume else State()
+    batches = batch_iterator(run, state.step)
+    run.ev.emit("status", state="training", message=f"Training {run.total_steps} steps ({run.steps_per_epoch} per epoch)",
+                total=run.total_steps, device=run.accelerator.device.type, precision=run.accelerator.mixed_precision,
+                family=run.model.family)  # what the app's duration estimates are keyed by (trainer/recipe/timing.py)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=run.total_steps, initial=state.step, disable=not run.main, desc="train", dynamic_ncols=True)
+    try:
+        while state.step < run.total_steps:
+            train_step(run, state, batches)
+            bar.update(1)
+            if after_step(run, state):
+                run.accelerator.end_training()  # flushes the TensorBoard writer
+                return run.files.root
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingError(
+            "The GPU ran out of memory. Lower batch_size or resolution, turn on gradient_checkpointing, use "
+            "optimizer = 'adamw8bit', cache latents, or pick the low-VRAM preset. The last checkpoint is kept."
+        ) from None
+    finally:
+        bar.close()  # ends the progress line, so an error message starts on a line of its own
+    return finish(run, state)
+
+
+def restore(run: Run) -> State:
+    """The state of the last checkpoint (weights, optimizer, schedule, step), or step 0 if there is none."""
+    last = run.files.latest_checkpoint()
+    if last is None:
+        run.ev.emit("warning", message="--resume given but no checkpoint found: starting from step 0.")
+        return State()
+    try:
+        saved_parts, saved, opt_state = ckpt.read_checkpoint(last)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    for name, m in zip(run.alphas, run.trainable):
+        lora.load_lora_state(run.accelerator.unwrap_model(m), saved_parts[name][0])
+    if opt_state is not None:
+        run.optimizer.load_state_dict(opt_state)
+    run.scheduler.load_state_dict(saved["scheduler"])
+    step = int(saved["step"])
+    run.ev.emit("log", message=f"Resumed from {last.name} at step {step}/{run.total_steps}")
+    return State(step=step, step0=step)
+
+
+def batch_iterator(run: Run, step: int):
+    """Batches from optimizer step `step` to the end, loaded ahead by DataLoader workers."""
+    ga, acc = run.cfg.gradient_accumulation, run.accelerator
+    loader = make_loader(run.data, acc.num_processes, step * ga, run.total_steps * ga, pin_memory=acc.device.type == "cuda")
+    return iter(acc.prepare(loader))
+
+
+def train_step(run: Run, state: State, batches) -> None:
+    """One optimizer step: `gradient_accumulation` batches through noise, conditioning, loss and backward."""
+    ga = run.cfg.gradient_accumulation
+    maybe_inject(state.step + 1, "step")
+    for micro in range(state.step * ga, (state.step + 1) * ga):
+        loss = micro_step(run, next(batches), micro)
+        state.nonfinite |= ~torch.isfinite(loss)
+        state.loss_sum += loss
+        state.loss_n += 1
+    state.epoch = run.epoch_of(micro)
+    state.step += 1
+
+
+def micro_step(run: Run, batch: dict, micro: int) -> torch.Tensor:
+    """One batch forward and backward (with class images: their loss too, weighted by prior_loss_weight, so
+    each step sees both), then the optimizer when the accumulation is complete. Returns the training loss."""
+    cfg, acc = run.cfg, run.accelerator
+    g = torch.Generator().manual_seed(mix(cfg.seed, micro, acc.process_index))
+    torch.manual_seed(mix(cfg.seed, micro, acc.process_index, 1))  # LoRA dropout
+    reg = batch.get("reg") if "train" in batch else None
+    batch = batch["train"] if "train" in batch else batch
+    with acc.accumulate(*run.trainable):
+        placement.phase("forward")
+        loss = batch_loss(run, batch, g)
+        placement.phase("backward")
+        acc.backward(loss)
+        if reg is not None and cfg.prior_loss_weight > 0:
+            # a second backward adds its gradient to the first: the gradient of loss + w * prior loss, with one
+            # batch's activations in memory at a time
+            acc.backward(cfg.prior_loss_weight * batch_loss(run, reg, torch.Generator().manual_seed(
+                mix(cfg.seed, micro, acc.process_index, 7))))
+        placement.phase("optimizer")
+        if acc.sync_gradients and cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_([p for g_ in run.optimizer.param_groups for p in g_["params"]], cfg.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def batch_loss(run: Run, batch: dict, g: torch.Generator, timesteps: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The diffusion loss of a batch: noise at random timesteps in [min_timestep, max_timestep) drawn from `g`
+    (or the given ones, for validation), predicted by the UNet, weighted by min-SNR and by the masks."""
+    cfg, acc, model = run.cfg, run.accelerator, run.model
+    dev, sched = acc.device, model.noise_scheduler
+    latents = batch["latents"] if "latents" in batch else encode_pixels(model.vae, batch["pixels"])
+    latents = latents.to(dev)
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=g)
+        if cfg.noise_offset:
+            noise += cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g)
+    if timesteps is None:
+        high = min(cfg.max_timestep, sched.config.num_train_timesteps)
+        timesteps = torch.randint(cfg.min_timestep, high, (latents.shape[0],), generator=g)
+    noise, timesteps = noise.to(dev), timesteps.to(dev)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    v_pred = model.prediction_type == "v_prediction"
+    target = sched.get_velocity(latents, noise, timesteps) if v_pred else noise
+    hs, pooled = conditioning(run, batch["caption"])
+    kwargs = {}
+    if model.spec.pooled_conditioning:
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(dev)}
+    with acc.autocast():
+        pred = run.unet(noisy.to(run.weight_dtype), timesteps, hs.to(run.weight_dtype), **kwargs).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if "mask" in batch:  # kohya's masked loss: weight each latent pixel, then average as before
+        loss = loss * batch["mask"].to(dev)
+    loss = loss.mean(dim=[1, 2, 3])
+    if cfg.min_snr_gamma:
+        loss = loss * snr_weights(sched, timesteps, cfg.min_snr_gamma, v_pred)
+    return loss.mean()
+
+
+def conditioning(run: Run, captions: list[str]):
+    """(encoder hidden states, SDXL pooled embedding) of a batch's captions: from the cache or the encoders."""
+    dev = run.accelerator.device
+    if run.text_cache is not None:
+        hs = torch.stack([run.text_cache[c][0] for c in captions]).to(dev)
+        pooled = torch.stack([run.text_cache[c][1] for c in captions]).to(dev) if run.model.spec.pooled_conditioning else None
+        return hs, pooled
+    with torch.set_grad_enabled(run.cfg.train_text_encoder):
+        return encode_prompts(run.model, run.text_encoders, captions, run.cfg.clip_skip, dev)
+
+
+def snr_weights(noise_scheduler, timesteps, gamma: float, v_pred: bool) -> torch.Tensor:
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    w = torch.minimum(snr, torch.full_like(snr, gamma))
+    return w / (snr + 1) if v_pred else w / snr
+
+
+LOG_INTERVAL_S = 2.0  # log_every_steps = 0: a report about this often (host clock: no wait for the device)
+
+
+def due(n: int, state: State, total: int, seconds: float | None = None) -> bool:
+    """The one interval rule: True at multiples of `n` steps before the last step (the last step has its own save,
+    samples and report). With n = 0 and `seconds`, by the clock instead: the first step of this attempt, then
+    every `seconds`."""
+    if n:
+        return state.step % n == 0 and state.step < total
+    if seconds is None:
+        return False
+    return state.step == state.step0 + 1 or time.time() - state.reported >= seconds
+
+
+def report_due(every_n: int, state: State, total: int) -> bool:
+    """Progress reports: at the interval (steps, or about every LOG_INTERVAL_S when 0), and always at the last step."""
+    return state.step == total or due(every_n, state, total, LOG_INTERVAL_S)
+
+
+def after_step(run: Run, state: State) -> bool:
+    """Log, sample, save and poll the user's requests. True when the run should stop now."""
+    cfg, step, total = run.cfg, state.step, run.total_steps
+    if report_due(cfg.log_every_steps, state, total):
+        report_progress(run, state)
+    if due(cfg.sample_every_steps, state, total):
+        render_samples(run, step)
+    want_save, want_stop = poll_requests(run.accelerator, run.files.root)
+    saving = want_save or want_stop or due(cfg.save_every_steps, state, total)
+    if due(cfg.validation_every_steps, state, total) or (saving and not cfg.validation_every_steps):
+        validate(run, step)
+    if saving:
+        ckpt.save(run, step)
+    if want_stop:
+        run.ev.emit("stopped", step=step, message=f"Stopped at step {step}; resume to continue.")
+    return want_stop
+
+
+def report_progress(run: Run, state: State) -> None:
+    if bool(state.nonfinite):  # the only host sync: at log intervals
+        raise TrainingError(
+            f"The loss became NaN/inf at step {state.step}. Likely causes: learning rate too high "
+            f"(unet_lr={run.cfg.unet_lr:g}), fp16 overflow (try bf16 or fp32), or a broken base model. "
+            "Lower the learning rate and resume from the last checkpoint."
+        )
+    avg = float(state.loss_sum) / max(1, state.loss_n)
+    state.loss_sum, state.loss_n, state.reported = 0.0, 0, time.time()
+    elapsed = time.time() - state.t0
+    its = (state.step - state.step0) / elapsed if elapsed > 0 else 0.0
+    eta = (run.total_steps - state.step) / its if its > 0 else None
+    lr = run.scheduler.get_last_lr()[0]
+    run.ev.emit("progress", step=state.step, total=run.total_steps, epoch=state.epoch, loss=avg, lr=lr, its=its, eta=eta)
+    if run.cfg.tensorboard:
+        run.accelerator.log({"loss": avg, "lr": lr}, step=state.step)
+
+
+VALIDATION_TIMESTEPS = 4  # per image, spread evenly over [min_timestep, max_timestep)
+
+
+@torch.no_grad()
+def validate(run: Run, step: int) -> float | None:
+    """The loss on the held-out images with the same noise and timesteps every time (seeded by each image's
+    content, not by the run's seed), so the curve compares across steps and across runs. Every rank runs it
+    (the model may be DDP-wrapped); rank 0 reports it."""
+    from trainer.data.loader import collate
+
+    val, cfg = run.data.val, run.cfg
+    if val is None:
+        return None
+    modes = [m.training for m in run.trainable]
+    for m in run.trainable:
+        m.eval()  # no LoRA dropout while measuring
+    losses = []
+    try:
+        captions = val.fixed_captions()
+        channels, scale = run.model.unet.config.in_channels, run.model.vae_scale_factor
+        for i, it in enumerate(val.items):
+            batch = collate([val[(0, 0, 0, i, False)]])
+            batch["caption"] = [captions[i]]
+            g = torch.Generator().manual_seed(mix(int(val.hashes[i][:15], 16), 43))
+            bw, bh = val.buckets[i]
+            for k in range(VALIDATION_TIMESTEPS):
+                t = cfg.min_timestep + int((k + 0.5) * (cfg.max_timestep - cfg.min_timestep) / VALIDATION_TIMESTEPS)
+                noise = torch.randn((1, channels, bh // scale, bw // scale), generator=g)
+                losses.append(float(batch_loss(run, batch, g, torch.tensor([t]), noise)))
+    finally:
+        for m, was in zip(run.trainable, modes):
+            m.train(was)
+    mean = sum(losses) / len(losses)
+    run.ev.emit("validation", step=step, loss=mean, images=len(val.items),
+                message=f"Validation loss {mean:.4f} at step {step} ({len(val.items)} image(s))")
+    if cfg.tensorboard:
+        run.accelerator.log({"val_loss": mean}, step=step)
+    return mean
+
+
+def poll_requests(accelerator, run_dir: Path) -> tuple[bool, bool]:
+    """(save now, stop) as decided by rank 0, so every rank acts on the same step."""
+    flags = [False, False]
+    if accelerator.is_main_process:
+        flags = [take_request(run_dir, "save"), take_request(run_dir, "stop")]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        flags = broadcast_object_list(flags, from_process=0)
+    return bool(flags[0]), bool(flags[1])
+
+
+def finish(run: Run, state: State) -> Path:
+    """Final checkpoint, final samples, the exported file in the run folder, the done event."""
+    validate(run, run.total_steps)
+    final = ckpt.save(run, run.total_steps)
+    render_samples(run, run.total_steps)
+    out = run.files.final(run.cfg.output_name)
+    if run.main:
+        run.ev.emit("status", state="exporting", message=f"Writing {out.name}")
+        tmp = out.with_suffix(".tmp")
+        shutil.copyfile(final / out.name, tmp)
+        os.replace(tmp, out)
+        run.ev.emit("done", path=str(out), step=run.total_steps, message=f"Finished: {out}")
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return out

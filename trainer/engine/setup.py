@@ -1,0 +1,373 @@
+"""Set-up of a run: accelerator, model with LoRA, data and caches, optimizer and schedule, in one `Run` object.
+
+Ordered by memory: the VAE alone on the device while latents are cached, the text encoders alone while their
+outputs are cached, then the UNet, so the first run never peaks above the steady state.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.data.captions import tag_frequency
+from trainer.data.loader import TrainData, mix
+from trainer.data.scan import ScanResult, file_hash, folder_caption, holdout_count, holdout_error, scan_dataset
+from trainer.engine import checkpoint as ckpt
+from trainer.engine import placement
+from trainer.events import EventLog
+from trainer.models import families, lora, quantize
+from trainer.models.load import LoadedModel, load_model
+from trainer.models.prompts import encode_prompts
+from trainer.recipe.config import TrainConfig
+from trainer.runfiles import RunFiles
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A failure with a plain-language message and what to change."""
+
+
+@dataclass
+class Run:
+    """Everything set-up made, in one object: what the step, the predicates and the savers read."""
+    cfg: TrainConfig
+    files: RunFiles
+    accelerator: object
+    ev: EventLog
+    model: LoadedModel
+    alphas: dict  # part -> {module: alpha}, for export
+    data: TrainData
+    text_cache: dict | None
+    trainable: list  # prepared modules, in the order of `alphas` (unet, te1, te2)
+    optimizer: object
+    scheduler: object
+    total_steps: int
+    steps_per_epoch: int
+    micro_per_epoch: int
+    weight_dtype: torch.dtype
+    info: dict  # facts for the exported metadata
+    sample_cond: dict | None = None  # sample prompt -> the pipeline's embeddings, when frozen encoders are parked
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def unet(self):
+        return self.trainable[0]
+
+    @property
+    def text_encoders(self) -> list:
+        return self.trainable[1:] if self.cfg.train_text_encoder else self.model.text_encoders
+
+    @property
+    def layout(self) -> dict:
+        """What export needs to know of the architecture (kept in each checkpoint's state.json)."""
+        from trainer.loras.format import layout_of
+
+        return {"family": self.model.family, **layout_of(self.model.unet.config),
+                "prediction_type": self.model.prediction_type}
+
+    def parts(self) -> dict[str, tuple[dict, dict]]:
+        """The LoRA weights of each part with their alphas: what checkpoints and exports hold."""
+        unwrap = self.accelerator.unwrap_model
+        return {k: (lora.lora_state(unwrap(m)), self.alphas[k]) for k, m in zip(self.alphas, self.trainable)}
+
+    def epoch_of(self, micro: int) -> int:
+        return micro // self.micro_per_epoch + 1
+
+
+def fresh_accelerate_state() -> None:
+    """accelerate keeps process-wide singletons; each variant measured in this one process starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel | None = None) -> Run:
+    """Accelerator, model with LoRA, data and caches, optimizer and schedule: everything the steps need."""
+    from accelerate import Accelerator
+
+    run_dir = Path(run_dir)
+    config_warnings = cfg.validate()
+    device, mp, dev_warns = resolve_device_and_precision(cfg)
+    files = RunFiles(run_dir)
+    trackers = {"log_with": "tensorboard", "project_dir": str(files.tensorboard)} if cfg.tensorboard else {}
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.gradient_accumulation,
+                              cpu=(device == "cpu"), **trackers)
+    if cfg.tensorboard:
+        # scalar settings only (TensorBoard's hparams take no lists), names only for paths
+        hparams = {k: v for k, v in cfg.public_dict().items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("lora", config=hparams)
+    if accelerator.is_main_process:
+        check_output_dir(run_dir)
+        ckpt.remove_stale_temp(run_dir)
+    ev = EventLog(run_dir, enabled=accelerator.is_main_process, echo=echo if accelerator.is_main_process else None)
+    for w in config_warnings + dev_warns:
+        ev.emit("warning", message=w)
+    started_at = time.time()
+    ev.emit("status", state="starting", message=f"Starting run in {run_dir}")
+    scan = scan_for_training(cfg, ev)
+    sets = split_sets(cfg, scan, ev)
+
+    ev.emit("status", state="loading", message=f"Loading base model {cfg.base_model}")
+    model = model or load_model(cfg.base_model, cfg.model_family, cfg.model_config or None)
+    if cfg.prediction_type != "auto" and cfg.prediction_type != model.prediction_type:
+        from diffusers import DDPMScheduler
+
+        model.noise_scheduler = DDPMScheduler.from_config(model.noise_scheduler.config, prediction_type=cfg.prediction_type)
+    ev.emit("log", message=f"Model: {families.name(model.family)}, prediction type {model.prediction_type}")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
+    # one big part on the device at a time, so the first run peaks no higher than the steps: the VAE alone
+    # while latents are cached, the text encoders alone while their outputs are cached, then the UNet
+    data = prepare_data(cfg, sets, model, accelerator, ev)
+    text_cache, sample_cond = cache_text(cfg, model, data, accelerator.device, weight_dtype)
+    alphas = add_lora(cfg, model, accelerator.device, weight_dtype, ev, parked_text_encoders=text_cache is not None)
+    micro_per_epoch = data.micro_per_epoch(accelerator.num_processes)
+
+    optimizer, scheduler, total_steps, steps_per_epoch = make_schedule(cfg, model, accelerator, micro_per_epoch, device)
+    trainable = [model.unet] + (list(model.text_encoders) if cfg.train_text_encoder else [])
+    prepared = accelerator.prepare(*trainable, optimizer, scheduler)
+    for m in prepared[:-2]:
+        m.train()  # LoRA dropout is active in train mode only
+    info = {
+        "started_at": started_at,
+        "num_train_images": sum(it.repeats for it in data.items),
+        "num_reg_images": sum(it.repeats for it in data.reg.items) if data.reg else 0,
+        "tag_frequency": {name: tag_frequency([it.caption for it in data.items if it.subset == name]) for name in scan.subsets},
+        "dataset_dirs": scan.subsets,
+        "model_name": cfg.base_model,
+        "prediction_type": model.prediction_type,
+    }
+    return Run(cfg, files, accelerator, ev, model, alphas, data, text_cache, list(prepared[:-2]), prepared[-2],
+               prepared[-1], total_steps, steps_per_epoch, micro_per_epoch, weight_dtype, info, sample_cond)
+
+
+def resolve_device_and_precision(cfg: TrainConfig) -> tuple[str, str, list[str]]:
+    warns = []
+    has_cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not has_cuda:
+        raise TrainingError("device = 'cuda' but no CUDA GPU is visible. Install a CUDA build of torch, or set device = 'cpu'.")
+    device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and has_cuda)) else "cpu"
+    mp = cfg.mixed_precision
+    if device == "cpu" and mp != "no":
+        # the same code a GPU runs, for real: only slower (CPUs without bf16/fp16 units emulate them)
+        warns.append(f"mixed_precision = '{mp}' on the CPU: it runs, but slow; 'no' (fp32) is usually faster here.")
+    if device == "cuda" and mp == "bf16" and not torch.cuda.is_bf16_supported():
+        warns.append("This GPU has no bf16 support: using fp16 mixed precision instead.")
+        mp = "fp16"
+    return device, mp, warns
+
+
+def check_output_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"Cannot write to the output folder {run_dir} ({e.strerror}). Choose another output_dir.") from None
+
+
+def scan_for_training(cfg: TrainConfig, ev: EventLog, folder: str = "", what: str = "Dataset") -> ScanResult:
+    """The images of the dataset (or of the class / validation folder), captioned from folder names when asked."""
+    folder = folder or cfg.dataset
+    try:
+        scan = scan_dataset(folder, cfg.caption_extension)
+    except FileNotFoundError:
+        raise TrainingError(f"{what} folder not found: {folder}. Check the path.") from None
+    for s in scan.skipped:
+        ev.emit("warning", message=f"Skipped {s.path.name}: {s.reason}")
+    if not scan.items:
+        raise TrainingError(
+            f"No usable images in {folder}. Put .png/.jpg/.webp/.bmp files in the folder itself or in "
+            "sub-folders named like '10_name' (10 = repeats)."
+        )
+    if cfg.caption_from_folder:
+        for it in scan.items:
+            if it.caption is None:
+                it.caption = folder_caption(it)
+    return scan
+
+
+def split_sets(cfg: TrainConfig, scan: ScanResult, ev: EventLog) -> tuple[list, list, list]:
+    """(training, class, validation) images. Held-out images are chosen by content and seed, so the same
+    dataset and seed hold out the same images in every run."""
+    training, val = list(scan.items), []
+    if cfg.validation_split > 0:
+        if holdout_error(cfg.validation_split, len(training)):
+            raise TrainingError(holdout_error(cfg.validation_split, len(training)))
+        k = holdout_count(cfg.validation_split, len(training))
+        order = sorted(training, key=lambda it: mix(cfg.seed, int(file_hash(it.path)[:15], 16)))
+        held = {id(it) for it in order[:k]}
+        val = [it for it in training if id(it) in held]
+        training = [it for it in training if id(it) not in held]
+        ev.emit("log", message=f"Validation: {len(val)} image(s) held out: " + ", ".join(it.path.name for it in val[:10]))
+    if cfg.validation_dataset:
+        val += scan_for_training(cfg, ev, cfg.validation_dataset, "Validation").items
+    reg = scan_for_training(cfg, ev, cfg.reg_dataset, "Class-image").items if cfg.reg_dataset else []
+    if reg:
+        ev.emit("log", message=f"Prior preservation: {len(reg)} class image(s), prior_loss_weight {cfg.prior_loss_weight:g}")
+    return training, reg, val
+
+
+def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventLog,
+             parked_text_encoders: bool = False) -> dict:
+    """Freeze the base, inject LoRA with peft (fp32 weights), move the networks to the device (text encoders
+    whose outputs are cached stay parked on the CPU; so does the VAE when latents are cached)."""
+    placement.phase("load")
+    for m in [model.unet, model.vae, *model.text_encoders]:
+        m.requires_grad_(False)
+    if not cfg.cache_latents:  # the VAE encodes every batch; it stays fp32 (an fp16 SDXL VAE makes NaNs)
+        placement.to_device(model.vae, dev, torch.float32)
+    resident = [model.unet] + ([] if parked_text_encoders else list(model.text_encoders))
+    frozen = [model.unet] + ([] if cfg.train_text_encoder else list(model.text_encoders))
+    quantize.store_base(cfg.base_quantization, resident, frozen, weight_dtype, dev)
+    torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same starting weights
+    try:
+        alphas = lora.inject_for_config(model, cfg)
+    except ValueError as e:  # per-block values that do not fit this family's blocks
+        raise TrainingError(f"{e} The base model is {families.name(model.family)}.") from None
+    if not any(alphas.values()):
+        raise TrainingError("No module gets a LoRA: every block has rank 0 (or a learning-rate weight at or below "
+                            "block_lr_zero_threshold). Give some blocks a rank.")
+    stored = quantize.place_base(cfg.base_quantization, [model.unet, *model.text_encoders], resident, frozen,
+                                 weight_dtype, dev)
+    if weight_dtype != torch.float32 and not cfg.use_dora:  # under autocast: two casts per LoRA layer saved
+        for m in [model.unet, *model.text_encoders]:
+            lora.skip_input_casting(m)
+    if stored:
+        ev.emit("log", message=stored)
+    if cfg.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            for te in model.text_encoders:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_te = sum(len(a) for k, a in alphas.items() if k != "unet")
+    ev.emit("log", message=f"LoRA on {len(alphas['unet'])} UNet modules" + (f" and {n_te} text-encoder modules" if n_te else "")
+            + f", rank {cfg.rank}, alpha {cfg.alpha:g}" + (" (per-block ranks)" if cfg.block_dims else ""))
+    return alphas
+
+
+def prepare_data(cfg: TrainConfig, sets: tuple[list, list, list], model: LoadedModel, accelerator, ev: EventLog) -> TrainData:
+    """The run's images with buckets (and its class and validation images), their latents cached (files that
+    fail to decode are left out)."""
+    train, reg, val = sets
+    data = TrainData(train, cfg)
+    if reg:
+        data.reg = TrainData(reg, cfg, cfg.reg_dataset, triggers=False)
+    if val:
+        data.val = TrainData(val, cfg.replace(flip=False))
+    if not cfg.cache_latents:
+        return data
+    from trainer.data.cache import LatentCache, MemoryLatentCache, default_cache_dir, vae_fingerprint
+
+    vae_id = vae_fingerprint(model.vae)
+    cache = LatentCache(default_cache_dir(), vae_id) if cfg.cache_latents_to_disk else MemoryLatentCache(vae_id)
+    placement.phase("cache latents")
+    placement.to_device(model.vae, accelerator.device, torch.float32)  # alone on the device: nothing else is there yet
+    with accelerator.main_process_first():
+        t0 = time.time()
+        jobs = [j for part in data.parts() for j in part.all_jobs()]
+        n = cache.fill(model.vae, jobs, on_progress=lambda d, t: ev.emit(
+            "status", state="caching", message=f"Caching latents {d}/{t}", done=d, count=t))
+        ev.emit("log", message=f"Latent cache: {n} image(s) encoded in {time.time() - t0:.1f}s, {len(jobs) - n} reused")
+    for path, reason in cache.failed.items():
+        ev.emit("warning", message=f"Skipped {path.name}: {reason}")
+    for part in data.parts():
+        part.drop(set(cache.failed))
+        part.cache = cache
+    if not data.items:
+        raise TrainingError(f"No image in {cfg.dataset} could be decoded. See the skipped files above.")
+    for name in ("reg", "val"):  # a class or validation set whose every file failed is dropped, said above
+        if getattr(data, name) is not None and not getattr(data, name).items:
+            setattr(data, name, None)
+    placement.to_host(model.vae)  # free VRAM; samples move it back
+    return data
+
+
+@torch.no_grad()
+def cache_text(cfg: TrainConfig, model: LoadedModel, data: TrainData, dev, weight_dtype=torch.float32):
+    """Text-encoder outputs of every (fixed) caption, when the encoders are not trained: the encoders come to the
+    device alone (before the UNet), encode, and leave again. The sample prompts are encoded then too, the way
+    the pipeline does, so that sampling never brings them back. Returns (caption cache, sample conditioning),
+    both None when nothing is cached."""
+    if not cfg.caches_text:
+        return None, None
+    placement.phase("cache text encoders")
+    for te in model.text_encoders:
+        te.requires_grad_(False)
+        placement.to_device(te, dev, weight_dtype)
+    cache = {}
+    for c in sorted({c for part in data.parts() for c in part.fixed_captions()}):
+        h, p = encode_prompts(model, model.text_encoders, [c], cfg.clip_skip, dev)
+        cache[c] = (placement.to_host(h[0]), None if p is None else placement.to_host(p[0]))
+    samples = sample_conditioning(model, [sample_text(cfg, p) for p in cfg.sample_prompts], dev)
+    for te in model.text_encoders:
+        placement.to_host(te)
+    return cache, samples
+
+
+def sample_text(cfg: TrainConfig, prompt: str) -> str:
+    return prompt.replace("{trigger}", ", ".join(cfg.trigger_words))
+
+
+def sample_conditioning(model: LoadedModel, prompts: list[str], dev) -> dict:
+    """Each prompt's embeddings (and the unconditional ones for guidance) from the pipeline's own encode_prompt,
+    parked on the host: the same numbers the pipeline would make while sampling."""
+    pipe = model.pipeline()
+    out = {}
+    for text in dict.fromkeys(prompts):
+        got = pipe.encode_prompt(text, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=True)
+        names = (["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+                 if model.spec.pooled_conditioning else ["prompt_embeds", "negative_prompt_embeds"])
+        out[text] = {k: placement.to_host(v) for k, v in zip(names, got)}
+    return out
+
+
+def make_schedule(cfg: TrainConfig, model: LoadedModel, accelerator, micro_per_epoch: int, device: str):
+    """(optimizer, LR scheduler, total steps, steps per epoch)."""
+    from diffusers.optimization import get_scheduler
+
+    groups = lora.unet_param_groups(model, cfg)
+    if cfg.train_text_encoder and cfg.text_encoder_lr > 0:
+        groups.append({"params": [p for te in model.text_encoders for p in lora.lora_parameters(te)], "lr": cfg.text_encoder_lr})
+    elif cfg.train_text_encoder:
+        for te in model.text_encoders:
+            for p in lora.lora_parameters(te):
+                p.requires_grad_(False)
+    optimizer = make_optimizer(cfg, groups, device)
+    steps_per_epoch = max(1, micro_per_epoch // cfg.gradient_accumulation)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    n_proc = accelerator.num_processes  # accelerate steps the scheduler once per process
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * n_proc,
+                              num_training_steps=total_steps * n_proc)
+    return optimizer, scheduler, total_steps, steps_per_epoch
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict], device: str):
+    if cfg.optimizer == "adamw":
+        kw = {"fused": True} if device == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, **kw)
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
+        except Exception as e:
+            raise TrainingError(
+                f"The 8-bit optimizer (bitsandbytes) is not usable here ({type(e).__name__}: {str(e)[:120]}). "
+                "Use optimizer = 'adamw', or install a bitsandbytes build that matches your CUDA."
+            ) from None
+    if cfg.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise TrainingError("Prodigy needs the 'prodigyopt' package: pip install prodigyopt") from None
+        return Prodigy(groups, weight_decay=cfg.weight_decay, safeguard_warmup=True, use_bias_correction=True)
+    raise TrainingError(f"Unknown optimizer '{cfg.optimizer}'.")

@@ -1,0 +1,16 @@
+"""Stable Diffusion 2.x: the 512 px epsilon model and its 768 px v-prediction variant (LoRAs fit both)."""
+from trainer.models.families import Calibration, Family
+
+# SD 2.x is SD 1.5's layout at 768 px: SD 1.5's activation figures scaled by pixels
+_CAL = Calibration(act_gb=(2.1, 0.59), sample_act_gb=1.0, sample_denoise_act_gb=0.45, sample_decode_act_gb=0.9,
+                   linear_share=0.31, prior_step_s={"cpu": 40.0, "cuda": 0.4})
+_COMMON = dict(group="sd2", implementation="diffusers", native_resolution=768, params=(865e6, 340e6, 84e6),
+               blocks=(12, 1, 12), calibration=_CAL, checkpoint_te={"te1": ("cond_stage_model.model.", "openclip")},
+               tokenizer_pads=("!",))
+
+FAMILIES = [
+    Family(key="sd2", name="SD 2.x (epsilon)", base_version="sd_v2", architecture="stable-diffusion-v2-512/lora",
+           prediction_type="epsilon", checkpoint_marker="cond_stage_model.model.", **_COMMON),
+    Family(key="sd2v", name="SD 2.x 768-v (v-prediction)", base_version="sd_v2_v",
+           architecture="stable-diffusion-v2-768-v/lora", prediction_type="v_prediction", **_COMMON),
+]
