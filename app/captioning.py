@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 
 from app.runs import _tail
+from trainer.events import read_events, request
 from app.workers import engine_command, gpu_busy, kill_tree, pid_alive, start_detached
 
 
 class CaptionJobs:
     def __init__(self, ws, runs, python: str = sys.executable):
         self.ws, self.runs, self.python = ws, runs, python
-        self.root = ws.root / "captioning"
+        self.root = ws.captioning_dir
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
 
@@ -42,17 +43,7 @@ class CaptionJobs:
 
     @staticmethod
     def _events(job: Path) -> list[dict]:
-        try:
-            lines = (job / "events.jsonl").read_text(encoding="utf-8").splitlines()
-        except OSError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass  # a line being written
-        return out
+        return read_events(job)[0]
 
     # ------------------------------------------------------------------ actions
     def start(self, dataset: str, model: str, mode: str, trigger: str = "", batch_size: int = 4,
@@ -69,7 +60,7 @@ class CaptionJobs:
             job.mkdir(parents=True)
             cmd = engine_command("caption", str(folder), "--model", model, "--mode", mode, "--trigger", trigger,
                                  "--batch-size", str(int(batch_size)), "--device", device,
-                                 "--events", str(job / "events.jsonl"), "--stop-file", str(job / "stop"), python=self.python)
+                                 "--job", str(job), python=self.python)
             if preview:
                 cmd += ["--preview", str(int(preview))]
             self._proc = start_detached(cmd, job / "worker.log")
@@ -82,7 +73,7 @@ class CaptionJobs:
         job = self.latest()
         if not job or not self.running():
             return "No captioning is running."
-        (job / "stop").touch()  # the worker stops after the current batch; what it wrote stays
+        request(job, "stop")  # the worker stops after the current batch; what it wrote stays
         threading.Thread(target=self._kill_later, args=(job,), daemon=True).start()
         return "Cancelling after the current batch: the captions written so far are kept."
 

@@ -50,17 +50,16 @@ def values_to_config(values: dict[str, Any], datasets_dir: Path | None = None) -
     for k, v in values.items():
         if k not in FIELDS or k in HIDDEN:
             continue
-        if v is None:
-            continue
-        if FIELDS[k]["type"] == "list" and isinstance(v, str):
-            v = [line.strip() for line in v.splitlines() if line.strip()]
-        if FIELDS[k]["type"] == "int" and isinstance(v, float) and v.is_integer():
-            v = int(v)
-        data[k] = v
+        if v is not None:
+            data[k] = v  # TrainConfig.from_dict coerces (numbers from number boxes, lists from text areas)
     ds = data.get("dataset") or ""
     if datasets_dir is not None and ds and not Path(ds).is_absolute() and (datasets_dir / ds).is_dir():
         data["dataset"] = str(datasets_dir / ds)
     return TrainConfig.from_dict(data, source="the form")
+
+
+def cannot_start(e: ConfigError) -> str:
+    return "### Cannot start\n" + "\n".join(f"- {line}" for line in str(e).splitlines())
 
 
 def config_to_values(cfg: TrainConfig) -> dict[str, Any]:
@@ -110,71 +109,25 @@ def duration_line(cfg: TrainConfig, family: str, images_per_epoch: int, timings:
     return f"- Time on this machine ({'GPU' if run_device == 'cuda' else 'CPU'}): " + timing.describe(est, steps)
 
 
-def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=None,
+def preflight(values: dict[str, Any] | TrainConfig, datasets_dir: Path | None = None, preset=None,
               timings: list[dict] | None = None, device: str | None = None) -> tuple[bool, str]:
     """(ok to start, plain-language markdown): config errors, conflicts, dataset blockers, VRAM estimate and,
-    given this machine's `device` ('cuda' | 'cpu') and measured `timings`, how long the run will take."""
-    from trainer.data.report import dataset_report
-    from trainer.recipe.estimate import estimate_vram_gb
+    given this machine's `device` ('cuda' | 'cpu') and measured `timings`, how long the run will take.
+    `values` are the form's, or the TrainConfig already made of them."""
     from trainer.models import families
-    from trainer.models.hub import hub_status, is_hub_id
-    from trainer.models.sniff import sniff_family
+    from trainer.recipe.estimate import estimate_vram_gb
     from trainer.recipe.presets import family_mismatch
 
-    errors: list[str] = []
-    warns: list[str] = []
     try:
-        cfg = values_to_config(values, datasets_dir)
+        cfg = values if isinstance(values, TrainConfig) else values_to_config(values, datasets_dir)
     except ConfigError as e:
-        return False, "### Cannot start\n" + "\n".join(f"- {line}" for line in str(e).splitlines())
-    e, w = cfg.problems()
-    errors += e
-    warns += w
-    family = "auto"
+        return False, cannot_start(e)
+    errors, warns = cfg.problems()
     notes: list[str] = []
-    if cfg.base_model:
-        p = Path(cfg.base_model).expanduser()
-        if not p.exists() and is_hub_id(cfg.base_model) and p.suffix.lower() not in (".safetensors", ".ckpt"):
-            hub = hub_status(cfg.base_model)  # in the cache, downloadable, or neither (and what to do)
-            (notes if hub.usable else errors).append(hub.message)
-        elif not p.exists():
-            errors.append(f"Base model not found: {cfg.base_model}. Give the path of a .safetensors / .ckpt file, "
-                          "a diffusers folder (with model_index.json) or a hub id like 'org/name'.")
-        family = sniff_family(cfg.base_model) if cfg.model_family == "auto" else cfg.model_family
-    if preset is not None:
-        mm = family_mismatch(preset, family)
-        if mm:
-            errors.append(mm)
-    report = None
-    if cfg.dataset:
-        try:
-            report = dataset_report(cfg.dataset, cfg.resolution, cfg.trigger, *cfg.bucket_range,
-                                    cfg.bucket_step, cfg.no_upscale)
-        except FileNotFoundError:
-            errors.append(f"Dataset folder not found: {cfg.dataset}")
-    if report:
-        errors += report["blockers"]
-        if report["skipped"]:
-            warns.append(f"{len(report['skipped'])} file(s) will be skipped: "
-                         + "; ".join(f"{s['file']} ({s['reason']})" for s in report["skipped"][:5]))
-        if report["missing_captions"]:
-            warns.append(f"{len(report['missing_captions'])} image(s) have no caption"
-                         + ("; those in '<repeats>_<name>' folders are captioned with the name" if cfg.caption_from_folder else "")
-                         + (f"; they use '{cfg.class_caption}'" if cfg.class_caption else " and train on the trigger word alone"))
-        if cfg.validation_split:
-            from trainer.data.scan import holdout_count, holdout_error
-
-            n = report["image_count"]
-            if holdout_error(cfg.validation_split, n):
-                errors.append(holdout_error(cfg.validation_split, n))
-            else:
-                notes.append(f"validation_split = {cfg.validation_split:g} holds out "
-                             f"{holdout_count(cfg.validation_split, n)} of {n} image(s) to measure a validation loss")
-        if report["duplicates"]:
-            warns.append(f"{len(report['duplicates'])} group(s) of duplicate images")
-        if cfg.masked_loss and not sum(report["masks"].values()):
-            warns.append("masked_loss is on but none of the images has a mask (an alpha channel, or a same-name "
-                         "file in a masks/ folder): every pixel counts, as without it")
+    family = check_base_model(cfg, errors, notes)
+    if preset is not None and family_mismatch(preset, family):
+        errors.append(family_mismatch(preset, family))
+    report = check_dataset(cfg, errors, warns, notes)
     check_extra_folders(cfg, errors, notes)
     est = estimate_vram_gb(cfg, family)
     lines = []
@@ -184,11 +137,10 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
     if warns:
         lines.append("### Check these")
         lines += [f"- {x}" for x in warns]
-    fam_name = families.name(family)
     lines.append("### Plan")
     if report:
         lines.append(f"- {report['image_count']} images ({report['images_with_repeats']} per epoch with repeats)")
-    lines.append(f"- Model family: {fam_name}")
+    lines.append(f"- Model family: {families.name(family)}")
     lines += [f"- {n}" for n in notes]
     lines.append(f"- Estimated peak VRAM: about {est['total_gb']} GB, while {est['phase']}; the biggest part is "
                  f"{est['biggest']} ({est['terms_gb'][est['biggest']]:.1f} GB). LoRA: {est['lora_params_m']}M parameters")
@@ -197,6 +149,60 @@ def preflight(values: dict[str, Any], datasets_dir: Path | None = None, preset=N
     if not errors:
         lines.insert(0, "### Ready to start")
     return not errors, "\n".join(lines)
+
+
+def check_base_model(cfg: TrainConfig, errors: list[str], notes: list[str]) -> str:
+    """The base model is there (a file, a folder, a hub id in the cache or downloadable); returns its family key, or
+    'auto' when it cannot be told before loading."""
+    from trainer.models.hub import hub_status, is_hub_id
+    from trainer.models.sniff import sniff_family
+
+    if not cfg.base_model:
+        return "auto"
+    p = Path(cfg.base_model).expanduser()
+    if not p.exists() and is_hub_id(cfg.base_model) and p.suffix.lower() not in (".safetensors", ".ckpt"):
+        hub = hub_status(cfg.base_model)  # in the cache, downloadable, or neither (and what to do)
+        (notes if hub.usable else errors).append(hub.message)
+    elif not p.exists():
+        errors.append(f"Base model not found: {cfg.base_model}. Give the path of a .safetensors / .ckpt file, "
+                      "a diffusers folder (with model_index.json) or a hub id like 'org/name'.")
+    return sniff_family(cfg.base_model) if cfg.model_family == "auto" else cfg.model_family
+
+
+def check_dataset(cfg: TrainConfig, errors: list[str], warns: list[str], notes: list[str]) -> dict | None:
+    """The dataset's report (None without one): its blockers, skipped files, missing captions, what validation
+    holds out, duplicates, masks."""
+    from trainer.data.report import dataset_report
+    from trainer.data.scan import holdout_count, holdout_error
+
+    if not cfg.dataset:
+        return None
+    try:
+        report = dataset_report(cfg.dataset, cfg.resolution, cfg.trigger, *cfg.bucket_range, cfg.bucket_step,
+                                cfg.no_upscale)
+    except FileNotFoundError:
+        errors.append(f"Dataset folder not found: {cfg.dataset}")
+        return None
+    errors += report["blockers"]
+    if report["skipped"]:
+        warns.append(f"{len(report['skipped'])} file(s) will be skipped: "
+                     + "; ".join(f"{s['file']} ({s['reason']})" for s in report["skipped"][:5]))
+    if report["missing_captions"]:
+        warns.append(f"{len(report['missing_captions'])} image(s) have no caption"
+                     + ("; those in '<repeats>_<name>' folders are captioned with the name" if cfg.caption_from_folder else "")
+                     + (f"; they use '{cfg.class_caption}'" if cfg.class_caption else " and train on the trigger word alone"))
+    n = report["image_count"]
+    if cfg.validation_split and holdout_error(cfg.validation_split, n):
+        errors.append(holdout_error(cfg.validation_split, n))
+    elif cfg.validation_split:
+        notes.append(f"validation_split = {cfg.validation_split:g} holds out "
+                     f"{holdout_count(cfg.validation_split, n)} of {n} image(s) to measure a validation loss")
+    if report["duplicates"]:
+        warns.append(f"{len(report['duplicates'])} group(s) of duplicate images")
+    if cfg.masked_loss and not sum(report["masks"].values()):
+        warns.append("masked_loss is on but none of the images has a mask (an alpha channel, or a same-name "
+                     "file in a masks/ folder): every pixel counts, as without it")
+    return report
 
 
 # ------------------------------------------------------------------------------------------ the block table

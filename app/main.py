@@ -31,8 +31,8 @@ def build_ui(workspace: str | Workspace, runs: RunManager | None = None) -> gr.B
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     runs = runs or RunManager(ws)
     studio = Studio(ws, runs, CaptionJobs(ws, runs))
-    dataset, train, outputs = DatasetTab(ws, studio.captions), TrainTab(studio), OutputsTab(studio)
-    preview, tools, settings = PreviewTab(studio), ToolsTab(studio), SettingsTab(ws)
+    dataset, train, outputs = DatasetTab(studio), TrainTab(studio), OutputsTab(studio)
+    preview, tools, settings = PreviewTab(studio), ToolsTab(studio), SettingsTab(studio)
     with gr.Blocks(title="LoRA Studio") as ui:
         gr.Markdown("# LoRA Studio")
         banner = gpu_banner()

@@ -111,7 +111,7 @@ class RunManager:
     def __init__(self, workspace, python: str = sys.executable):
         self.ws = workspace
         self.python = python
-        self.db_path = workspace.root / "runs.sqlite"
+        self.db_path = workspace.runs_db
         self._lock = threading.RLock()
         self._views: dict[str, RunView] = {}
         self._procs: dict[str, subprocess.Popen] = {}
@@ -154,7 +154,7 @@ class RunManager:
                 v.state = "queued"
             if run["status"] == "crashed" and not v.error:
                 v.state, v.error = "failed", run["message"]
-            if run["status"] == "running" and (RunFiles(run["dir"]).control / "stop").exists():
+            if run["status"] == "running" and RunFiles(run["dir"]).request("stop").exists():
                 v.stopping = True  # stays until the run has stopped (it saves first)
             v.stopping = v.stopping and run["status"] == "running" and v.state not in ("stopped", "failed", "finished")
         return v

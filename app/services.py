@@ -7,9 +7,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from app.forms import config_to_values, preflight, values_to_config
-from app.workers import gpu_busy
-from trainer.recipe.config import TrainConfig
+from app.forms import cannot_start, config_to_values, preflight, values_to_config
+from app.workers import gpu_busy, run_tool
+from trainer.recipe.config import ConfigError, TrainConfig
 from trainer.recipe.presets import find_preset, list_presets
 from trainer.runfiles import RunFiles, step_of
 
@@ -53,8 +53,18 @@ class Studio:
             info += f"\n\n*No NVIDIA GPU here, so for this machine:* {changed}."
         return config_to_values(cfg), info
 
+    # ------------------------------------------------------------------ engine processes
+    def gpu_busy(self, asking: str = "") -> str | None:
+        """Which job holds the GPU ('training', 'captioning') or None: the one rule, in app/workers.py."""
+        return gpu_busy(self.runs, self.captions, asking)
+
+    def run_tool(self, argv: list[str]):
+        """A `trainer lora` command as a worker: ('progress', done, total) ..., then ('done', result) or ('error', ...)."""
+        return run_tool(argv)
+
     # ------------------------------------------------------------------ runs
-    def check(self, values: dict, preset_key: str = "") -> tuple[bool, str]:
+    def check(self, values, preset_key: str = "") -> tuple[bool, str]:
+        """The pre-flight check of the form's values (or of the TrainConfig made of them)."""
         from app.gpu import gpu_present
         from trainer.recipe import timing
 
@@ -64,13 +74,16 @@ class Studio:
 
     def start(self, values: dict, preset_key: str = "") -> tuple[str | None, str]:
         """(run id or None, what to tell the person): a run starts only after the pre-flight check passes."""
-        if gpu_busy(self.runs, self.captions, asking="training") == "captioning":
+        if self.gpu_busy(asking="training") == "captioning":
             return None, ("Auto-captioning is using the GPU right now (Dataset tab): start the run when it has "
                           "finished, or cancel it there.")
-        ok, text = self.check(values, preset_key)
+        try:
+            cfg = values_to_config(values, self.ws.datasets_dir)  # once: the check and the run use this config
+        except ConfigError as e:
+            return None, cannot_start(e)
+        ok, text = self.check(cfg, preset_key)
         if not ok:
             return None, text
-        cfg = values_to_config(values, self.ws.datasets_dir)
         self.ws.remember_model(cfg.base_model)
         run_id, created = self.runs.create(cfg)
         return run_id, ("Started." if created else "This run is already queued or running; showing it.") + "\n\n" + text
@@ -168,7 +181,7 @@ class Studio:
         import os
 
         src = self.ws.resolve_file(path)
-        dst = self.ws.root / "downloads" / self.public_name(src)
+        dst = self.ws.downloads_dir / self.public_name(src)
         dst.parent.mkdir(exist_ok=True)
         if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
             dst.unlink(missing_ok=True)

@@ -6,12 +6,16 @@ rule for "one job on the GPU at a time". The GPU belongs to these processes, nev
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
+
+from trainer.events import parse_event
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,3 +79,26 @@ def gpu_busy(runs, captions=None, asking: str = "") -> str | None:
     if asking != "captioning" and captions is not None and captions.running():
         return "captioning"
     return None
+
+
+def run_tool(argv: list[str]):
+    """Run one `trainer lora` command; yield ('progress', done, total) while it works, then ('done', result) or
+    ('error', message). The worker speaks in events (--progress): progress, and an error's sentence."""
+    argv = list(argv) + ([] if "--progress" in argv else ["--progress"])
+    with tempfile.TemporaryFile() as out:
+        proc = start_attached(engine_command("lora", *argv), stdout=out, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, text=True)
+        errors = []
+        for line in proc.stderr:  # the worker's events (trainer/events.py); anything else is a library talking
+            ev = parse_event(line)
+            if ev and ev["type"] == "progress":
+                yield "progress", int(ev["done"]), int(ev["total"])
+            elif ev and ev["type"] == "error":
+                errors.append(ev["message"])
+        code = proc.wait()
+        out.seek(0)
+        text = out.read().decode("utf-8", "replace")
+    if code != 0:
+        yield "error", errors[-1] if errors else f"The tool stopped unexpectedly (exit code {code})."
+        return
+    yield "done", json.loads(text)

@@ -17,6 +17,26 @@ class Workspace:
             (self.root / d).mkdir(parents=True, exist_ok=True)
 
     @property
+    def runs_db(self) -> Path:
+        """The SQLite index of runs (and the queue)."""
+        return self.root / "runs.sqlite"
+
+    @property
+    def previews_dir(self) -> Path:
+        """Images Preview generated."""
+        return self.root / "previews"
+
+    @property
+    def captioning_dir(self) -> Path:
+        """One folder per auto-captioning job: its events, stop file and worker log."""
+        return self.root / "captioning"
+
+    @property
+    def downloads_dir(self) -> Path:
+        """Copies handed to the browser for download, named for people."""
+        return self.root / "downloads"
+
+    @property
     def datasets_dir(self) -> Path:
         return self.root / "datasets"
 

@@ -120,14 +120,15 @@ class BusyRuns:
 @pytest.mark.slow
 def test_the_dataset_tab_captions_through_the_worker_and_refuses_while_training(blip, tmp_path):
     from app.captioning import CaptionJobs
+    from app.services import Studio
     from app.tabs.dataset import DatasetTab
     from app.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")
     make_images(ws.dataset_path("d", create=True), 3, caption=None)
-    busy = DatasetTab(ws, CaptionJobs(ws, BusyRuns("running")))
+    busy = DatasetTab(Studio(ws, BusyRuns("running"), CaptionJobs(ws, BusyRuns("running"))))
     assert "training run is using the GPU" in busy.start_captioning("d", str(blip), "missing", False)
-    tab = DatasetTab(ws, CaptionJobs(ws, BusyRuns("finished")))
+    tab = DatasetTab(Studio(ws, BusyRuns("finished"), CaptionJobs(ws, BusyRuns("finished"))))
     assert "tick *Yes, replace existing captions*" in tab.start_captioning("d", str(blip), "overwrite", False)
     assert tab.start_captioning("d", str(blip), "missing", False, trigger="zwx", batch_size=2) == "Captioning started."
     assert "already running" in tab.start_captioning("d", str(blip), "missing", False)

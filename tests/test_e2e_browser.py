@@ -6,6 +6,7 @@ step goes to test-artifacts/e2e/ (the README's screenshots come from there).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -77,6 +78,19 @@ class UI:
     def click(self, elem_id):
         self.p.locator(f"#{elem_id}").click()
 
+    def until(self, pred, what: str, timeout: float = 30):
+        """Wait on a condition, not on the clock: `pred()` true within `timeout` seconds, or fail saying `what`."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if pred():
+                    return
+            except (OSError, ValueError, KeyError):  # a file or a key not written yet
+                pass
+            self.p.wait_for_timeout(200)
+        self.shot("failed-until")
+        raise AssertionError(f"timed out waiting until {what}")
+
     def wait_text(self, elem_id, pattern, timeout=240):
         loc = self.p.locator(f"#{elem_id}")
         deadline = time.time() + timeout
@@ -90,7 +104,7 @@ class UI:
 
 
 def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     url, ws = app_url
     imgs = make_images(tmp_path / "photos", 4, size=(96, 96), caption=None)
@@ -160,11 +174,11 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         ui.wait_text("preflight", r"Time on this machine \(CPU\): about")
 
         # 2b. A reload keeps the filled form (preset, model, dataset, trigger, steps, an Advanced field)
-        page.wait_for_timeout(1000)  # the last edit's save
+        ui.until(lambda: json.loads((ws / "ui_state.json").read_text())["train"]["save_every_steps"] == 4,
+                 "the form's last edit was saved")
         page.reload()
         ui.tab("Train")
-        page.wait_for_timeout(1500)
-        assert page.locator("#f-max_steps input").first.input_value() == "12"
+        expect(page.locator("#f-max_steps input").first).to_have_value("12", timeout=30_000)
         assert page.locator("#f-trigger textarea, #f-trigger input").first.input_value() == "zwx"
         assert page.locator("#f-dataset input[role=combobox]").input_value() == "mychar"
         assert page.locator("#f-base_model input[role=combobox]").input_value() == str(tiny_sd1)
@@ -174,16 +188,15 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         ui.wait_text("progress", r"step [1-9]\d*/12")
         ui.wait_text("progress", r"finished", timeout=300)
         assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0  # the chart rendered
-        page.wait_for_timeout(1500)
-        assert line_pixels(page.locator("#loss-plot").screenshot()) > 50, "the loss curve is not drawn"
+        ui.until(lambda: line_pixels(page.locator("#loss-plot").screenshot()) > 50, "the loss curve is drawn")
         # the picker follows the run's end by itself, no Refresh
         deadline = time.time() + 10
         while "finished" not in page.locator("#run-pick input[role=combobox]").input_value() and time.time() < deadline:
             page.wait_for_timeout(300)
         assert "finished" in page.locator("#run-pick input[role=combobox]").input_value()
         # the log box shows its newest line
-        page.wait_for_timeout(1500)
-        assert page.locator("#log textarea").evaluate("e => e.scrollHeight - e.scrollTop - e.clientHeight < 4")
+        ui.until(lambda: page.locator("#log textarea").evaluate("e => e.scrollHeight - e.scrollTop - e.clientHeight < 4"),
+                 "the log box follows its newest line")
         ui.shot("2-train", "progress")
 
         # 3. Outputs: the finished run is listed without Refresh; download its LoRA; it loads in diffusers

@@ -126,3 +126,31 @@ def test_validation_noise_follows_the_vae_scale(tmp_path):
     path = train(cfg, out, echo=lambda *a: None)
     vals = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if '"validation"' in line]
     assert path.is_file() and vals and all(v["loss"] == v["loss"] for v in vals)
+
+
+def test_a_variant_is_one_object(monkeypatch):
+    """A dry run of the SDXL v-prediction variant of the breadth issue: one Family object (in a file of the package,
+    here put in place by the test) is told apart in a single file, named in exports, estimated and laid out by the
+    code that exists, with nothing else changed."""
+    import dataclasses
+
+    from trainer.loras.export import build_metadata
+    from trainer.models.load import _family
+    from trainer.recipe.config import TrainConfig
+    from trainer.recipe.estimate import estimate_vram_gb
+
+    base = families.family("sdxl")
+    v = dataclasses.replace(base, key="sdxlv", name="SDXL (v-prediction)", base_version="sdxl_v_test",
+                            prediction_type="v_prediction", checkpoint_marker=None, guessable=False,
+                            detect=lambda keys, tensor: "v_pred" in keys)
+    monkeypatch.setitem(families.FAMILIES, "sdxlv", v)
+    sdxl_keys = ["conditioner.embedders.1.model.ln_final.weight"]
+    assert _family(sdxl_keys + ["v_pred"], lambda k: None) == "sdxlv"
+    assert _family(sdxl_keys, lambda k: None) == "sdxl"
+    assert v.config_dir == base.config_dir and families.group("sdxlv") == "sdxl"
+    assert build_metadata(TrainConfig(), "sdxlv", {})["ss_base_model_version"] == "sdxl_v_test"
+    layout = {"layers_per_block": 2, "up_has_attn": {0: True, 1: True, 2: False}}
+    assert lorafile.module_name("unet", "down_blocks.1.attentions.0.proj_in", "sdxlv", layout) == \
+        lorafile.module_name("unet", "down_blocks.1.attentions.0.proj_in", "sdxl", layout) == "lora_unet_input_blocks_4_1_proj_in"
+    cfg = TrainConfig(resolution=1024)
+    assert estimate_vram_gb(cfg, "sdxlv") == estimate_vram_gb(cfg, "sdxl")

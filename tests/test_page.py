@@ -27,6 +27,7 @@ def test_dropping_the_same_images_again_imports_only_the_new_one(tmp_path):
 
 
 def test_add_trigger_reaches_every_image_even_without_a_caption(tmp_path):
+    from app.services import Studio
     from app.tabs.dataset import DatasetTab
     from app.workspace import Workspace
 
@@ -35,7 +36,7 @@ def test_add_trigger_reaches_every_image_even_without_a_caption(tmp_path):
     make_images(d, 2)
     make_images(d / "more", 1, caption=None)
     shutil.move(str(d / "more" / "img0.png"), str(d / "bare.png"))
-    msg = DatasetTab(ws).bulk("d", "trigger", "zwx")
+    msg = DatasetTab(Studio(ws, None)).bulk("d", "trigger", "zwx")
     assert msg == "Changed 3 caption(s)."
     assert (d / "bare.txt").read_text() == "zwx"
     assert (d / "img0.txt").read_text().startswith("zwx, ")
@@ -93,6 +94,7 @@ def test_a_bad_lora_file_gets_its_message_and_leaves_the_pickers_alone(tmp_path)
 
 def test_an_excluded_image_stays_in_the_folder_but_out_of_training(tmp_path):
     """Exclude is the person's 'not this one': training (scan), the report and the gallery agree; undo is one click."""
+    from app.services import Studio
     from app.tabs.dataset import DatasetTab
     from app.workspace import Workspace
     from trainer.data.scan import scan_dataset
@@ -101,7 +103,7 @@ def test_an_excluded_image_stays_in_the_folder_but_out_of_training(tmp_path):
     d = ws.dataset_path("d", create=True)
     make_images(d, 3)
     make_images(d / "5_sub", 1)
-    tab = DatasetTab(ws)
+    tab = DatasetTab(Studio(ws, None))
     msg = tab.toggle_exclude("d", str(d / "5_sub" / "img0.png"))
     assert "excluded from training" in msg and (d / "5_sub" / "img0.png").exists()
     scan = scan_dataset(d)
@@ -115,6 +117,7 @@ def test_an_excluded_image_stays_in_the_folder_but_out_of_training(tmp_path):
 
 
 def test_removing_an_image_moves_it_and_its_caption_to_a_trash_it_can_come_back_from(tmp_path):
+    from app.services import Studio
     from app.tabs.dataset import DatasetTab
     from app.workspace import Workspace
 
@@ -122,7 +125,7 @@ def test_removing_an_image_moves_it_and_its_caption_to_a_trash_it_can_come_back_
     d = ws.dataset_path("d", create=True)
     make_images(d, 2)
     before = (d / "img1.png").read_bytes(), (d / "img1.txt").read_text()
-    tab = DatasetTab(ws)
+    tab = DatasetTab(Studio(ws, None))
     tab.toggle_exclude("d", str(d / "img1.png"))
     assert "to the trash" in tab.remove("d", str(d / "img1.png"))
     assert not (d / "img1.png").exists() and not (d / "img1.txt").exists()
@@ -138,13 +141,14 @@ def test_removing_an_image_moves_it_and_its_caption_to_a_trash_it_can_come_back_
 
 
 def test_the_caption_editor_names_the_image_and_its_size(tmp_path):
+    from app.services import Studio
     from app.tabs.dataset import DatasetTab
     from app.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")
     d = ws.dataset_path("d", create=True)
     make_images(d, 1, size=(80, 48))
-    text = DatasetTab(ws).info("d", str(d / "img0.png"))
+    text = DatasetTab(Studio(ws, None)).info("d", str(d / "img0.png"))
     kb = (d / "img0.png").stat().st_size / 1024
     assert text.startswith("**img0.png** · 80×48 px · ") and f"{kb:.0f} KB" in text
 

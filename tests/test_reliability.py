@@ -157,11 +157,12 @@ def test_hostile_requests_are_refused(app, tmp_path):
 
 
 def test_upload_named_with_traversal_lands_inside_the_dataset(tmp_path):
+    from app.services import Studio
     from app.tabs.dataset import DatasetTab
     from app.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")
-    tab = DatasetTab(ws)
+    tab = DatasetTab(Studio(ws, None))
     tab.create("d")
     evil_dir = tmp_path / "up" / "a" / "b"
     evil_dir.mkdir(parents=True)

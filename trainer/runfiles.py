@@ -22,6 +22,7 @@ CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
 WORKER_LOG = "worker.log"
 ERROR_LOG = "error.log"
+TENSORBOARD = "tensorboard"
 # inside a checkpoint folder
 LORA_STATE = "lora_state.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -48,9 +49,13 @@ class RunFiles:
     def control(self) -> Path:
         return self.root / CONTROL
 
+    def request(self, command: str) -> Path:
+        """The file that asks the engine to act ('stop', 'save'): present until the engine takes it."""
+        return self.control / command
+
     @property
     def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
+        return self.root / TENSORBOARD
 
     @property
     def checkpoints(self) -> Path:
@@ -103,6 +108,11 @@ class RunFiles:
     def lora_files(self) -> list[Path]:
         """Final LoRA first, then each checkpoint's, newest first."""
         return self.final_loras() + [f for _, f in reversed(self.checkpoint_loras())]
+
+    @staticmethod
+    def of_checkpoint(checkpoint_dir) -> "RunFiles":
+        """The run a checkpoints/step-N folder belongs to."""
+        return RunFiles(Path(checkpoint_dir).parents[1])
 
     @staticmethod
     def of_lora(path) -> "RunFiles":

@@ -16,9 +16,9 @@ IMPORT_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt", ".caption", ".
 
 
 class DatasetTab:
-    def __init__(self, ws, captions=None):
-        self.ws = ws
-        self.captions = captions  # app.captioning.CaptionJobs: the captioning worker
+    def __init__(self, studio):
+        self.studio, self.ws = studio, studio.ws
+        self.captions = studio.captions  # app.captioning.CaptionJobs: the captioning worker, through the Studio
 
     # ------------------------------------------------------------------ auto-captioning
     def start_captioning(self, name: str, model: str, mode: str, confirm: bool, trigger: str = "",

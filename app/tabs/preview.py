@@ -10,9 +10,9 @@ import gradio as gr
 from app.gpu import gpu_present
 from app.preview_client import PreviewClient
 from app.ui_util import friendly
-from app.workers import gpu_busy
 from trainer.fsutil import safe_name, unique_path
 from trainer.models.sniff import trigger_words
+from trainer.engine.samplers import DEFAULTS as D
 from trainer.engine.samplers import SAMPLERS
 
 MODES = ["Single image", "Base vs LoRA", "Strength grid", "Checkpoint grid"]
@@ -26,8 +26,8 @@ def insert_triggers(prompt: str, words: list[str]) -> str:
 
 class PreviewTab:
     def __init__(self, studio, client: PreviewClient | None = None):
-        self.studio, self.ws, self.runs = studio, studio.ws, studio.runs
-        self.client = client or PreviewClient(self.ws.root / "previews")
+        self.studio, self.ws = studio, studio.ws
+        self.client = client or PreviewClient(self.ws.previews_dir)
 
     # ------------------------------------------------------------------ handlers
     def add_lora_file(self, path: str) -> str:
@@ -45,7 +45,7 @@ class PreviewTab:
         return str(dst)
 
     def busy_message(self) -> str | None:
-        if gpu_present() and gpu_busy(self.runs, asking="preview") == "training":
+        if gpu_present() and self.studio.gpu_busy(asking="preview") == "training":
             return ("A training run is using the GPU. Preview waits for the GPU: stop the run or wait until it "
                     "finishes, so the two do not fight for VRAM.")
         return None
@@ -141,17 +141,17 @@ class PreviewTab:
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="pv-prompt")
         negative = gr.Textbox(label="Negative prompt", lines=1)
         with gr.Row():
-            seed = gr.Number(value=1234, precision=0, label="Seed", elem_id="pv-seed")
+            seed = gr.Number(value=D["seed"], precision=0, label="Seed", elem_id="pv-seed")
             rnd = gr.Button("Random seed")
             reuse = gr.Button("Reuse last seed")
-            last_seed = gr.State(1234)
-            steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="pv-steps")
-            cfg = gr.Slider(1, 20, value=7.0, step=0.5, label="CFG")
+            last_seed = gr.State(D["seed"])
+            steps = gr.Slider(1, 100, value=D["steps"], step=1, label="Steps", elem_id="pv-steps")
+            cfg = gr.Slider(1, 20, value=D["cfg"], step=0.5, label="CFG")
         with gr.Row():
-            width = gr.Slider(64, 2048, value=512, step=64, label="Width", elem_id="pv-width")
-            height = gr.Slider(64, 2048, value=512, step=64, label="Height", elem_id="pv-height")
-            sampler = gr.Dropdown(list(SAMPLERS), value="Euler a", label="Sampler")
-            batch = gr.Slider(1, 8, value=1, step=1, label="Batch count")
+            width = gr.Slider(64, 2048, value=D["width"], step=64, label="Width", elem_id="pv-width")
+            height = gr.Slider(64, 2048, value=D["height"], step=64, label="Height", elem_id="pv-height")
+            sampler = gr.Dropdown(list(SAMPLERS), value=D["sampler"], label="Sampler")
+            batch = gr.Slider(1, 8, value=D["batch"], step=1, label="Batch count")
         with gr.Row():
             mode = gr.Radio(MODES, value="Single image", label="Mode", elem_id="pv-mode")
             strengths = gr.Textbox(value="0, 0.25, 0.5, 0.75, 1", label="Grid strengths")

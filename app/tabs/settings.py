@@ -9,8 +9,8 @@ from app.ui_util import friendly
 
 
 class SettingsTab:
-    def __init__(self, ws):
-        self.ws = ws
+    def __init__(self, studio):
+        self.studio, self.ws = studio, studio.ws
 
     def save(self, path: str, caption_model: str | None = None) -> str:
         p = Path(path).expanduser() if path else None

@@ -3,38 +3,12 @@ process (torch stays out of the UI process), with its progress in the page; resu
 loras/ folder, where Preview finds them."""
 from __future__ import annotations
 
-import json
-import subprocess
-import tempfile
 from pathlib import Path
 
 import gradio as gr
 
-from app.workers import engine_command, start_attached
 from app.ui_util import friendly
 from trainer.fsutil import safe_name
-
-
-def run_tool(argv: list[str]):
-    """Run one `trainer lora` command; yield ('progress', done, total) while it works, then ('done', result) or
-    ('error', message)."""
-    with tempfile.TemporaryFile() as out:
-        proc = start_attached(engine_command("lora", *argv), stdout=out, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, text=True)
-        errors = []
-        for line in proc.stderr:
-            if line.startswith("progress "):
-                done, total = line.split()[1].split("/")
-                yield "progress", int(done), int(total)
-            elif line.startswith("error: "):
-                errors.append(line[len("error: "):].strip())
-        code = proc.wait()
-        out.seek(0)
-        text = out.read().decode("utf-8", "replace")
-    if code != 0:
-        yield "error", errors[-1] if errors else f"The tool stopped unexpectedly (exit code {code})."
-        return
-    yield "done", json.loads(text)
 
 
 def spectrum_tables(rep: dict):
@@ -63,7 +37,7 @@ class ToolsTab:
 
     def stream(self, argv: list[str], what: str):
         """Markdown status lines for a tool run: progress, then the result in words."""
-        for event in run_tool(argv + ["--progress"] if argv[0] != "info" else argv):
+        for event in self.studio.run_tool(argv):
             if event[0] == "progress":
                 yield f"{what}: {event[1]}/{event[2]} modules", None
             elif event[0] == "error":

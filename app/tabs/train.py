@@ -252,12 +252,10 @@ class TrainTab:
 
         @friendly
         def on_suggest(path, keep, family, rank, alpha):
-            from app.tabs.tools import run_tool
-
             if not path:
                 yield gr.update(), "Pick a LoRA file to learn the ranks from."
                 return
-            for event in run_tool(["spectrum", path, "--json", "--progress"]):
+            for event in self.studio.run_tool(["spectrum", path, "--json"]):
                 if event[0] == "progress":
                     yield gr.update(), f"Reading the spectrum: {event[1]}/{event[2]} modules"
                 elif event[0] == "error":

@@ -100,6 +100,7 @@ def cmd_export(args) -> int:
     from trainer.engine import checkpoint as ckpt
     from trainer.recipe.config import TrainConfig
     from trainer.loras.export import export_parts
+    from trainer.runfiles import RunFiles
 
     src = Path(args.checkpoint)
     folder = src if (src / "state.json").is_file() else ckpt.latest_checkpoint(src)
@@ -112,7 +113,7 @@ def cmd_export(args) -> int:
     except (ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    out = Path(args.out) if args.out else folder.parent.parent / f"{cfg.output_name}-{args.precision}.safetensors"
+    out = Path(args.out) if args.out else RunFiles.of_checkpoint(folder).final(f"{cfg.output_name}-{args.precision}")
     info = {"steps": state["step"], "prediction_type": state.get("prediction_type", "epsilon"), "model_name": cfg.base_model}
     export_parts(parts, cfg, state, info, out, precision=args.precision)
     print(out)

@@ -10,25 +10,26 @@ def add_commands(sub) -> None:
     ls = p.add_subparsers(dest="lora_cmd", required=True)
     i = ls.add_parser("info", help="family, modules, ranks, alphas, metadata, size")
     i.add_argument("file")
-    i.set_defaults(fn=lambda a: _run(lambda t: t.info(a.file), True))
+    i.add_argument("--progress", action="store_true", help="error events on stderr, as JSON lines (trainer/events.py)")
+    i.set_defaults(fn=lambda a: _run(a, lambda t: t.info(a.file), True))
     s = ls.add_parser("spectrum", help="singular values of each module's update; ranks keeping 90/95/99%%")
     s.add_argument("file")
     s.add_argument("--json", action="store_true", help="everything, as JSON")
-    s.add_argument("--progress", action="store_true", help="print 'progress DONE/TOTAL' lines on stderr")
-    s.set_defaults(fn=lambda a: _run(lambda t: t.spectrum(a.file, on_progress=progress(a)), a.json, _spectrum_text))
+    s.add_argument("--progress", action="store_true", help="progress and error events on stderr, as JSON lines (trainer/events.py; the app reads them)")
+    s.set_defaults(fn=lambda a: _run(a, lambda t: t.spectrum(a.file, on_progress=progress(a)), a.json, _spectrum_text))
     r = ls.add_parser("resize", help="best rank-k approximation of each module (truncated SVD)")
     r.add_argument("file")
     _rank_or_energy(r)
     r.add_argument("--out", required=True)
     r.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help="default: the source's")
-    r.set_defaults(fn=lambda a: _run(lambda t: t.resize(a.file, a.out, a.rank, a.energy, a.precision, on_progress=progress(a)), True))
+    r.set_defaults(fn=lambda a: _run(a, lambda t: t.resize(a.file, a.out, a.rank, a.energy, a.precision, on_progress=progress(a)), True))
     m = ls.add_parser("merge", help="weighted sum of LoRAs of one family (exact, or re-factorised to --rank)")
     m.add_argument("sources", nargs="+", metavar="FILE:WEIGHT")
     m.add_argument("--rank", type=int)
     m.add_argument("--out", required=True)
     m.add_argument("--precision", choices=["fp16", "bf16", "fp32"])
     m.add_argument("--progress", action="store_true", help="accepted for symmetry; a merge reports when done")
-    m.set_defaults(fn=lambda a: _run(lambda t: t.merge(parse_sources(a.sources), a.out, a.rank, a.precision), True))
+    m.set_defaults(fn=lambda a: _run(a, lambda t: t.merge(parse_sources(a.sources), a.out, a.rank, a.precision), True))
     e = ls.add_parser("extract", help="a LoRA of the difference between two checkpoints of one family")
     e.add_argument("--base", required=True)
     e.add_argument("--tuned", required=True)
@@ -37,19 +38,21 @@ def add_commands(sub) -> None:
     e.add_argument("--out", required=True)
     e.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
     e.add_argument("--model-config", help="for single files of an unusual size: a diffusers folder with their configs")
-    e.set_defaults(fn=lambda a: _run(lambda t: t.extract(a.base, a.tuned, a.out, a.rank, a.energy, a.conv, a.precision,
+    e.set_defaults(fn=lambda a: _run(a, lambda t: t.extract(a.base, a.tuned, a.out, a.rank, a.energy, a.conv, a.precision,
                                                          on_progress=progress(a), model_config=a.model_config), True))
 
 
 def progress(args):
-    """--progress: 'progress DONE/TOTAL' lines on stderr (the app's Tools tab reads them)."""
+    """--progress: progress events on stderr, the JSON lines of trainer/events.py (the app's Tools tab reads them)."""
     if not getattr(args, "progress", False):
         return None
-    return lambda d, t: print(f"progress {d}/{t}", file=sys.stderr, flush=True)
+    from trainer.events import event_line
+
+    return lambda d, t: print(event_line("progress", done=d, total=t), file=sys.stderr, flush=True)
 
 
 def _rank_or_energy(p) -> None:
-    p.add_argument("--progress", action="store_true", help="print 'progress DONE/TOTAL' lines on stderr")
+    p.add_argument("--progress", action="store_true", help="progress and error events on stderr, as JSON lines (trainer/events.py; the app reads them)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--rank", type=int)
     g.add_argument("--energy", type=float, help="per module, the smallest rank keeping this share (e.g. 0.95)")
@@ -79,13 +82,14 @@ def _spectrum_text(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def _run(fn, as_json: bool, text=None) -> int:
+def _run(args, fn, as_json: bool, text=None) -> int:
+    from trainer.events import event_line
     from trainer.loras import tools as loratools
 
     try:
         rep = fn(loratools)
     except loratools.LoraToolError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(event_line("error", message=str(e)) if getattr(args, "progress", False) else f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(rep, indent=1) if as_json or text is None else text(rep))
     return 0

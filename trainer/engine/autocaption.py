@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.data.captions import split_tags, with_triggers
+from trainer.events import EventLog
+from trainer.runfiles import RunFiles
 from trainer.fsutil import atomic_write_text
 
 MODES = ("missing", "append", "overwrite")
@@ -233,20 +235,19 @@ def add_command(sub) -> None:
     c.add_argument("--max-new-tokens", type=int, default=60)
     c.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     c.add_argument("--preview", type=int, default=0, metavar="N", help="caption the first N and write nothing")
-    c.add_argument("--events", help="append JSON-line events to this file (the app reads them)")
-    c.add_argument("--stop-file", help="stop after the current batch once this file exists")
+    c.add_argument("--job", help="a job folder (the app's): events go to its events.jsonl, and a stop request "
+                                 "there (trainer/events.py) stops the job after the current batch")
     c.set_defaults(fn=cmd_caption)
 
 
 def cmd_caption(args) -> int:
     opts = CaptionOptions(model=args.model, mode=args.mode, trigger=args.trigger, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, device=args.device)
-    sink = open(args.events, "a", encoding="utf-8") if args.events else None
+    log = EventLog(args.job) if args.job else None
 
     def emit(e: dict) -> None:
-        if sink:
-            sink.write(json.dumps(e) + "\n")
-            sink.flush()
+        if log:
+            log.emit(**e)
         if e["type"] == "caption":
             print(f"{e['file']}: {e['caption']}")
         elif e["type"] in ("status", "done", "error"):
@@ -254,7 +255,7 @@ def cmd_caption(args) -> int:
         elif e["type"] == "progress" and e["images_per_s"]:
             print(f"{e['done']}/{e['total']} images, {e['images_per_s']:.2f} images/s, ETA {e['eta_s']:.0f} s")
 
-    stop = Path(args.stop_file) if args.stop_file else None
+    stop = RunFiles(args.job).request("stop") if args.job else None
     try:
         caption_dataset(args.dataset, opts, emit, lambda: bool(stop and stop.exists()), preview=args.preview)
         return 0
@@ -267,6 +268,3 @@ def cmd_caption(args) -> int:
         traceback.print_exc()
         emit({"type": "error", "message": f"Captioning failed: {type(e).__name__}: {e}"})
         return 1
-    finally:
-        if sink:
-            sink.close()

@@ -53,12 +53,12 @@ class GenParams:
     prompt: str = ""
     negative: str = ""
     seed: int = 0
-    steps: int = 20
-    cfg: float = 7.0
-    width: int = 512
-    height: int = 512
-    sampler: str = "Euler a"
-    batch: int = 1
+    steps: int = samplers.DEFAULTS["steps"]
+    cfg: float = samplers.DEFAULTS["cfg"]
+    width: int = samplers.DEFAULTS["width"]
+    height: int = samplers.DEFAULTS["height"]
+    sampler: str = samplers.DEFAULTS["sampler"]
+    batch: int = samplers.DEFAULTS["batch"]
     loras: list = field(default_factory=list)  # list[LoraSpec]
 
 

@@ -2,6 +2,9 @@
 Torch-free to import (the UI lists the names); diffusers is imported only to build one."""
 from __future__ import annotations
 
+# What a Preview generation uses unless told otherwise: GenParams' defaults and the Preview tab's starting values.
+DEFAULTS = {"steps": 20, "cfg": 7.0, "width": 512, "height": 512, "sampler": "Euler a", "batch": 1, "seed": 1234}
+
 _TABLE = {
     "Euler": ("EulerDiscreteScheduler", {}),
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),

@@ -351,23 +351,9 @@ def make_schedule(cfg: TrainConfig, model: LoadedModel, accelerator, micro_per_e
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict], device: str):
-    if cfg.optimizer == "adamw":
-        kw = {"fused": True} if device == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, **kw)
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
+    from trainer.recipe import optimizers
 
-            return bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
-        except Exception as e:
-            raise TrainingError(
-                f"The 8-bit optimizer (bitsandbytes) is not usable here ({type(e).__name__}: {str(e)[:120]}). "
-                "Use optimizer = 'adamw', or install a bitsandbytes build that matches your CUDA."
-            ) from None
-    if cfg.optimizer == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError:
-            raise TrainingError("Prodigy needs the 'prodigyopt' package: pip install prodigyopt") from None
-        return Prodigy(groups, weight_decay=cfg.weight_decay, safeguard_warmup=True, use_bias_correction=True)
-    raise TrainingError(f"Unknown optimizer '{cfg.optimizer}'.")
+    try:
+        return optimizers.get(cfg.optimizer).build(groups, cfg, device)
+    except optimizers.OptimizerError as e:
+        raise TrainingError(str(e)) from None

@@ -17,7 +17,7 @@ import torch
 from trainer.models import families
 from trainer.models.families import name as family_name
 from trainer.models.hub import how_to_get, hub_status, is_hub_id
-from trainer.models.sniff import family_from_folder, family_from_keys
+from trainer.models.sniff import family_from_folder
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,6 @@ def read_checkpoint(path: Path) -> dict:
     raise ModelError(f"{path.name}: unsupported file type '{suffix}'. Use a .safetensors (preferred) or .ckpt file.")
 
 
-SD2V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
-
-
 def family_from_checkpoint(sd: dict) -> str:
     return _family(sd.keys(), lambda k: sd[k] if k in sd else None)
 
@@ -167,13 +164,9 @@ def family_of_file(path: Path) -> str:
 
 
 def _family(keys, tensor) -> str:
-    fam = family_from_keys(keys)
-    if fam == "sd2":
-        # ComfyUI's test: v-prediction SD2 models have a wide spread in this late norm bias
-        bias = tensor(SD2V_PROBE)
-        return "sd2v" if bias is not None and torch.std(bias.float(), unbiased=False) > 0.09 else "sd2"
-    if fam:
-        return fam
+    base = families.from_checkpoint_keys(keys)
+    if base:
+        return families.variant_of(base, keys, tensor).key
     raise ModelError(
         "Unknown architecture: the checkpoint has no SD 1.x, SD 2.x or SDXL text-encoder keys. "
         "LoRA Studio trains SD 1.5, SD 2.x and SDXL models; is this an inpainting, Flux or SD3 model, or a LoRA?"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.models import families
+from trainer.recipe import optimizers
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,7 +26,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 CONFIG_VERSION = 1
 
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+OPTIMIZERS = optimizers.KEYS
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
@@ -261,12 +262,13 @@ class TrainConfig:
         # options that silently conflict elsewhere
         if self.cache_latents and self.flip:
             warns.append("flip with cached latents: both flipped and unflipped latents are cached (twice the cache).")
-        if self.optimizer == "prodigy" and (self.unet_lr < 0.1 or (self.train_text_encoder and 0 < self.text_encoder_lr < 0.1)):
+        adaptive = self.optimizer in optimizers.OPTIMIZERS and optimizers.get(self.optimizer).adaptive
+        if adaptive and (self.unet_lr < 0.1 or (self.train_text_encoder and 0 < self.text_encoder_lr < 0.1)):
             warns.append(
                 f"Prodigy finds its own step size and expects learning rates near 1.0, but unet_lr={self.unet_lr} "
                 f"and text_encoder_lr={self.text_encoder_lr}: it will barely learn. Use 1.0."
             )
-        if self.optimizer != "prodigy" and self.unet_lr >= 0.01:
+        if not adaptive and self.unet_lr >= 0.01:
             warns.append(f"unet_lr={self.unet_lr} is very high for {self.optimizer}; 1e-4 is typical. Expect NaN loss.")
         if self.save_every_steps < 0 or self.sample_every_steps < 0 or self.keep_last < 0:
             errors.append("save_every_steps, sample_every_steps and keep_last must not be negative.")
@@ -371,7 +373,7 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
             return float(value)
         if typ == "list":
             if isinstance(value, str):
-                return [line for line in value.splitlines() if line.strip()]
+                return [line.strip() for line in value.splitlines() if line.strip()]
             return [str(v) for v in value]
         return str(value)
     except (TypeError, ValueError):

@@ -7,6 +7,7 @@ and batch, calibrated against `python -m trainer memory` (trainer/measure/memory
 from __future__ import annotations
 
 from trainer.models import families
+from trainer.recipe import optimizers
 
 GB = 1024**3
 # Activation, sampling and linear-share figures are each family's own (trainer/models/families/, `calibration`).
@@ -95,7 +96,7 @@ def estimate_vram_gb(cfg, family: str) -> dict:
         lora = lora_param_count(cfg, spec.key)
     except ValueError:  # per-block values for another family: the pre-flight check says so
         lora = 0
-    opt_bytes = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}[cfg.optimizer]
+    opt_bytes = optimizers.get(cfg.optimizer).state_bytes
     pixels = cfg.resolution * cfg.resolution
     scale = pixels / group.native_resolution ** 2
     act = cal.act_gb[1 if cfg.gradient_checkpointing else 0] * scale * cfg.batch_size * GB

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from trainer.loras.metadata import network_args
 from trainer.models import blocks, families
+from trainer.recipe import optimizers
 from trainer.recipe.config import TrainConfig, dumps_toml
+from trainer.runfiles import RunFiles
 
-_OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "pagedadamw8bit": "adamw8bit"}
 _SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 _PRECISION = {"no": "no", "fp16": "fp16", "bf16": "bf16", "float": "fp32", "fp32": "fp32"}
 # keys that carry no training meaning for us, or are paths of the person's kohya install
@@ -64,7 +65,33 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
     sd-scripts resolves them, and said."""
     out: dict = {}
     notes: list[str] = []
+    _import_fields(data, out, notes)
+    _import_rates(data, out, notes)
+    _import_schedule(data, out, notes)
+    _import_precision_and_files(data, out, notes)
+    _import_logging(data, out, notes)
+    personal = sorted(k for k in _PERSONAL if data.get(k) not in (None, "", []))
+    if personal:
+        notes.append("kept your own values for " + ", ".join(personal) + " (they name files on the machine the preset came from)")
+    if out.get("min_snr_gamma") == 0:
+        out.pop("min_snr_gamma")
+    if out.get("cache_text_encoder_outputs") and out.get("train_text_encoder", True):
+        out["cache_text_encoder_outputs"] = False
+        notes.append("cache_text_encoder_outputs conflicts with training the text encoder: caching turned off")
+    unknown = sorted(k for k in data if k not in KNOWN and k not in _IGNORED_QUIETLY and data[k] not in (None, "", False, 0))
+    if unknown:
+        notes.append("not used by LoRA Studio: " + ", ".join(unknown))
+    TrainConfig.from_dict(out, source="kohya import")  # every mapped value must be valid here
+    return out, notes
 
+
+def _given(data: dict, key: str):
+    """A kohya value as a number, None when absent or empty."""
+    return _num(data.get(key)) if data.get(key) not in (None, "") else None
+
+
+def _import_fields(data: dict, out: dict, notes: list[str]) -> None:
+    """The keys that map one to one: numbers, flags, per-block strings."""
     def take(key, target, conv=lambda v: v):
         if key in data and data[key] not in (None, ""):
             try:
@@ -81,9 +108,11 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
         if data.get(key) not in (None, ""):
             out[key] = str(data[key]).strip()
     take("block_lr_zero_threshold", "block_lr_zero_threshold", float)
-    lr = _num(data.get("learning_rate")) if data.get("learning_rate") not in (None, "") else None
-    unet = _num(data.get("unet_lr")) if data.get("unet_lr") not in (None, "") else None
-    te = _num(data.get("text_encoder_lr")) if data.get("text_encoder_lr") not in (None, "") else None
+
+
+def _import_rates(data: dict, out: dict, notes: list[str]) -> None:
+    """learning_rate / unet_lr / text_encoder_lr with sd-scripts' precedence, and a text encoder left untrained."""
+    lr, unet, te = _given(data, "learning_rate"), _given(data, "unet_lr"), _given(data, "text_encoder_lr")
     if unet not in (None, 0):
         out["unet_lr"] = float(unet)
         if lr not in (None, 0) and lr != unet:
@@ -100,12 +129,16 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
         out["text_encoder_lr"] = float(lr)
     if data.get("network_train_unet_only") is True:
         out["train_text_encoder"] = False
-    opt = str(data.get("optimizer", "")).lower().replace("_", "")
-    if opt:
-        if opt in _OPTIMIZERS:
-            out["optimizer"] = _OPTIMIZERS[opt]
+
+
+def _import_schedule(data: dict, out: dict, notes: list[str]) -> None:
+    """Optimizer, LR scheduler, steps or epochs, and kohya_ss's warm-up percentage."""
+    if str(data.get("optimizer", "")):
+        opt = optimizers.from_kohya(data["optimizer"])
+        if opt:
+            out["optimizer"] = opt.key
         else:
-            notes.append(f"optimizer '{data['optimizer']}' is not supported (adamw, adamw8bit, prodigy): keeping adamw")
+            notes.append(f"optimizer '{data['optimizer']}' is not supported ({', '.join(optimizers.KEYS)}): keeping adamw")
     sch = str(data.get("lr_scheduler", "")).lower()
     if sch:
         if sch in _SCHEDULERS:
@@ -114,7 +147,7 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
             notes.append(f"lr_scheduler '{data['lr_scheduler']}' is not supported: using cosine")
             out["lr_scheduler"] = "cosine"
     warm = data.get("lr_warmup")
-    steps = _num(data.get("max_train_steps")) if data.get("max_train_steps") not in (None, "") else None
+    steps = _given(data, "max_train_steps")
     if steps:
         out["max_steps"] = int(steps)
     if data.get("epoch") not in (None, ""):
@@ -126,6 +159,10 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
             out["warmup_steps"] = int(round(steps * float(w) / 100))
         else:
             notes.append(f"lr_warmup {w}% needs max_train_steps to be turned into steps: ignored")
+
+
+def _import_precision_and_files(data: dict, out: dict, notes: list[str]) -> None:
+    """Resolution, precisions, caption extension, v-prediction, fp8 base, class images."""
     if data.get("max_resolution"):
         try:
             w, h = (int(x) for x in str(data["max_resolution"]).split(","))
@@ -150,25 +187,15 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
     if data.get("reg_data_dir") not in (None, ""):
         out["reg_dataset"] = str(data["reg_data_dir"])
         notes.append(f"reg_data_dir: class images from {data['reg_data_dir']} (check that the folder exists here)")
-    if str(data.get("log_with", "")).lower() in ("tensorboard", "all") or (
-            data.get("logging_dir") not in (None, "") and str(data.get("log_with", "")).lower() in ("", "tensorboard")):
+
+
+def _import_logging(data: dict, out: dict, notes: list[str]) -> None:
+    log_with = str(data.get("log_with", "")).lower()
+    if log_with in ("tensorboard", "all") or (data.get("logging_dir") not in (None, "") and log_with in ("", "tensorboard")):
         out["tensorboard"] = True
         notes.append("logging_dir: TensorBoard logs go to the run's tensorboard/ folder")
-    elif str(data.get("log_with", "")).lower() not in ("", "none"):
+    elif log_with not in ("", "none"):
         notes.append(f"log_with = '{data['log_with']}': only TensorBoard is supported, not turned on")
-    personal = sorted(k for k in _PERSONAL if data.get(k) not in (None, "", []))
-    if personal:
-        notes.append("kept your own values for " + ", ".join(personal) + " (they name files on the machine the preset came from)")
-    if out.get("min_snr_gamma") == 0:
-        out.pop("min_snr_gamma")
-    if out.get("cache_text_encoder_outputs") and out.get("train_text_encoder", True):
-        out["cache_text_encoder_outputs"] = False
-        notes.append("cache_text_encoder_outputs conflicts with training the text encoder: caching turned off")
-    unknown = sorted(k for k in data if k not in KNOWN and k not in _IGNORED_QUIETLY and data[k] not in (None, "", False, 0))
-    if unknown:
-        notes.append("not used by LoRA Studio: " + ", ".join(unknown))
-    TrainConfig.from_dict(out, source="kohya import")  # every mapped value must be valid here
-    return out, notes
 
 
 def import_kohya_file(path: str | Path) -> tuple[dict, list[str]]:
@@ -197,7 +224,7 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
         "unet_lr": cfg.unet_lr,
         "text_encoder_lr": cfg.text_encoder_lr if cfg.train_text_encoder else 0.0,
         "network_train_unet_only": not cfg.train_text_encoder,
-        "optimizer_type": {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "prodigy": "Prodigy"}[cfg.optimizer],
+        "optimizer_type": optimizers.get(cfg.optimizer).sd_scripts,
         "lr_scheduler": cfg.lr_scheduler,
         "lr_warmup_steps": cfg.warmup_steps,
         "max_grad_norm": cfg.max_grad_norm,
@@ -230,7 +257,7 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
     if cfg.base_quantization == "fp8":
         d["fp8_base"] = True
     if cfg.tensorboard:
-        d["log_with"], d["logging_dir"] = "tensorboard", str(Path(cfg.output_dir) / "tensorboard")
+        d["log_with"], d["logging_dir"] = "tensorboard", str(RunFiles(cfg.output_dir).tensorboard)
     header = "# sd-scripts config exported by LoRA Studio. Run: accelerate launch "
     header += fam.sd_scripts_trainer + " --config_file THIS.toml\n"
     return header + dumps_toml(d)

@@ -12,6 +12,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -54,6 +55,9 @@ class Family:
     sd_scripts_trainer: str = "train_network.py"  # the kohya sd-scripts script that trains its LoRAs
     pooled_conditioning: bool = False  # the UNet also takes the pooled text embedding and size/crop time ids
     guessable: bool = False  # the family a bare resolution suggests, when nothing is loaded yet (see guess())
+    # a variant (another family of the same group) tells itself apart in a single-file checkpoint:
+    # detect(keys, tensor) with tensor(key) -> the tensor or None, read only when asked
+    detect: Callable | None = None
 
     @property
     def te_parts(self) -> tuple[str, ...]:
@@ -73,8 +77,10 @@ class Family:
 
     @property
     def config_dir(self) -> Path:
-        """The shipped diffusers configs of this family's architecture (no weights)."""
-        return CONFIG_ROOT / self.key
+        """The shipped diffusers configs of this family's architecture (no weights): its own, or its group's for a
+        variant that differs only in what the configs do not say."""
+        own = CONFIG_ROOT / self.key
+        return own if own.is_dir() else CONFIG_ROOT / self.group
 
     @property
     def block_names(self) -> list[str]:
@@ -161,3 +167,9 @@ def from_checkpoint_keys(keys) -> Family | None:
         if f.checkpoint_marker and any(k.startswith(f.checkpoint_marker) for k in keys):
             return f
     return None
+
+
+def variant_of(base: Family, keys, tensor) -> Family:
+    """The variant of `base`'s group that a single-file checkpoint is (sd2 -> sd2v, ...), else `base`."""
+    keys = set(keys)
+    return next((f for f in FAMILIES.values() if f.group == base.group and f.detect and f.detect(keys, tensor)), base)

@@ -8,9 +8,19 @@ _COMMON = dict(group="sd2", implementation="diffusers", native_resolution=768, p
                blocks=(12, 1, 12), calibration=_CAL, checkpoint_te={"te1": ("cond_stage_model.model.", "openclip")},
                tokenizer_pads=("!",))
 
+SD2V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+
+def _is_v_prediction(keys, tensor) -> bool:
+    """ComfyUI's test: v-prediction SD2 models have a wide spread in this late norm bias."""
+    bias = tensor(SD2V_PROBE) if SD2V_PROBE in keys else None
+    return bias is not None and float(bias.float().std(unbiased=False)) > 0.09
+
+
 FAMILIES = [
     Family(key="sd2", name="SD 2.x (epsilon)", base_version="sd_v2", architecture="stable-diffusion-v2-512/lora",
            prediction_type="epsilon", checkpoint_marker="cond_stage_model.model.", **_COMMON),
     Family(key="sd2v", name="SD 2.x 768-v (v-prediction)", base_version="sd_v2_v",
-           architecture="stable-diffusion-v2-768-v/lora", prediction_type="v_prediction", **_COMMON),
+           architecture="stable-diffusion-v2-768-v/lora", prediction_type="v_prediction", detect=_is_v_prediction,
+           **_COMMON),
 ]
