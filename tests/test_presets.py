@@ -103,13 +103,13 @@ def test_kohya_json_import_maps_and_explains(tmp_path):
 
 def test_kohya_conflicts_are_resolved_as_sd_scripts_does_and_said():
     values, notes = import_kohya({"learning_rate": 0.0002, "unet_lr": 0.0001, "text_encoder_lr": 0,
-                                  "cache_text_encoder_outputs": True, "optimizer": "Lion", "lr_scheduler": "cosine_with_restarts",
+                                  "cache_text_encoder_outputs": True, "optimizer": "DAdaptAdam", "lr_scheduler": "cosine_with_restarts",
                                   "max_resolution": "1024,768", "lr_warmup": 5})
     assert values["unet_lr"] == 1e-4 and values["train_text_encoder"] is False
     assert values["cache_text_encoder_outputs"] is True  # allowed: the TE is not trained
     assert values["lr_scheduler"] == "cosine" and "optimizer" not in values
     text = " | ".join(notes)
-    assert "unet_lr" in text and "Lion" in text and "cosine_with_restarts" in text and "not square" in text
+    assert "unet_lr" in text and "DAdaptAdam" in text and "cosine_with_restarts" in text and "not square" in text
     assert "lr_warmup" in text  # a percentage without max_train_steps cannot become steps
     values, notes = import_kohya({"text_encoder_lr": 5e-5, "cache_text_encoder_outputs": True})
     assert values["cache_text_encoder_outputs"] is False and any("conflicts" in n for n in notes)

@@ -114,7 +114,8 @@ def cmd_export(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     out = Path(args.out) if args.out else RunFiles.of_checkpoint(folder).final(f"{cfg.output_name}-{args.precision}")
-    info = {"steps": state["step"], "prediction_type": state.get("prediction_type", "epsilon"), "model_name": cfg.base_model}
+    info = {"steps": state["step"], "prediction_type": state.get("prediction_type", "epsilon"),
+            "zero_terminal_snr": state.get("zero_terminal_snr", False), "model_name": cfg.base_model}
     export_parts(parts, cfg, state, info, out, precision=args.precision)
     print(out)
     return 0

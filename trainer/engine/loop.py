@@ -11,15 +11,16 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from trainer.data.cache import encode_pixels
 from trainer.data.loader import make_loader, mix
 from trainer.engine import checkpoint as ckpt
+from trainer.engine import objective
 from trainer.engine import placement
 from trainer.engine.faults import maybe_inject
 from trainer.engine.sampling import render_samples
@@ -28,6 +29,7 @@ from trainer.events import take_request
 from trainer.models import lora
 from trainer.models.load import LoadedModel
 from trainer.models.prompts import encode_prompts
+from trainer.recipe import optimizers
 from trainer.recipe.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,8 @@ def restore(run: Run) -> State:
         lora.load_lora_state(run.accelerator.unwrap_model(m), saved_parts[name][0])
     if opt_state is not None:
         run.optimizer.load_state_dict(opt_state)
+        if schedule_free(run):  # saved with its averaged weights: back to the ones it trains
+            schedule_free(run).train()
     run.scheduler.load_state_dict(saved["scheduler"])
     step = int(saved["step"])
     run.ev.emit("log", message=f"Resumed from {last.name} at step {step}/{run.total_steps}")
@@ -148,20 +152,19 @@ def micro_step(run: Run, batch: dict, micro: int) -> torch.Tensor:
 def batch_loss(run: Run, batch: dict, g: torch.Generator, timesteps: torch.Tensor | None = None,
                noise: torch.Tensor | None = None) -> torch.Tensor:
     """The diffusion loss of a batch: noise at random timesteps in [min_timestep, max_timestep) drawn from `g`
-    (or the given ones, for validation), predicted by the UNet, weighted by min-SNR and by the masks."""
+    (or the given ones, for validation), predicted by the UNet; the loss, its weights per timestep and the noise
+    options are trainer/engine/objective.py's, the masks weigh each latent pixel."""
     cfg, acc, model = run.cfg, run.accelerator, run.model
     dev, sched = acc.device, model.noise_scheduler
     latents = batch["latents"] if "latents" in batch else encode_pixels(model.vae, batch["pixels"])
     latents = latents.to(dev)
+    perturb = noise is None  # validation passes its fixed noise and timesteps, and measures them as they are
     if noise is None:
-        noise = torch.randn(latents.shape, generator=g)
-        if cfg.noise_offset:
-            noise += cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g)
+        noise = objective.sample_noise(cfg, latents, g)
     if timesteps is None:
-        high = min(cfg.max_timestep, sched.config.num_train_timesteps)
-        timesteps = torch.randint(cfg.min_timestep, high, (latents.shape[0],), generator=g)
+        timesteps = objective.sample_timesteps(cfg, sched, latents.shape[0], g)
     noise, timesteps = noise.to(dev), timesteps.to(dev)
-    noisy = sched.add_noise(latents, noise, timesteps)
+    noisy = sched.add_noise(latents, objective.input_noise(cfg, noise, g) if perturb else noise, timesteps)
     v_pred = model.prediction_type == "v_prediction"
     target = sched.get_velocity(latents, noise, timesteps) if v_pred else noise
     hs, pooled = conditioning(run, batch["caption"])
@@ -170,13 +173,11 @@ def batch_loss(run: Run, batch: dict, g: torch.Generator, timesteps: torch.Tenso
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(dev)}
     with acc.autocast():
         pred = run.unet(noisy.to(run.weight_dtype), timesteps, hs.to(run.weight_dtype), **kwargs).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    loss = objective.elementwise_loss(cfg, pred.float(), target.float(), timesteps, sched)
     if "mask" in batch:  # kohya's masked loss: weight each latent pixel, then average as before
         loss = loss * batch["mask"].to(dev)
     loss = loss.mean(dim=[1, 2, 3])
-    if cfg.min_snr_gamma:
-        loss = loss * snr_weights(sched, timesteps, cfg.min_snr_gamma, v_pred)
-    return loss.mean()
+    return objective.weigh(cfg, loss, timesteps, sched, v_pred).mean()
 
 
 def conditioning(run: Run, captions: list[str]):
@@ -188,14 +189,6 @@ def conditioning(run: Run, captions: list[str]):
         return hs, pooled
     with torch.set_grad_enabled(run.cfg.train_text_encoder):
         return encode_prompts(run.model, run.text_encoders, captions, run.cfg.clip_skip, dev)
-
-
-def snr_weights(noise_scheduler, timesteps, gamma: float, v_pred: bool) -> torch.Tensor:
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    w = torch.minimum(snr, torch.full_like(snr, gamma))
-    return w / (snr + 1) if v_pred else w / snr
 
 
 LOG_INTERVAL_S = 2.0  # log_every_steps = 0: a report about this often (host clock: no wait for the device)
@@ -223,16 +216,42 @@ def after_step(run: Run, state: State) -> bool:
     if report_due(cfg.log_every_steps, state, total):
         report_progress(run, state)
     if due(cfg.sample_every_steps, state, total):
-        render_samples(run, step)
+        with averaged_weights(run):
+            render_samples(run, step)
     want_save, want_stop = poll_requests(run.accelerator, run.files.root)
     saving = want_save or want_stop or due(cfg.save_every_steps, state, total)
-    if due(cfg.validation_every_steps, state, total) or (saving and not cfg.validation_every_steps):
-        validate(run, step)
-    if saving:
-        ckpt.save(run, step)
+    validating = due(cfg.validation_every_steps, state, total) or (saving and not cfg.validation_every_steps)
+    if validating or saving:
+        with averaged_weights(run):
+            if validating:
+                validate(run, step)
+            if saving:
+                ckpt.save(run, step)
     if want_stop:
         run.ev.emit("stopped", step=step, message=f"Stopped at step {step}; resume to continue.")
     return want_stop
+
+
+def schedule_free(run: Run):
+    """The run's schedule-free optimizer (unwrapped from accelerate), or None."""
+    if not optimizers.get(run.cfg.optimizer).schedule_free:
+        return None
+    return getattr(run.optimizer, "optimizer", run.optimizer)
+
+
+@contextmanager
+def averaged_weights(run: Run):
+    """With a schedule-free optimizer, its averaged weights for the block (what samples, validation, checkpoints and
+    the export use), then the ones it trains again. Nothing happens with any other optimizer."""
+    opt = schedule_free(run)
+    if opt is None:
+        yield
+        return
+    opt.eval()
+    try:
+        yield
+    finally:
+        opt.train()
 
 
 def report_progress(run: Run, state: State) -> None:
@@ -307,9 +326,10 @@ def poll_requests(accelerator, run_dir: Path) -> tuple[bool, bool]:
 
 def finish(run: Run, state: State) -> Path:
     """Final checkpoint, final samples, the exported file in the run folder, the done event."""
-    validate(run, run.total_steps)
-    final = ckpt.save(run, run.total_steps)
-    render_samples(run, run.total_steps)
+    with averaged_weights(run):
+        validate(run, run.total_steps)
+        final = ckpt.save(run, run.total_steps)
+        render_samples(run, run.total_steps)
     out = run.files.final(run.cfg.output_name)
     if run.main:
         run.ev.emit("status", state="exporting", message=f"Writing {out.name}")

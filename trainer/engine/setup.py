@@ -21,6 +21,7 @@ from trainer.events import EventLog
 from trainer.models import families, lora, quantize
 from trainer.models.load import LoadedModel, load_model
 from trainer.models.prompts import encode_prompts
+from trainer.recipe import optimizers
 from trainer.recipe.config import TrainConfig
 from trainer.runfiles import RunFiles
 
@@ -70,7 +71,7 @@ class Run:
         from trainer.loras.format import layout_of
 
         return {"family": self.model.family, **layout_of(self.model.unet.config),
-                "prediction_type": self.model.prediction_type}
+                "prediction_type": self.model.prediction_type, "zero_terminal_snr": self.model.zero_terminal_snr}
 
     def parts(self) -> dict[str, tuple[dict, dict]]:
         """The LoRA weights of each part with their alphas: what checkpoints and exports hold."""
@@ -117,10 +118,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel 
 
     ev.emit("status", state="loading", message=f"Loading base model {cfg.base_model}")
     model = model or load_model(cfg.base_model, cfg.model_family, cfg.model_config or None)
-    if cfg.prediction_type != "auto" and cfg.prediction_type != model.prediction_type:
-        from diffusers import DDPMScheduler
-
-        model.noise_scheduler = DDPMScheduler.from_config(model.noise_scheduler.config, prediction_type=cfg.prediction_type)
+    set_objective(cfg, model)
     ev.emit("log", message=f"Model: {families.name(model.family)}, prediction type {model.prediction_type}")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
     # one big part on the device at a time, so the first run peaks no higher than the steps: the VAE alone
@@ -143,9 +141,29 @@ def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel 
         "dataset_dirs": scan.subsets,
         "model_name": cfg.base_model,
         "prediction_type": model.prediction_type,
+        "zero_terminal_snr": model.zero_terminal_snr,
     }
     return Run(cfg, files, accelerator, ev, model, alphas, data, text_cache, list(prepared[:-2]), prepared[-2],
                prepared[-1], total_steps, steps_per_epoch, micro_per_epoch, weight_dtype, info, sample_cond)
+
+
+def set_objective(cfg: TrainConfig, model: LoadedModel) -> None:
+    """The noise schedule the run trains on: the model's own prediction type unless the config names one, and
+    zero-terminal SNR (rescaled betas, with 'trailing' timesteps for sampling) when asked or when the model was
+    trained so. Zero-terminal SNR with an epsilon target is refused: the last timestep has no signal to predict."""
+    changes = {}
+    if cfg.prediction_type != "auto" and cfg.prediction_type != model.prediction_type:
+        changes["prediction_type"] = cfg.prediction_type
+    if cfg.zero_terminal_snr and not model.zero_terminal_snr:
+        changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if changes:
+        from diffusers import DDPMScheduler
+
+        model.noise_scheduler = DDPMScheduler.from_config(model.noise_scheduler.config, **changes)
+    if model.zero_terminal_snr and model.prediction_type != "v_prediction":
+        raise TrainingError("zero_terminal_snr needs v-prediction, but this run trains "
+                            f"{families.name(model.family)} with the {model.prediction_type} target. Set "
+                            "prediction_type = 'v_prediction', or turn zero_terminal_snr off.")
 
 
 def resolve_device_and_precision(cfg: TrainConfig) -> tuple[str, str, list[str]]:
@@ -345,14 +363,18 @@ def make_schedule(cfg: TrainConfig, model: LoadedModel, accelerator, micro_per_e
     steps_per_epoch = max(1, micro_per_epoch // cfg.gradient_accumulation)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     n_proc = accelerator.num_processes  # accelerate steps the scheduler once per process
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * n_proc,
+    if cfg.adafactor_relative_step:  # Adafactor's own step size: its schedule only reports it
+        from transformers.optimization import AdafactorSchedule
+
+        return optimizer, AdafactorSchedule(optimizer), total_steps, steps_per_epoch
+    # a schedule-free optimizer warms up itself (the config check keeps its schedule constant)
+    warmup = 0 if optimizers.get(cfg.optimizer).schedule_free else cfg.warmup_steps
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup * n_proc,
                               num_training_steps=total_steps * n_proc)
     return optimizer, scheduler, total_steps, steps_per_epoch
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict], device: str):
-    from trainer.recipe import optimizers
-
     try:
         return optimizers.get(cfg.optimizer).build(groups, cfg, device)
     except optimizers.OptimizerError as e:

@@ -112,8 +112,30 @@ def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
         "ss_training_comment": f"trigger: {', '.join(triggers)}" if triggers else None,
         "ss_trigger_words": json.dumps(triggers, ensure_ascii=False),
         "ss_prediction_type": info.get("prediction_type", "epsilon"),
+        "ss_v_parameterization": str(info.get("prediction_type") == "v_prediction"),
+        "ss_zero_terminal_snr": str(bool(info.get("zero_terminal_snr", False))),
+        **objective_metadata(cfg),
     }
     return {k: v for k, v in md.items() if v is not None}
+
+
+def objective_metadata(cfg) -> dict[str, str]:
+    """The loss and noise options under kohya's metadata keys (those that are off are left out, as kohya's are
+    None then; the loss type and debiased estimation are always written, as kohya does)."""
+    md = {"ss_loss_type": cfg.loss_type, "ss_debiased_estimation": str(cfg.debiased_estimation_loss)}
+    if cfg.loss_type in ("huber", "smooth_l1"):
+        md.update(ss_huber_schedule=cfg.huber_schedule, ss_huber_c=num(cfg.huber_c), ss_huber_scale=num(cfg.huber_scale))
+    if cfg.multires_noise_iterations:
+        md.update(ss_multires_noise_iterations=str(cfg.multires_noise_iterations),
+                  ss_multires_noise_discount=num(cfg.multires_noise_discount))
+    if cfg.adaptive_noise_scale:
+        md["ss_adaptive_noise_scale"] = num(cfg.adaptive_noise_scale)
+    if cfg.ip_noise_gamma:
+        md.update(ss_ip_noise_gamma=num(cfg.ip_noise_gamma),
+                  ss_ip_noise_gamma_random_strength=str(cfg.ip_noise_gamma_random_strength))
+    if cfg.v_pred_like_loss:
+        md["ss_v_pred_like_loss"] = num(cfg.v_pred_like_loss)
+    return md
 
 
 def modelspec(cfg, family: str, info: dict) -> dict[str, str]:

@@ -49,6 +49,11 @@ class LoadedModel:
         return self.noise_scheduler.config.prediction_type
 
     @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether the noise schedule ends in pure noise (rescaled betas)."""
+        return bool(self.noise_scheduler.config.get("rescale_betas_zero_snr", False))
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -128,7 +133,7 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def family_from_checkpoint(sd: dict) -> str:
-    return _family(sd.keys(), lambda k: sd[k] if k in sd else None)
+    return _family(sd.keys(), lambda k: sd[k] if k in sd else None, {})
 
 
 def family_of_file(path: Path) -> str:
@@ -141,15 +146,7 @@ def family_of_file(path: Path) -> str:
         return family_from_checkpoint(sd)
     from safetensors import safe_open
 
-    from trainer.models.sniff import safetensors_keys
-
-    try:
-        keys = safetensors_keys(path)
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ModelError(f"Could not read the checkpoint {path.name}: the file is damaged, incomplete or not a model "
-                         f"({e}). Download it again.") from None
-    if not keys:
-        raise ModelError(f"{path.name} holds no weights. Download it again.")
+    keys, metadata = _header(path)
 
     def tensor(k):
         if k not in keys:
@@ -160,13 +157,33 @@ def family_of_file(path: Path) -> str:
         except Exception:  # a damaged file is reported by the loader, with its own message
             return None
 
-    return _family(keys, tensor)
+    return _family(keys, tensor, metadata)
 
 
-def _family(keys, tensor) -> str:
+def _header(path: Path) -> tuple[list[str], dict]:
+    """(tensor keys, metadata) of a .safetensors checkpoint's header; ModelError when it is not one."""
+    from trainer.models.sniff import safetensors_header
+
+    try:
+        header = safetensors_header(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"Could not read the checkpoint {path.name}: the file is damaged, incomplete or not a model "
+                         f"({e}). Download it again.") from None
+    keys = [k for k in header if k != "__metadata__"]
+    if not keys:
+        raise ModelError(f"{path.name} holds no weights. Download it again.")
+    return keys, header.get("__metadata__") or {}
+
+
+def zero_terminal_snr_marked(path: Path) -> bool:
+    """Whether a single file says it was trained with zero-terminal SNR (a `ztsnr` key, as ComfyUI reads it)."""
+    return path.suffix.lower() == ".safetensors" and "ztsnr" in _header(path)[0]
+
+
+def _family(keys, tensor, metadata: dict) -> str:
     base = families.from_checkpoint_keys(keys)
     if base:
-        return families.variant_of(base, keys, tensor).key
+        return families.variant_of(base, keys, tensor, metadata).key
     raise ModelError(
         "Unknown architecture: the checkpoint has no SD 1.x, SD 2.x or SDXL text-encoder keys. "
         "LoRA Studio trains SD 1.5, SD 2.x and SDXL models; is this an inpainting, Flux or SD3 model, or a LoRA?"
@@ -277,4 +294,10 @@ def _from_single_file(path: Path, family: str, config_dir: str | None, dtype) ->
             f"Could not convert {path.name} as {family_name(fam)} ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}). "
             "The file may be damaged, or of an architecture LoRA Studio does not train."
         ) from None
-    return from_pipeline(pipe, fam, str(path))
+    model = from_pipeline(pipe, fam, str(path))
+    if zero_terminal_snr_marked(path):  # the schedule the model was trained on: its last timestep is pure noise
+        from diffusers import DDPMScheduler
+
+        model.noise_scheduler = DDPMScheduler.from_config(model.noise_scheduler.config, rescale_betas_zero_snr=True,
+                                                          timestep_spacing="trailing")
+    return model

@@ -9,15 +9,16 @@ from pathlib import Path
 def family_from_folder(folder: str | Path) -> str:
     folder = Path(folder)
     index = json.loads((folder / "model_index.json").read_text())
-    if "text_encoder_2" in index and index["text_encoder_2"][0] is not None:
-        return "sdxl"
-    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    from trainer.models.families import with_prediction
+
     sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    te_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
-    sd2 = unet_cfg.get("use_linear_projection") or te_cfg.get("hidden_act") == "gelu"
-    if not sd2:
-        return "sd1"
-    return "sd2v" if sched_cfg.get("prediction_type") == "v_prediction" else "sd2"
+    if "text_encoder_2" in index and index["text_encoder_2"][0] is not None:
+        group = "sdxl"
+    else:
+        unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+        te_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+        group = "sd2" if unet_cfg.get("use_linear_projection") or te_cfg.get("hidden_act") == "gelu" else "sd1"
+    return with_prediction(group, sched_cfg.get("prediction_type", "epsilon")).key
 
 
 def safetensors_header(path: str | Path) -> dict:
@@ -58,12 +59,13 @@ def trigger_words(path: str | Path) -> list[str]:
     return [w.strip() for w in md.get("modelspec.trigger_phrase", "").split(",") if w.strip()]
 
 
-def family_from_keys(keys) -> str | None:
-    """The family of a single-file checkpoint's keys (the family object knows its marker), or None."""
-    from trainer.models.families import from_checkpoint_keys
+def family_from_keys(keys, metadata: dict | None = None) -> str | None:
+    """The family of a single-file checkpoint's keys and header metadata (each family object knows its marker, and
+    a variant how to tell itself apart without reading a tensor), or None."""
+    from trainer.models.families import from_checkpoint_keys, variant_of
 
     fam = from_checkpoint_keys(keys)
-    return fam.key if fam else None
+    return variant_of(fam, keys, metadata=metadata).key if fam else None
 
 
 def sniff_family(base_model: str) -> str:
@@ -73,7 +75,8 @@ def sniff_family(base_model: str) -> str:
         if p and p.is_dir() and (p / "model_index.json").is_file():
             return family_from_folder(p)
         if p and p.is_file() and p.suffix.lower() == ".safetensors":
-            return family_from_keys(safetensors_keys(p)) or "auto"
+            header = safetensors_header(p)
+            return family_from_keys([k for k in header if k != "__metadata__"], header.get("__metadata__")) or "auto"
     except (OSError, ValueError, KeyError, struct.error):
         pass
     return "auto"

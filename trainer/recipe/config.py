@@ -33,6 +33,8 @@ SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 DEVICES = ("auto", "cuda", "cpu")
 FAMILIES = ("auto",) + families.KEYS
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 
 
 PATH_FIELDS = ("base_model", "model_config", "dataset", "output_dir", "reg_dataset", "validation_dataset")
@@ -110,7 +112,8 @@ class TrainConfig:
     unet_lr: float = _f(1e-4, "Learning rate for the UNet LoRA.")
     text_encoder_lr: float = _f(5e-5, "Learning rate for the text-encoder LoRA.")
     train_text_encoder: bool = _f(True, "Train LoRA on the text encoder(s) too.")
-    optimizer: str = _f("adamw", "Optimizer: adamw, adamw8bit (bitsandbytes, less VRAM) or prodigy (adaptive; use LR 1.0).", OPTIMIZERS)
+    optimizer: str = _f("adamw", "Optimizer: " + "; ".join(f"{o.key}: {o.label}" for o in optimizers.OPTIMIZERS.values()) + ".", OPTIMIZERS)
+    adafactor_relative_step: bool = _f(False, "Adafactor only: let it find its own step size from the step count (relative_step, scale_parameter, warmup_init); the learning rates are then not used, and lr_scheduler must be 'constant'.", None, "training")
     weight_decay: float = _f(0.01, "Weight decay of the optimizer.", None, "training")
     lr_scheduler: str = _f("constant", "Learning-rate schedule.", SCHEDULERS, "training")
     warmup_steps: int = _f(0, "Steps of linear warm-up at the start of the schedule.", None, "training")
@@ -120,9 +123,23 @@ class TrainConfig:
     save_precision: str = _f("fp16", "Precision of the exported file.", SAVE_PRECISIONS, "output")
     base_quantization: str = _f("none", "Store the frozen base model quantised (QLoRA): fp8 (weights as float8, computed in the run's precision; kohya's fp8_base), int8 or nf4 (bitsandbytes layers). Much less VRAM for the weights; the LoRA trains and exports as usual. Samples take turns on the GPU: the UNet denoises while the VAE waits in RAM, then the other way round.", ("none", "fp8", "int8", "nf4"), "training")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less VRAM, about 20-30% slower.", None, "training")
-    noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images; 0 = off).", None, "training")
     min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off).", None, "training")
-    prediction_type: str = _f("auto", "Training target; 'auto' uses the model's own (v_prediction for SD2-768-v).", PREDICTION_TYPES, "training")
+    prediction_type: str = _f("auto", "Training target; 'auto' uses the model's own (v_prediction for SD2-768-v and SDXL v-prediction models such as NoobAI-XL V-Pred).", PREDICTION_TYPES, "training")
+    zero_terminal_snr: bool = _f(False, "Zero-terminal SNR (rescaled betas, diffusers' rescale_zero_terminal_snr): the last timestep is pure noise, so the model learns true black and white. v-prediction only; models marked 'ztsnr' use it already.", None, "training")
+    # --- loss (kohya sd-scripts' names and defaults)
+    loss_type: str = _f("l2", "Loss: l2 (MSE, the usual), l1, huber or smooth_l1 (robust to outliers: large errors count linearly, see huber_c).", LOSS_TYPES, "loss")
+    huber_schedule: str = _f("snr", "With huber / smooth_l1: how huber_c changes over timesteps: constant, exponential (from 1 at t=0 down to huber_c), or snr (by the noise level; kohya's default).", HUBER_SCHEDULES, "loss")
+    huber_c: float = _f(0.1, "With huber / smooth_l1: where the loss turns from quadratic to linear (smaller: more robust).", None, "loss")
+    huber_scale: float = _f(1.0, "With huber / smooth_l1 and the constant or exponential schedule: a factor on huber_c.", None, "loss")
+    debiased_estimation_loss: bool = _f(False, "Debiased estimation: weight each timestep's loss by 1/sqrt(SNR) (1/(SNR+1) with v-prediction), so the low-noise steps that add detail weigh less.", None, "loss")
+    v_pred_like_loss: float = _f(0.0, "Add this share of a v-prediction-like loss (kohya's v_pred_like_loss; 0 = off): lets an epsilon model learn more from high-noise steps.", None, "loss")
+    # --- noise (kohya sd-scripts' names and defaults)
+    noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images; 0 = off).", None, "noise")
+    adaptive_noise_scale: float = _f(0.0, "With noise_offset: add this x the latent's mean absolute value per channel to the offset (0 = off).", None, "noise")
+    multires_noise_iterations: int = _f(0, "Multi-resolution (pyramid) noise: add lower-resolution noise this many times (6-10 is common; 0 = off). Helps large areas of one colour.", None, "noise")
+    multires_noise_discount: float = _f(0.3, "Multi-resolution noise: weight of each coarser level (0.1-0.3; kohya's default 0.3).", None, "noise")
+    ip_noise_gamma: float = _f(0.0, "Input perturbation: add this much extra noise to the model's input but not to its target (0.1 is common; 0 = off). A regulariser against exposure bias.", None, "noise")
+    ip_noise_gamma_random_strength: bool = _f(False, "Input perturbation at a random strength between 0 and ip_noise_gamma each step.", None, "noise")
     clip_skip: int = _f(1, "Use the output of the N-th last text-encoder layer (2 is common for anime models).", None, "training")
     min_timestep: int = _f(0, "Train on noise timesteps from this one (0-999; kohya's min_timestep).", None, "training")
     max_timestep: int = _f(1000, "Train on noise timesteps below this one (1-1000; kohya's max_timestep); 1000 = the whole range.", None, "training")
@@ -190,6 +207,11 @@ class TrainConfig:
         from trainer.fsutil import atomic_write_text
 
         atomic_write_text(path, dumps_toml(self.to_dict()))
+
+    @staticmethod
+    def choices(name: str) -> tuple:
+        """The values a field offers (its one owner of the list)."""
+        return next(f.metadata.get("choices") or () for f in fields(TrainConfig) if f.name == name)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -283,11 +305,37 @@ class TrainConfig:
             errors.append(f"prior_loss_weight must not be negative (got {self.prior_loss_weight}).")
         if self.validation_every_steps < 0:
             errors.append("validation_every_steps must not be negative.")
+        errors += self.recipe_problems()
         if self.base_quantization in ("int8", "nf4") and self.use_dora:
             errors.append(f"use_dora with base_quantization = '{self.base_quantization}' is not supported (DoRA needs "
                           "the base weights in full). Use base_quantization = 'fp8' or 'none', or turn DoRA off.")
         errors += self.block_problems()
         return errors, warns
+
+    def recipe_problems(self) -> list[str]:
+        """Loss, noise and optimizer options: their ranges, and the pairs that cannot go together."""
+        errors = []
+        opt = optimizers.OPTIMIZERS.get(self.optimizer)
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            errors.append("zero_terminal_snr needs v-prediction: at the last timestep there is no signal left to "
+                          "predict noise from. Set prediction_type to 'v_prediction' (or 'auto' with a v-prediction "
+                          "model), or turn zero_terminal_snr off.")
+        if self.huber_c <= 0 or self.huber_scale <= 0:
+            errors.append(f"huber_c and huber_scale must be positive (got {self.huber_c:g} and {self.huber_scale:g}).")
+        if self.multires_noise_iterations < 0 or not 0 <= self.multires_noise_discount <= 1:
+            errors.append("multires_noise_iterations must be 0 or more, and multires_noise_discount between 0 and 1.")
+        for name in ("ip_noise_gamma", "adaptive_noise_scale", "v_pred_like_loss", "noise_offset"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name} must not be negative (got {getattr(self, name):g}).")
+        if opt and opt.schedule_free and self.lr_scheduler != "constant":
+            errors.append(f"{self.optimizer} makes its own schedule: set lr_scheduler = 'constant' (its warm-up comes "
+                          f"from warmup_steps), or choose another optimizer for a '{self.lr_scheduler}' schedule.")
+        if self.adafactor_relative_step and self.optimizer != "adafactor":
+            errors.append("adafactor_relative_step applies to optimizer = 'adafactor' only: choose Adafactor or turn it off.")
+        if self.adafactor_relative_step and (self.lr_scheduler != "constant" or self.warmup_steps):
+            errors.append("Adafactor with relative steps makes its own schedule and warm-up: set lr_scheduler = "
+                          "'constant' and warmup_steps = 0, or turn adafactor_relative_step off.")
+        return errors
 
     @property
     def caches_text(self) -> bool:

@@ -30,23 +30,33 @@ NUMBERS = (
     ("save_every_n_steps", "save_every_steps", int), ("save_last_n_steps_state", "keep_last", int),
     ("prior_loss_weight", "prior_loss_weight", float), ("min_timestep", "min_timestep", int),
     ("max_timestep", "max_timestep", int), ("validation_split", "validation_split", float),
-    ("validate_every_n_steps", "validation_every_steps", int),
+    ("validate_every_n_steps", "validation_every_steps", int), ("huber_c", "huber_c", float),
+    ("huber_scale", "huber_scale", float), ("v_pred_like_loss", "v_pred_like_loss", float),
+    ("multires_noise_iterations", "multires_noise_iterations", int),
+    ("multires_noise_discount", "multires_noise_discount", float), ("ip_noise_gamma", "ip_noise_gamma", float),
+    ("adaptive_noise_scale", "adaptive_noise_scale", float),
 )
 FLAGS = (
     ("gradient_checkpointing", "gradient_checkpointing"), ("cache_latents", "cache_latents"),
     ("cache_latents_to_disk", "cache_latents_to_disk"), ("shuffle_caption", "shuffle_tags"), ("flip_aug", "flip"),
     ("enable_bucket", "enable_buckets"), ("bucket_no_upscale", "no_upscale"),
     ("cache_text_encoder_outputs", "cache_text_encoder_outputs"), ("masked_loss", "masked_loss"),
+    ("debiased_estimation_loss", "debiased_estimation_loss"), ("zero_terminal_snr", "zero_terminal_snr"),
+    ("ip_noise_gamma_random_strength", "ip_noise_gamma_random_strength"),
 )
+# keys that name one of a field's choices, spelled the same by kohya and by us
+CHOICES = (("loss_type", "loss_type"), ("huber_schedule", "huber_schedule"))
 # per-block settings: kohya_ss stores them as comma-separated strings, sd-scripts reads them from network_args
 BLOCK_KEYS = blocks.FIELDS  # kohya's names are our field names
 # keys with rules of their own (precedence, percentages, names), handled one by one in import_kohya
 SPECIAL = {"learning_rate", "unet_lr", "text_encoder_lr", "network_train_unet_only", "optimizer", "lr_scheduler",
            "lr_warmup", "max_train_steps", "epoch", "max_resolution", "mixed_precision", "save_precision",
-           "caption_extension", "v_parameterization", "reg_data_dir", "logging_dir", "log_with", "fp8_base"}
-KNOWN = {k for k, _, _ in NUMBERS} | {k for k, _ in FLAGS} | SPECIAL | set(BLOCK_KEYS) | {"block_lr_zero_threshold"}
+           "caption_extension", "v_parameterization", "reg_data_dir", "logging_dir", "log_with", "fp8_base",
+           "optimizer_args"}
+KNOWN = {k for k, _, _ in NUMBERS} | {k for k, _ in FLAGS} | {k for k, _ in CHOICES} | SPECIAL | set(BLOCK_KEYS) | {"block_lr_zero_threshold"}
 # written to sd-scripts only when set: 0 means "off" to us, but e.g. save_every_n_steps = 0 divides by zero there
 TOML_ONLY_WHEN_SET = {"network_dropout", "min_snr_gamma", "noise_offset", "save_every_n_steps", "validate_every_n_steps",
+                      "multires_noise_iterations", "ip_noise_gamma", "adaptive_noise_scale", "v_pred_like_loss",
                       "validation_split"}
 TOML_ELSEWHERE = {"conv_dim", "conv_alpha", "save_last_n_steps_state"}  # network_args; not sd-scripts' meaning
 
@@ -104,6 +114,13 @@ def _import_fields(data: dict, out: dict, notes: list[str]) -> None:
     for key, target in FLAGS:
         if isinstance(data.get(key), bool):
             out[target] = data[key]
+    for key, target in CHOICES:
+        if data.get(key) not in (None, ""):
+            value, choices = str(data[key]).lower(), TrainConfig.choices(target)
+            if value in choices:
+                out[target] = value
+            else:
+                notes.append(f"{key} = '{data[key]}' is not supported ({', '.join(choices)}): ignored")
     for key in BLOCK_KEYS:
         if data.get(key) not in (None, ""):
             out[key] = str(data[key]).strip()
@@ -137,6 +154,9 @@ def _import_schedule(data: dict, out: dict, notes: list[str]) -> None:
         opt = optimizers.from_kohya(data["optimizer"])
         if opt:
             out["optimizer"] = opt.key
+            args = str(data.get("optimizer_args", "")).replace(",", " ").lower().split()
+            if opt.key == "adafactor":  # kohya_ss's Adafactor runs with relative steps unless its args say not
+                out["adafactor_relative_step"] = "relative_step=false" not in args
         else:
             notes.append(f"optimizer '{data['optimizer']}' is not supported ({', '.join(optimizers.KEYS)}): keeping adamw")
     sch = str(data.get("lr_scheduler", "")).lower()
@@ -236,6 +256,8 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
     for key, field, _ in NUMBERS:
         if key not in TOML_ELSEWHERE and (values[field] or key not in TOML_ONLY_WHEN_SET):
             d[key] = values[field]
+    for key, field in CHOICES:
+        d[key] = values[field]
     for key, field in FLAGS:
         if key == "cache_text_encoder_outputs":  # sd-scripts refuses it beside a trained text encoder
             if cfg.caches_text:
@@ -250,8 +272,11 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
     args = [f"{k}={v}" for k, v in network_args(cfg).items() if k != "dora_wd"]
     if args:
         d["network_args"] = args
-    if cfg.prediction_type == "v_prediction":
+    if cfg.prediction_type == "v_prediction" or (cfg.prediction_type == "auto" and fam.prediction_type == "v_prediction"):
         d["v_parameterization"] = True
+    if cfg.optimizer == "adafactor":  # sd-scripts' Adafactor defaults to relative steps; say which mode this is
+        rel = cfg.adafactor_relative_step
+        d["optimizer_args"] = [f"relative_step={rel}", f"scale_parameter={rel}", f"warmup_init={rel}"]
     if cfg.reg_dataset:
         d["reg_data_dir"] = cfg.reg_dataset
     if cfg.base_quantization == "fp8":

@@ -56,7 +56,7 @@ class Family:
     pooled_conditioning: bool = False  # the UNet also takes the pooled text embedding and size/crop time ids
     guessable: bool = False  # the family a bare resolution suggests, when nothing is loaded yet (see guess())
     # a variant (another family of the same group) tells itself apart in a single-file checkpoint:
-    # detect(keys, tensor) with tensor(key) -> the tensor or None, read only when asked
+    # detect(keys, tensor, metadata), tensor(key) -> the tensor or None, read only when asked
     detect: Callable | None = None
 
     @property
@@ -169,7 +169,14 @@ def from_checkpoint_keys(keys) -> Family | None:
     return None
 
 
-def variant_of(base: Family, keys, tensor) -> Family:
-    """The variant of `base`'s group that a single-file checkpoint is (sd2 -> sd2v, ...), else `base`."""
-    keys = set(keys)
-    return next((f for f in FAMILIES.values() if f.group == base.group and f.detect and f.detect(keys, tensor)), base)
+def variant_of(base: Family, keys, tensor=lambda k: None, metadata: dict | None = None) -> Family:
+    """The variant of `base`'s group that a single-file checkpoint is (sd2 -> sd2v, sdxl -> sdxlv), else `base`."""
+    keys, metadata = set(keys), metadata or {}
+    return next((f for f in FAMILIES.values()
+                 if f.group == base.group and f.detect and f.detect(keys, tensor, metadata)), base)
+
+
+def with_prediction(group_key: str, prediction_type: str) -> Family:
+    """The family of a group that trains with `prediction_type` (a diffusers folder's scheduler says which)."""
+    base = family(group_key)
+    return next((f for f in FAMILIES.values() if f.group == base.group and f.prediction_type == prediction_type), base)

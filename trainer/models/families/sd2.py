@@ -11,7 +11,7 @@ _COMMON = dict(group="sd2", implementation="diffusers", native_resolution=768, p
 SD2V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
 
 
-def _is_v_prediction(keys, tensor) -> bool:
+def _is_v_prediction(keys, tensor, metadata) -> bool:
     """ComfyUI's test: v-prediction SD2 models have a wide spread in this late norm bias."""
     bias = tensor(SD2V_PROBE) if SD2V_PROBE in keys else None
     return bias is not None and float(bias.float().std(unbiased=False)) > 0.09

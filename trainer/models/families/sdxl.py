@@ -1,7 +1,10 @@
-"""Stable Diffusion XL 1.0 (base and its fine-tunes): two text encoders, SGM key names in kohya files."""
+"""Stable Diffusion XL 1.0 (base and its fine-tunes): two text encoders, SGM key names in kohya files. Its
+v-prediction variant (NoobAI-XL V-Pred and its merges) differs only in the training target."""
+import dataclasses
+
 from trainer.models.families import Calibration, Family
 
-FAMILIES = [Family(
+SDXL = Family(
     key="sdxl", name="SDXL", group="sdxl", base_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base/lora",
     implementation="https://github.com/Stability-AI/generative-models", prediction_type="epsilon",
     native_resolution=1024, params=(2567e6, 123e6 + 695e6, 84e6), blocks=(9, 1, 9),
@@ -17,4 +20,15 @@ FAMILIES = [Family(
     tokenizer_pads=(None, "!"), pipeline="StableDiffusionXLPipeline", sample_scheduler="EulerDiscreteScheduler",
     sd_scripts_trainer="sdxl_train_network.py",
     pooled_conditioning=True, guessable=True,
-)]
+)
+
+
+def _is_v_prediction(keys, tensor, metadata) -> bool:
+    """A single file says so with a `v_pred` marker key (as ComfyUI reads it) or its modelspec metadata."""
+    return "v_pred" in keys or metadata.get("modelspec.prediction_type", "") in ("v", "v_prediction")
+
+
+SDXL_V = dataclasses.replace(SDXL, key="sdxlv", name="SDXL v-prediction", prediction_type="v_prediction",
+                             checkpoint_marker=None, guessable=False, detect=_is_v_prediction)
+
+FAMILIES = [SDXL, SDXL_V]
