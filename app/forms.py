@@ -44,8 +44,15 @@ def machine_defaults(gpu: bool) -> dict[str, Any]:
     return {} if gpu else {"mixed_precision": "no"}
 
 
-def values_to_config(values: dict[str, Any], datasets_dir: Path | None = None) -> TrainConfig:
-    """Form values (by field name) -> TrainConfig. The dataset may be a workspace dataset name."""
+def values_to_config(values: dict[str, Any], datasets_dir: Path | None = None, strict: bool = True) -> TrainConfig:
+    """Form values (by field name) -> TrainConfig. The dataset may be a workspace dataset name. A number box left
+    empty (a browser empties one that holds letters) is refused by name, never replaced by the default; with
+    `strict=False` (laying a preset over the form) it takes the default."""
+    empty = [k for k, v in values.items() if v is None and k in FIELDS and k not in HIDDEN
+             and FIELDS[k]["type"] in ("int", "float")]
+    if empty and strict:
+        raise ConfigError("\n".join(f"{k} is empty or not a number: enter a number (the default is "
+                                     f"{FIELDS[k]['default']})." for k in empty))
     data = TrainConfig().to_dict()
     for k, v in values.items():
         if k not in FIELDS or k in HIDDEN:
@@ -125,6 +132,12 @@ def preflight(values: dict[str, Any] | TrainConfig, datasets_dir: Path | None = 
     errors, warns = cfg.problems()
     notes: list[str] = []
     family = check_base_model(cfg, errors, notes)
+    low, high = families.resolve(family, cfg.resolution).resolutions
+    in_range = low <= cfg.resolution <= high
+    if not in_range:  # first: every other figure of such a run (buckets, memory, time) is meaningless
+        errors.insert(0, f"resolution {cfg.resolution} is outside what {families.resolve(family, cfg.resolution).name} "
+                         f"trains at: choose {low} to {high} (its native resolution is "
+                         f"{families.resolve(family, cfg.resolution).native_resolution}).")
     if preset is not None and family_mismatch(preset, family):
         errors.append(family_mismatch(preset, family))
     report = check_dataset(cfg, errors, warns, notes)
@@ -142,9 +155,10 @@ def preflight(values: dict[str, Any] | TrainConfig, datasets_dir: Path | None = 
         lines.append(f"- {report['image_count']} images ({report['images_with_repeats']} per epoch with repeats)")
     lines.append(f"- Model family: {families.name(family)}")
     lines += [f"- {n}" for n in notes]
-    lines.append(f"- Estimated peak VRAM: about {est['total_gb']} GB, while {est['phase']}; the biggest part is "
-                 f"{est['biggest']} ({est['terms_gb'][est['biggest']]:.1f} GB). LoRA: {est['lora_params_m']}M parameters")
-    if device:
+    if in_range:
+        lines.append(f"- Estimated peak VRAM: about {est['total_gb']} GB, while {est['phase']}; the biggest part is "
+                     f"{est['biggest']} ({est['terms_gb'][est['biggest']]:.1f} GB). LoRA: {est['lora_params_m']}M parameters")
+    if device and in_range:
         lines.append(duration_line(cfg, family, report["images_with_repeats"] if report else 1, timings or [], device))
     if not errors:
         lines.insert(0, "### Ready to start")

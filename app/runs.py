@@ -208,6 +208,9 @@ class RunManager:
             return "No such run."
         if run["status"] in ACTIVE:
             return f"The run is already {run['status']}."
+        if run["status"] == "finished":
+            return ("This run has finished: its LoRA is written and there is nothing left to resume. To train longer, "
+                    "start a new run from its settings (choose it, then Start).")
         if not RunFiles(run["dir"]).checkpoint_dirs():
             return "This run has no checkpoint to resume from; start it again instead."
         self._set(run_id, status="queued", resume=1, message=None)

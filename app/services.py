@@ -43,7 +43,7 @@ class Studio:
             return values, ""
         gpu = gpu_present() if gpu is None else gpu
         p = find_preset(key, self.ws.presets_dir)
-        cfg = values_to_config(values, self.ws.datasets_dir) if values else TrainConfig()
+        cfg = values_to_config(values, self.ws.datasets_dir, strict=False) if values else TrainConfig()
         cfg = p.apply(cfg, gpu).replace(**machine_defaults(gpu))
         info = f"**{p.name}** ({p.family}) — {p.description}"
         if p.steps:
@@ -86,7 +86,19 @@ class Studio:
             return None, text
         self.ws.remember_model(cfg.base_model)
         run_id, created = self.runs.create(cfg)
-        return run_id, ("Started." if created else "This run is already queued or running; showing it.") + "\n\n" + text
+        return run_id, self.start_message(run_id, created) + "\n\n" + text
+
+    def start_message(self, run_id: str, created: bool) -> str:
+        """What Start did: started, queued behind which run, or the same run already there."""
+        if not created:
+            return "This run is already queued or running; showing it."
+        me = self.runs.get(run_id) or {}
+        if me.get("status") != "queued":
+            return "Started."
+        ahead = [r["id"] for r in self.runs.list() if r["id"] != run_id and
+                 (r["status"] == "running" or (r["status"] == "queued" and r["created"] < me["created"]))]
+        return (f"Queued: it starts when {', then '.join(f'`{r}`' for r in reversed(ahead))} has finished (one run "
+                "on the GPU at a time)." if ahead else "Queued: it starts in a moment.")
 
     def run_choices(self) -> list[tuple[str, str]]:
         return [(f"{r['id']} · {r['name']} · {r['status']}", r["id"]) for r in self.runs.list()]
@@ -171,10 +183,10 @@ class Studio:
         """A LoRA's file name outside its run folder: the run (and checkpoint step) in it, so that files from
         different runs and steps never share a name ('lora-20261201-101500-ab12cd-step-000006.safetensors')."""
         step = step_of(src.parent)
-        if src.name != "lora.safetensors" and step is None:
+        run = RunFiles.of_lora(src)
+        if not run.config.is_file():  # not a run's file (the workspace's loras/, a file from elsewhere)
             return src.name
-        run = RunFiles.of_lora(src).root.name
-        return f"{src.stem}-{run}{f'-{src.parent.name}' if step is not None else ''}.safetensors"
+        return f"{src.stem}-{run.root.name}{f'-{src.parent.name}' if step is not None else ''}.safetensors"
 
     def download_copy(self, path: str) -> str:
         """The file to hand to the browser, under its public name (a hard link in the workspace's downloads/)."""
@@ -183,7 +195,7 @@ class Studio:
         src = self.ws.resolve_file(path)
         dst = self.ws.downloads_dir / self.public_name(src)
         dst.parent.mkdir(exist_ok=True)
-        if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
+        if not (dst.exists() and os.path.samefile(src, dst)):  # this very file, never an older namesake
             dst.unlink(missing_ok=True)
             try:
                 os.link(src, dst)

@@ -178,3 +178,25 @@ def test_the_progress_line_says_how_far_how_fast_and_how_it_ended():
     done = progress_markdown({"job": "j", "active": False, "dataset": "d", "message": "Wrote 12 caption(s)."})
     assert "finished: Wrote 12 caption(s)." in done
     assert progress_markdown({"job": ""}) == ""
+
+
+def test_trigger_only_captions_count_as_missing_appended_ones_as_hand_and_excluded_ones_are_said(blip, tmp_path):
+    """After *Add trigger to captions* every image had a caption ('zwx'), so missing mode found nothing; appending
+    to hand-written text counted as 'by the captioner, unedited'; 'Wrote N' counted an excluded image silently."""
+    from trainer.data.manage import set_excluded
+
+    ds = tmp_path / "d"
+    make_images(ds, 4, caption=None)
+    for i in range(3):
+        (ds / f"img{i}.txt").write_text("zwx")
+    (ds / "img3.txt").write_text("zwx, a hand-written start")
+    set_excluded(ds, ds / "img2.png", True)
+    done = caption_dataset(ds, CaptionOptions(model=str(blip), trigger="zwx", max_new_tokens=6), lambda e: None)
+    assert done["written"] == 3 and "(1 of them for excluded images)" in done["message"]
+    assert (ds / "img3.txt").read_text() == "zwx, a hand-written start"  # described already: left alone
+    assert all((ds / f"img{i}.txt").read_text().startswith("zwx, ") for i in range(3))
+    assert dataset_report(ds)["captions_by"] == {"captioner": 2, "hand": 1}  # img2 is excluded: not in the report
+    caption_dataset(ds, CaptionOptions(model=str(blip), mode="append", trigger="zwx", max_new_tokens=6), lambda e: None)
+    assert (ds / "img3.txt").read_text().startswith("zwx, a hand-written start, ")
+    # appended captions carry text that was there before (the person's, or an earlier run's): not 'unedited'
+    assert dataset_report(ds)["captions_by"] == {"captioner": 0, "hand": 3}

@@ -163,7 +163,8 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         ui.choose("preset", "Quick test")
         ui.custom("f-base_model", str(tiny_sd1))
         ui.choose("f-dataset", "mychar")
-        ui.text("f-trigger", "zwx")
+        trigger = page.locator("#f-trigger textarea, #f-trigger input").first
+        trigger.press_sequentially("zwx, ohwx", delay=0)  # keystrokes faster than the saves: none may be lost
         ui.text("f-resolution", 64)
         ui.text("f-max_steps", 12)
         page.get_by_text("Advanced").click()
@@ -174,12 +175,13 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         ui.wait_text("preflight", r"Time on this machine \(CPU\): about")
 
         # 2b. A reload keeps the filled form (preset, model, dataset, trigger, steps, an Advanced field)
-        ui.until(lambda: json.loads((ws / "ui_state.json").read_text())["train"]["save_every_steps"] == 4,
-                 "the form's last edit was saved")
+        saved = lambda: json.loads((ws / "ui_state.json").read_text())["train"]  # noqa: E731
+        ui.until(lambda: saved()["save_every_steps"] == 4 and saved()["trigger"] == "zwx, ohwx",
+                 "the form's every keystroke and last edit were saved")
         page.reload()
         ui.tab("Train")
         expect(page.locator("#f-max_steps input").first).to_have_value("12", timeout=30_000)
-        assert page.locator("#f-trigger textarea, #f-trigger input").first.input_value() == "zwx"
+        assert page.locator("#f-trigger textarea, #f-trigger input").first.input_value() == "zwx, ohwx"
         assert page.locator("#f-dataset input[role=combobox]").input_value() == "mychar"
         assert page.locator("#f-base_model input[role=combobox]").input_value() == str(tiny_sd1)
         assert page.locator("#preset input[role=combobox]").input_value() == "Quick test"

@@ -104,6 +104,7 @@ def test_modules_are_named_once_at_injection(tiny_sdxl):
     assert any("input_blocks" in n for n in m.lora_names["unet"].values())  # SGM names for SDXL
 
 
+@pytest.mark.slow
 def test_validation_noise_follows_the_vae_scale(tmp_path):
     """A VAE that downsamples 4x (not 8x): validation used to shape its noise `// 8` and crashed on the first
     validation; the noise now has the latents' shape."""

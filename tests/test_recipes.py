@@ -125,6 +125,7 @@ def test_loss_and_noise_options_are_written_as_kohya_does(tiny_sd1, dataset, tmp
     assert md["ss_zero_terminal_snr"] == "False" and md["ss_v_parameterization"] == "False"
 
 
+@pytest.mark.slow
 def test_zero_terminal_snr_trains_v_prediction_and_refuses_epsilon(tiny_sd1, tiny_sd2v, dataset, tmp_path):
     base = trained(tiny_sd2v, dataset, tmp_path / "v", max_steps=2)
     z = trained(tiny_sd2v, dataset, tmp_path / "z", max_steps=2, zero_terminal_snr=True)
@@ -153,6 +154,7 @@ def _vpred_file(model_dir, path, *markers):
     return path
 
 
+@pytest.mark.slow
 def test_an_sdxl_v_prediction_single_file_is_detected_and_trained_with_v(tiny_sdxl, dataset, tmp_path):
     """NoobAI-style single file: a `v_pred` marker (and `ztsnr`) is found without being told; the run trains the
     v target on a zero-terminal schedule, the LoRA says so, the pre-flight and Preview know it."""
@@ -246,6 +248,7 @@ def test_optimizer_facts_have_one_owner():
     assert import_kohya({"loss_type": "perceptual"})[1] == ["loss_type = 'perceptual' is not supported (l2, l1, huber, smooth_l1): ignored"]
 
 
+@pytest.mark.slow
 def test_the_page_offers_the_recipes_in_their_groups_and_refuses_bad_pairs(tiny_sd2v, dataset, tmp_path):
     """Each option is a field of the Train tab's Advanced groups (Loss, Noise, Training), every optimizer is a
     choice, and Check setup names a conflicting pair in the labels the person sees."""

@@ -11,6 +11,20 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def with_umask(path: Path, directory: bool = False) -> Path:
+    """Give a temp file or folder the permissions a plain open() or mkdir() would (normally 0644 / 0755): tempfile
+    makes them private (0600 / 0700), and a web UI running as another user, or in Docker, could not read the
+    LoRA, caption or config that becomes of it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync and rename it over `path`."""
@@ -21,6 +35,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        with_umask(tmp)  # after the writer: a library may have made the file anew
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -50,7 +65,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a folder under a temp name and rename it into place when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = with_umask(Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)), directory=True)
     try:
         yield tmp
         if path.exists():

@@ -104,7 +104,16 @@ class DatasetTab:
         return f"Restored {', '.join(names)}." if names else "Nothing restored: those files exist in the dataset again."
 
     def create(self, name: str) -> tuple[str, str]:
-        folder = self.ws.dataset_path(name, create=True)
+        """(the dataset's name, what to say). A name that would change on the way to a folder name ('a/b', '../x',
+        'my set:1*?') is refused with the name it could have, never changed without a word."""
+        from trainer.fsutil import safe_name
+
+        wanted = (name or "").strip()
+        clean = safe_name(wanted, fallback="")
+        if clean and clean != wanted:
+            raise ValueError(f"A dataset name cannot hold / \\ : * ? \" < > | or start with a dot: '{wanted}' would "
+                             f"become '{clean}'. Use that, or another name.")
+        folder = self.ws.dataset_path(wanted, create=True)
         return folder.name, f"Dataset '{folder.name}' is ready: drop images into it."
 
     def import_files(self, name: str, files: list[str]) -> str:
@@ -214,8 +223,11 @@ class DatasetTab:
 
         @friendly
         def on_create(name):
-            made, msg = self.create(name)
-            return gr.Dropdown(choices=ws.list_datasets(), value=made), msg
+            try:
+                made, msg = self.create(name)
+            except ValueError as e:  # said on the status line: no red "Error" badge over the picker
+                return gr.update(), f"**Not created:** {e}", gr.update()
+            return gr.Dropdown(choices=ws.list_datasets(), value=made), msg, ""
 
         @friendly
         def on_select(name, evt: gr.SelectData):
@@ -227,7 +239,7 @@ class DatasetTab:
 
         view = [gallery, report]
         view_in = [ds, res, trig]
-        create.click(on_create, new_name, [ds, status]).then(refresh, view_in, view)
+        create.click(on_create, new_name, [ds, status, new_name]).then(refresh, view_in, view)
         ds.change(refresh, view_in, view)
         res.change(refresh, view_in, view)
         gallery.select(on_select, ds, [current, caption, image_info])

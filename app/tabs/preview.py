@@ -169,7 +169,7 @@ class PreviewTab:
             self.kept |= {f"lora-{i}": f, f"on-{i}": en, f"strength-{i}": st}
             self.kept |= {f"block-{i}-{b}": x for b, x in zip(("IN", "MID", "OUT"), bw)}
         kept = set(self.kept.values())
-        gr.on([c.input for c in kept], self.remember, kept, show_progress="hidden")
+        gr.on([c.input for c in kept], self.remember, kept, show_progress="hidden", trigger_mode="always_last")
         refresh.click(lambda: [gr.Dropdown(choices=self.studio.lora_choices()) for _ in rows], None, files)
         for f, en, st, trig, ins in rows:
             f.change(lambda p: ", ".join(trigger_words(p)) and f"trigger: `{', '.join(trigger_words(p))}`" if p else "", f, trig)

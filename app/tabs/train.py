@@ -113,9 +113,10 @@ class TrainTab:
             picker = gr.Dropdown(choices=choices)
         state = None
         if run_id and self.runs.get(run_id):
-            v = self.runs.view(run_id)
-            state = f"{v.state}{' stopping' if v.stopping else ''}"
-        same = state == shown.get("state") and run_id == shown.get("run")
+            state = self.runs.view(run_id).state  # a Stop's "stopping" is not a new phase: its answer stays
+        # a message is stale once the run it speaks of moved on; picking another run is no reason to wipe the
+        # answer to that pick ("The form now holds the settings ...")
+        same = not (run_id == shown.get("run") and state != shown.get("state"))
         return ({"picker": picker, "same_state": same}, run_id,
                 {"choices": [list(c) for c in choices], "run": run_id, "state": state})
 
@@ -172,12 +173,16 @@ class TrainTab:
         self.build_block_table()
         self.build_preset_tools()
         self.build_run_controls()
-        if dataset_dropdown is not None:
-            dataset_dropdown.change(lambda v: gr.Dropdown(choices=self.ws.list_datasets(), value=v), dataset_dropdown,
-                                    comps["dataset"]).then(self.remember, self.inputs | {self.preset_dd})
+        if dataset_dropdown is not None:  # a dataset made or removed there is offered here; the choice here stays
+            dataset_dropdown.change(self.dataset_choices, None, comps["dataset"])
         # every edit of the form is kept in the workspace; a reload puts it back (register_load)
-        gr.on([c.input for c in comps.values()], self.remember, self.inputs | {self.preset_dd}, show_progress="hidden")
+        gr.on([c.input for c in comps.values()], self.remember, self.inputs | {self.preset_dd}, show_progress="hidden",
+              trigger_mode="always_last")  # the last edit is always saved: "once" dropped keystrokes typed meanwhile
         return comps
+
+    def dataset_choices(self):
+        """The Dataset field offers the workspace's datasets as they are now, and keeps the one it holds."""
+        return gr.update(choices=self.ws.list_datasets())  # no value: the field keeps its own
 
     # ------------------------------------------------------------------ the form's memory
     def remember(self, data) -> None:
@@ -230,7 +235,8 @@ class TrainTab:
                 use = gr.Button("Use these values", elem_id="blocks-use")
                 clear = gr.Button("One rank everywhere")
             table = gr.Dataframe(headers=["block", "rank", "alpha", "LR weight"], datatype=["str", "number", "number", "number"],
-                                 value=block_rows({"rank": 16, "alpha": 16}, "sd1"), interactive=True, elem_id="blocks-table")
+                                 value=block_rows(self.default_values(), next(iter(fams.values()))), interactive=True,
+                                 elem_id="blocks-table")
             with gr.Row():
                 source = gr.Dropdown(choices=self.studio.lora_choices(), allow_custom_value=True, scale=3,
                                      label="Suggest from a trained LoRA (train once wide, then again lean)")
@@ -267,7 +273,11 @@ class TrainTab:
                                  f"{100 * float(keep):g}% of its update (alpha keeps your alpha/rank ratio). "
                                  "Check them, then *Use these values*.")
 
-        fill.click(on_fill, {fam} | {comps[n] for n in ["rank", "alpha", *block_fields]}, table)
+        fill_inputs = {fam} | {comps[n] for n in ["rank", "alpha", *block_fields]}
+        fill.click(on_fill, fill_inputs, table)
+        # the table starts from, and follows, the form: Rank, Alpha, the block fields (a restored form too), the family
+        for c in [fam, *(comps[n] for n in ["rank", "alpha", *block_fields])]:
+            c.change(on_fill, fill_inputs, table, trigger_mode="always_last")
         keep = self.inputs | {self.preset_dd}
         use.click(on_use, [table, fam], [comps[n] for n in block_fields] + [note]).then(self.remember, keep)
         clear.click(lambda: [""] * len(block_fields) + ["One rank and alpha everywhere."], None,

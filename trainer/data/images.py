@@ -109,5 +109,10 @@ def _check_complete(path: Path, size: int) -> None:
 
 
 def _short(e: Exception) -> str:
+    """The library's words without the file's path (PIL names it: a temp name, or a folder of this computer): the
+    message's caller names the file itself."""
+    import re
+
     s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    s = re.sub(r"\s*['\"][^'\"]*[/\\.][^'\"]*['\"]", "", s).strip() or type(e).__name__
     return s[:120]

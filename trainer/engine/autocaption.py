@@ -20,7 +20,8 @@ from trainer.runfiles import RunFiles
 from trainer.fsutil import atomic_write_text
 
 MODES = ("missing", "append", "overwrite")
-MODE_LABELS = {"missing": "Only images without a caption", "append": "Append to existing captions",
+MODE_LABELS = {"missing": "Only images without a caption (or with the trigger words alone)",
+               "append": "Append to existing captions",
                "overwrite": "Overwrite existing captions"}
 RECORD_FILE = ".captioner.json"
 # Known to load with transformers 5 (no remote code): BLIP and the transformers-native Florence-2 conversions.
@@ -62,9 +63,22 @@ def entries(folder: Path) -> list:
     return sorted(res.items + res.excluded, key=lambda it: str(it.path))
 
 
-def targets(items: list, mode: str) -> list:
-    """The images a mode writes to: without a caption (missing), or all of them (append, overwrite)."""
-    return [it for it in items if mode != "missing" or not (it.caption or "").strip()]
+def targets(items: list, mode: str, triggers: list[str] = ()) -> list:
+    """The images a mode writes to: without a caption (missing), or all of them (append, overwrite). A caption that
+    holds only trigger words (after *Add trigger to captions*) is no description: missing mode captions it."""
+    return [it for it in items if mode != "missing" or not described(it.caption, triggers)]
+
+
+def described(caption: str | None, triggers: list[str]) -> bool:
+    """Whether a caption says more than the trigger words."""
+    trig = {t.lower() for t in triggers}
+    return any(tag.lower() not in trig for tag in split_tags(caption or ""))
+
+
+def excluded_paths(folder: Path) -> set:
+    from trainer.data.scan import scan_dataset
+
+    return {it.path for it in scan_dataset(folder).excluded}
 
 
 def compose(old: str | None, new: str, mode: str, triggers: list[str]) -> str:
@@ -86,7 +100,8 @@ def record(folder: Path) -> dict:
 def provenance(folder: Path, items: list) -> dict:
     """How many captions came from the captioner (and are unchanged since) and how many by hand."""
     rec = record(folder)
-    auto = sum(1 for it in items if it.caption and rec.get(_rel(folder, it.path), {}).get("text") == it.caption)
+    auto = sum(1 for it in items if it.caption and rec.get(_rel(folder, it.path), {}).get("text") == it.caption
+               and not rec[_rel(folder, it.path)].get("appended"))  # hand-written text with the captioner's after it
     return {"captioner": auto, "hand": sum(1 for it in items if it.caption) - auto}
 
 
@@ -171,7 +186,7 @@ def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should
     folder = Path(folder)
     if not folder.is_dir():
         raise CaptionError(f"Dataset folder not found: {folder}")
-    todo = targets(entries(folder), opts.mode)
+    todo = targets(entries(folder), opts.mode, split_tags(opts.trigger))
     if preview:
         todo = todo[:preview]
     if not todo:
@@ -185,6 +200,7 @@ def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should
     cap = Captioner(model, opts.device)
     triggers, label = split_tags(opts.trigger), model_label(opts.model)
     rec, written, skipped, t0 = record(folder), 0, [], time.perf_counter()
+    left_out, excluded_written = excluded_paths(folder), 0
     emit({"type": "progress", "done": 0, "total": len(todo), "images_per_s": None, "eta_s": None, "device": cap.device})
     for start in range(0, len(todo), opts.batch_size):
         if should_stop():
@@ -202,8 +218,11 @@ def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should
             wrote = bool(text) and not preview
             if wrote:
                 save_caption(it.path, final)
-                rec[_rel(folder, it.path)] = {"model": label, "text": " ".join(final.split())}
+                rec[_rel(folder, it.path)] = {"model": label, "text": " ".join(final.split()),
+                                              **({"appended": True} if opts.mode == "append"
+                                                 and described(it.caption, triggers) else {})}
                 written += 1
+                excluded_written += it.path in left_out
             emit({"type": "caption", "file": _rel(folder, it.path), "caption": final if text else "",
                   "written": wrote})
         if written and not preview:
@@ -217,6 +236,7 @@ def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should
     done = {"type": "done", "written": written, "total": len(todo), "preview": bool(preview), "stopped": stopped,
             "skipped": skipped,
             "message": f"{what} {written if not preview else len(todo)} caption(s) with {label}"
+                       + (f" ({excluded_written} of them for excluded images)" if excluded_written else "")
                        + (" (cancelled; the captions written so far are kept)" if stopped else "")
                        + (f"; skipped {len(skipped)} unreadable image(s)" if skipped else "") + "."}
     emit(done)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.engine.faults import maybe_inject
-from trainer.fsutil import atomic_dir
+from trainer.fsutil import atomic_dir, with_umask
 from trainer.runfiles import LORA_STATE, OPTIMIZER, STATE, RunFiles
 
 
@@ -53,6 +53,7 @@ def unpack_parts(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[dict, dict
 def write_checkpoint(folder: Path, parts, optimizer_state: dict | None, state: dict) -> None:
     """Fill `folder` (a temp folder from fsutil.atomic_dir) with a resumable checkpoint."""
     save_file(pack_parts(parts), str(folder / LORA_STATE))
+    with_umask(folder / LORA_STATE)  # safetensors makes its files private; a checkpoint is the person's file
     if optimizer_state is not None:
         torch.save(optimizer_state, folder / OPTIMIZER)
     (folder / STATE).write_text(json.dumps(state, indent=1, default=str))
@@ -71,7 +72,7 @@ def save(run, step: int) -> Path | None:
     cfg = run.cfg
     parts = run.parts()
     state = {"step": step, "total_steps": run.total_steps, "scheduler": run.scheduler.state_dict(), "config": cfg.to_dict(),
-             **run.layout}
+             "started_at": run.info["started_at"], **run.layout}
     folder = run.files.checkpoint(step)
     run.ev.emit("status", state="saving", step=step, message=f"Saving checkpoint at step {step}")
     epoch = run.epoch_of(max(0, step * cfg.gradient_accumulation - 1))

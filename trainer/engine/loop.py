@@ -56,6 +56,11 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
     if on_setup:
         on_setup(run)
     state = restore(run) if resume else State()
+    out = run.files.final(cfg.output_name)
+    if resume and state.step >= run.total_steps and out.is_file():  # nothing left: its file stays as it was
+        run.ev.emit("done", path=str(out), step=state.step, message=f"This run had already finished: {out}")
+        run.accelerator.end_training()
+        return out
     batches = batch_iterator(run, state.step)
     run.ev.emit("status", state="training", message=f"Training {run.total_steps} steps ({run.steps_per_epoch} per epoch)",
                 total=run.total_steps, device=run.accelerator.device.type, precision=run.accelerator.mixed_precision,
@@ -97,6 +102,7 @@ def restore(run: Run) -> State:
         if schedule_free(run):  # saved with its averaged weights: back to the ones it trains
             schedule_free(run).train()
     run.scheduler.load_state_dict(saved["scheduler"])
+    run.info["started_at"] = saved.get("started_at", run.info["started_at"])  # the run began then, not now
     step = int(saved["step"])
     run.ev.emit("log", message=f"Resumed from {last.name} at step {step}/{run.total_steps}")
     return State(step=step, step0=step)

@@ -42,6 +42,7 @@ class Family:
     params: tuple[float, float, float]  # UNet, text encoders (all), VAE: the released checkpoints' counts
     blocks: tuple[int, int, int]  # kohya's UNet blocks: IN, MID, OUT
     calibration: Calibration
+    resolutions: tuple[int, int]  # the training resolutions it takes (smallest: the config's; largest: twice native)
     # kohya file: the prefix of each text encoder's modules ('te1', 'te2'), and how UNet paths are written
     te_prefixes: dict = field(default_factory=lambda: {"te1": "lora_te_"})
     unet_key_style: str = "diffusers"  # 'diffusers' (down_blocks_0_...) or 'sgm' (input_blocks_1_1_...)

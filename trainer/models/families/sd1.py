@@ -4,7 +4,7 @@ from trainer.models.families import Calibration, Family
 FAMILIES = [Family(
     key="sd1", name="SD 1.x", group="sd1", base_version="sd_v1", architecture="stable-diffusion-v1/lora",
     implementation="diffusers", prediction_type="epsilon", native_resolution=512, params=(860e6, 123e6, 84e6),
-    blocks=(12, 1, 12),
+    blocks=(12, 1, 12), resolutions=(64, 1024),
     # from `python -m trainer memory` (BENCHMARKS.md): without checkpointing the sd15_* presets' forward peak minus
     # the weights (0.93 per 512 px image); with it the 512 px nf4 batch 1 row (1.54 - 1.28 GB). Samples:
     # sd15_style 0.5 GB at 512 px; lean turns measured apart on SD 1.5 512 px nf4 (0.19 and 0.41 GB). Linear

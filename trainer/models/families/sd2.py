@@ -5,7 +5,7 @@ from trainer.models.families import Calibration, Family
 _CAL = Calibration(act_gb=(2.1, 0.59), sample_act_gb=1.0, sample_denoise_act_gb=0.45, sample_decode_act_gb=0.9,
                    linear_share=0.31, prior_step_s={"cpu": 40.0, "cuda": 0.4})
 _COMMON = dict(group="sd2", implementation="diffusers", native_resolution=768, params=(865e6, 340e6, 84e6),
-               blocks=(12, 1, 12), calibration=_CAL, checkpoint_te={"te1": ("cond_stage_model.model.", "openclip")},
+               blocks=(12, 1, 12), resolutions=(64, 1536), calibration=_CAL, checkpoint_te={"te1": ("cond_stage_model.model.", "openclip")},
                tokenizer_pads=("!",))
 
 SD2V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"

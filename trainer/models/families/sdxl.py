@@ -7,7 +7,7 @@ from trainer.models.families import Calibration, Family
 SDXL = Family(
     key="sdxl", name="SDXL", group="sdxl", base_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base/lora",
     implementation="https://github.com/Stability-AI/generative-models", prediction_type="epsilon",
-    native_resolution=1024, params=(2567e6, 123e6 + 695e6, 84e6), blocks=(9, 1, 9),
+    native_resolution=1024, params=(2567e6, 123e6 + 695e6, 84e6), blocks=(9, 1, 9), resolutions=(64, 2048),
     # from `python -m trainer memory` (BENCHMARKS.md): with checkpointing sdxl_4gb (2.43 - 1.78 GB at 1024 px,
     # batch 1), without it the 1024 px batch 1 rank 8 row (11.27 - 4.89 GB; 768 px gave the same per pixel).
     # Samples: sdxl_4gb 0.45 GB; lean turns on sdxl_6gb (0.43 and 0.44 GB). Linear share counted from the config.
