@@ -35,6 +35,9 @@ def build_ui(workspace: str | Workspace, runs: RunManager | None = None) -> gr.B
     preview, tools, settings = PreviewTab(studio), ToolsTab(studio), SettingsTab(studio)
     with gr.Blocks(title="LoRA Studio") as ui:
         gr.Markdown("# LoRA Studio")
+        gr.Markdown("**Start here:** *Dataset*: make a dataset and drop your images in, caption them → *Train*: pick a "
+                    "base model and a preset, *Check setup*, *Start* → *Outputs* and *Preview*: try the LoRA at "
+                    "several strengths, then copy it to your web UI.", elem_id="start-here")
         banner = gpu_banner()
         if banner:
             gr.Markdown(banner, elem_id="gpu-banner")

@@ -223,17 +223,18 @@ def test_run_picker_and_outputs_follow_a_run_to_its_end_without_refresh(tiny_sd1
     run_id, _ = studio.runs.create(quick_cfg(tiny_sd1, data, max_steps=2))
     follow, picked, shown = train.follow(None, {})  # a page with no run picked picks up the active one
     assert picked == run_id and follow["picker"].value == run_id
-    _, _, _, out_sig = outputs.follow(None, None, "")
+    _, _, _, out_sig, note = outputs.follow(None, None, "")
+    assert note == ""  # a run exists: nothing to explain
     wait_for(lambda: studio.runs.get(run_id)["status"] == "finished")
     follow, _, shown2 = train.follow(run_id, shown)
     labels = [label for label, _ in follow["picker"].choices]
     assert labels == [f"{run_id} · lora · finished"] and not follow["same_state"]
     follow, _, _ = train.follow(run_id, shown2)
     assert follow["picker"] == gr.update() and follow["same_state"]  # nothing new: nothing sent
-    table, pick, files, sig = outputs.follow(run_id, None, out_sig)
+    table, pick, files, sig, _ = outputs.follow(run_id, None, out_sig)
     assert sig != out_sig and table[0][:2] == [run_id, "finished"]
     assert files.value.endswith("lora.safetensors") and [label for label, _ in files.choices][0] == "final · lora.safetensors"
-    assert outputs.follow(run_id, files.value, sig) == (gr.update(), gr.update(), gr.update(), sig)
+    assert outputs.follow(run_id, files.value, sig) == (gr.update(), gr.update(), gr.update(), sig, gr.update())
     # choosing the run puts its settings back into the form, by the names the form uses
     vals = train.run_values(run_id)
     assert vals["dataset"] == "d" and vals["max_steps"] == 2 and vals["base_model"] == str(tiny_sd1)

@@ -257,3 +257,63 @@ def re_escape(s):
     import re
 
     return re.escape(s)
+
+
+def test_the_page_says_where_to_start_and_what_an_empty_table_means(tmp_path):
+    from app.main import build_ui
+
+    ui = build_ui(tmp_path / "ws")
+    texts = [getattr(b, "value", "") for b in ui.blocks.values() if getattr(b, "elem_id", None) == "start-here"]
+    assert texts and "Start here" in texts[0]
+    outputs = ui.lora_studio["tabs"]["outputs"]
+    assert outputs.empty_note().startswith("No runs yet: train one in the *Train* tab")
+    assert outputs.lists()[2] == outputs.empty_note()
+
+
+def test_the_dataset_tab_remembers_its_pick_and_deletes_a_dataset_restorably(tmp_path):
+    from app.main import build_ui
+
+    ws_dir = tmp_path / "ws"
+    ui = build_ui(ws_dir)
+    tab, ws = ui.lora_studio["tabs"]["dataset"], ui.lora_studio["workspace"]
+    tab.create("mine")
+    make_images(ws.dataset_path("mine"), 2)
+    (ws.dataset_path("mine") / "img0.txt").write_text("zwx, hand written")
+    tab.create("other")
+    tab.remember("mine")
+    assert build_ui(ws_dir).lora_studio["tabs"]["dataset"].picked() == "mine"  # after a reload
+    assert "in the workspace trash" in tab.delete("mine")
+    assert ws.list_datasets() == ["other"] and tab.picked() is None  # a deleted pick is not offered back
+    assert tab.undelete() == "mine"
+    assert (ws.dataset_path("mine") / "img0.txt").read_text() == "zwx, hand written"  # all of it, as it was
+    tab.delete("mine")
+    tab.create("mine")
+    with pytest.raises(ValueError, match="exists again"):
+        tab.undelete()
+
+
+def test_the_validation_plot_takes_room_only_when_a_run_measures_one(tmp_path):
+    from app.runs import RunView
+    from app.services import Studio
+    from app.tabs.train import TrainTab
+    from app.workspace import Workspace
+
+    class Runs:
+        val = []
+
+        def list(self):
+            return [{"id": "r", "name": "a", "status": "running", "dir": str(tmp_path)}]
+
+        def get(self, run_id):
+            return self.list()[0]
+
+        def view(self, run_id):
+            v = RunView()
+            v.state, v.losses, v.val_losses = "training", [(1, 0.5)], list(self.val)
+            return v
+
+    runs = Runs()
+    train = TrainTab(Studio(Workspace(tmp_path / "ws"), runs))
+    assert train.live("r")[2].visible is False and train.live(None)[2].visible is False
+    runs.val = [(2, 0.4)]
+    assert train.live("r")[2].visible is True

@@ -179,6 +179,10 @@ class DatasetTab:
             new_name = gr.Textbox(label="New dataset name", scale=3, elem_id="ds-new-name")
             create = gr.Button("Create", scale=1, elem_id="ds-create")
         with gr.Row():
+            delete = gr.Button("Delete this dataset (to the workspace trash)", size="sm", variant="stop",
+                               elem_id="ds-delete")
+            undelete = gr.Button("Restore the last deleted dataset", size="sm", elem_id="ds-undelete")
+        with gr.Row():
             with gr.Column(scale=2):
                 upload = gr.File(label="Drop images, caption .txt files or a .zip here", file_count="multiple",
                                  file_types=IMPORT_TYPES, elem_id="ds-upload")
@@ -237,10 +241,28 @@ class DatasetTab:
             it = entries[evt.index][0]
             return str(it.path), it.caption or "", self.info(name, str(it.path))
 
+        @friendly
+        def on_delete(name):
+            if not name:
+                return gr.update(), "Pick a dataset first."
+            msg = self.delete(name)
+            return gr.Dropdown(choices=ws.list_datasets(), value=None), msg
+
+        @friendly
+        def on_undelete():
+            try:
+                name = self.undelete()
+            except ValueError as e:
+                return gr.update(), str(e)
+            return gr.Dropdown(choices=ws.list_datasets(), value=name), f"Dataset '{name}' is back."
+
         view = [gallery, report]
         view_in = [ds, res, trig]
-        create.click(on_create, new_name, [ds, status, new_name]).then(refresh, view_in, view)
+        create.click(on_create, new_name, [ds, status, new_name], show_progress="hidden").then(refresh, view_in, view)
+        delete.click(on_delete, ds, [ds, status], show_progress="hidden").then(refresh, view_in, view)
+        undelete.click(on_undelete, None, [ds, status], show_progress="hidden").then(refresh, view_in, view)
         ds.change(refresh, view_in, view)
+        ds.change(self.remember, ds, None)  # a reload shows the dataset the person had picked
         res.change(refresh, view_in, view)
         gallery.select(on_select, ds, [current, caption, image_info])
         # every action answers in the status line with a plain sentence, then the gallery and report refresh
@@ -256,8 +278,8 @@ class DatasetTab:
             (exclude.click, self.toggle_exclude, [ds, current]),
             (restore.click, self.restore, [ds]),
         ]
-        for event, handler, inputs in actions:
-            done = event(friendly(handler), inputs, status).then(refresh, view_in, view)
+        for event, handler, inputs in actions:  # no Gradio timer ("0.1s") inside the status sentence
+            done = event(friendly(handler), inputs, status, show_progress="hidden").then(refresh, view_in, view)
             if event == upload.upload:  # each drop imports what was dropped, then the drop zone is empty again
                 done.then(lambda: None, None, upload)
         exclude.click(friendly(self.info), [ds, current], image_info)
@@ -321,8 +343,27 @@ class DatasetTab:
             lambda fresh, *a: refresh(*a) if fresh else (gr.skip(), gr.skip()), [refresh_now, *view_in], view)
         self._cap_timer, self._cap_model = timer, c["model"]
 
+    def remember(self, name: str | None) -> None:
+        self.ws.save_ui_state("dataset", {"dataset": name or ""})
+
+    def picked(self) -> str | None:
+        """The dataset the person had picked, if it is still there."""
+        name = self.ws.ui_state("dataset").get("dataset")
+        return name if name in self.ws.list_datasets() else None
+
+    def delete(self, name: str) -> str:
+        from trainer.data import manage
+
+        manage.remove_dataset(self.ws.dataset_path(name), self.ws.trash_dir)
+        return f"Deleted dataset '{name}': it is in the workspace trash; *Restore the last deleted dataset* brings it back."
+
+    def undelete(self) -> str:
+        from trainer.data import manage
+
+        return manage.restore_last_dataset(self.ws.datasets_dir, self.ws.trash_dir)
+
     def register_load(self, ui) -> None:
-        ui.load(lambda: gr.Dropdown(choices=self.ws.list_datasets()), None, self.picker)
+        ui.load(lambda: gr.Dropdown(choices=self.ws.list_datasets(), value=self.picked()), None, self.picker)
         # a reload finds a captioning job still running and follows it; the model is the remembered one
         ui.load(lambda: (gr.Timer(active=bool(self.captions and self.captions.running())), self.ws.caption_model()),
                 None, [self._cap_timer, self._cap_model])

@@ -23,6 +23,7 @@ class OutputsTab:
 
     def build(self):
         studio, ws = self.studio, self.ws
+        self.empty = gr.Markdown(self.empty_note(), elem_id="outputs-empty")
         self.table = gr.Dataframe(headers=["run", "status", "name", "base model", "rank/alpha", "steps", "trigger",
                                            "lowest validation loss"],
                                   value=studio.outputs_table(), interactive=False, elem_id="outputs-table")
@@ -49,11 +50,11 @@ class OutputsTab:
             return (gr.Dropdown(choices=choices, value=first), run_metadata(run),
                     studio.download_copy(first) if first else None)
 
-        refresh.click(self.lists, None, [self.table, self.pick])
+        refresh.click(self.lists, None, [self.table, self.pick, self.empty])
         shown = gr.State("")
         # the table, the run list and the picked run's files follow the runs by themselves (Refresh is a convenience)
-        gr.Timer(2.0).tick(friendly(self.follow), [self.pick, files, shown], [self.table, self.pick, files, shown],
-                           show_progress="hidden")
+        gr.Timer(2.0).tick(friendly(self.follow), [self.pick, files, shown],
+                           [self.table, self.pick, files, shown, self.empty], show_progress="hidden")
         self.pick.change(on_pick, self.pick, [files, meta, download])
         files.change(friendly(self.file_metadata), files, [meta, download])
         copy.click(friendly(lambda p: studio.copy_to_webui(p) if p else "Pick a file."), files, msg)
@@ -63,7 +64,7 @@ class OutputsTab:
         """Updates only when a run was added, changed status or wrote a LoRA file since the page last looked."""
         sig = self.studio.runs_signature()
         if sig == shown:
-            return gr.update(), gr.update(), gr.update(), shown
+            return gr.update(), gr.update(), gr.update(), shown, gr.update()
         choices = self.studio.lora_file_choices(run_id) if run_id else []
         paths = [path for _, path in choices]
         # choices only (a tick that left before the person picked something must not undo the pick), except
@@ -72,10 +73,14 @@ class OutputsTab:
         if run_id:
             files = (gr.Dropdown(choices=choices) if file in paths
                      else gr.Dropdown(choices=choices, value=paths[0] if paths else None))
-        return self.studio.outputs_table(), gr.Dropdown(choices=self.studio.run_choices()), files, sig
+        return self.studio.outputs_table(), gr.Dropdown(choices=self.studio.run_choices()), files, sig, self.empty_note()
 
     def lists(self):
-        return self.studio.outputs_table(), gr.Dropdown(choices=self.studio.run_choices())
+        return self.studio.outputs_table(), gr.Dropdown(choices=self.studio.run_choices()), self.empty_note()
+
+    def empty_note(self) -> str:
+        """What an empty table means, and what to do: it says nothing itself."""
+        return "" if self.studio.run_choices() else "No runs yet: train one in the *Train* tab, and it shows here."
 
     def register_load(self, ui) -> None:
-        ui.load(self.lists, None, [self.table, self.pick])
+        ui.load(self.lists, None, [self.table, self.pick, self.empty])

@@ -93,10 +93,12 @@ class TrainTab:
         """Progress text, loss curve, samples and log of a run, from its event log."""
         run = self.runs.get(run_id) if run_id else None
         if not run:
-            return "No run selected.", None, None, [], ""
+            return "No run selected.", None, gr.LinePlot(value=None, visible=False), [], ""
         v = self.runs.view(run_id)
-        return (progress_markdown(run, v), loss_frame(v.losses, "loss"), loss_frame(v.val_losses, "validation loss"),
-                list(v.samples[-12:]), "\n".join(v.log[-30:]))
+        # the validation plot takes room only when the run measures a validation loss
+        val = gr.LinePlot(value=loss_frame(v.val_losses, "validation loss"), visible=bool(v.val_losses))
+        return (progress_markdown(run, v), loss_frame(v.losses, "loss"), val, list(v.samples[-12:]),
+                "\n".join(v.log[-30:]))
 
     def follow(self, run_id: str | None, shown: dict) -> tuple[dict, str | None, dict]:
         """Keep the run picker and the run's status true to the event log, with no Refresh button: the picker's
@@ -355,8 +357,8 @@ class TrainTab:
             # by the timer never draws its lines (Gradio 6.31, seen in Chromium)
             loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, elem_id="loss-plot")
             val_plot = gr.LinePlot(x="step", y="validation loss", height=260, elem_id="val-plot",
-                                   title="Validation loss (Advanced › Quality)")
-            samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples")
+                                   title="Validation loss (Advanced › Quality)", visible=False)
+            samples = gr.Gallery(label="Samples", columns=3, height=300, object_fit="contain", elem_id="samples")
         logs = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="log", autoscroll=True)
         timer = gr.Timer(1.0)
         seen = gr.State({})  # what the page shows now: run list and the run's state, to update only on change
@@ -375,9 +377,11 @@ class TrainTab:
 
         check.click(on_check, self.inputs | {preset}, preflight_md)
         start.click(on_start, self.inputs | {preset}, [self.run_pick, preflight_md])
-        stop.click(friendly(lambda r: runs.stop(r) if r else "Pick a run."), self.run_pick, run_msg)
-        save_now.click(friendly(lambda r: runs.save_now(r) if r else "Pick a run."), self.run_pick, run_msg)
-        resume.click(friendly(lambda r: runs.resume(r) if r else "Pick a run."), self.run_pick, run_msg)
+        stop.click(friendly(lambda r: runs.stop(r) if r else "Pick a run."), self.run_pick, run_msg, show_progress="hidden")
+        save_now.click(friendly(lambda r: runs.save_now(r) if r else "Pick a run."), self.run_pick, run_msg,
+                       show_progress="hidden")
+        resume.click(friendly(lambda r: runs.resume(r) if r else "Pick a run."), self.run_pick, run_msg,
+                     show_progress="hidden")
         live_out = [progress, loss_plot, val_plot, samples, logs]
         self.run_pick.change(friendly(self.live), self.run_pick, live_out)
 

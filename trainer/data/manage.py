@@ -79,3 +79,35 @@ def restore_last(root: str | Path, trash: str | Path) -> list[str]:
     if not any(p.is_file() for p in batch.rglob("*")):
         shutil.rmtree(batch)
     return restored
+
+
+DATASETS_TRASH = ".datasets"  # inside the trash: whole datasets, each as <stamp>/<its name>
+
+
+def remove_dataset(root: str | Path, trash: str | Path) -> Path:
+    """Move a whole dataset folder (images, captions, its exclusions and captioner record) into the trash."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"There is no dataset '{root.name}'.")
+    batch = inside(trash, Path(trash) / DATASETS_TRASH / time.strftime("%Y%m%d-%H%M%S"))
+    while batch.exists():  # two removals in the same second each get their own folder
+        batch = batch.with_name(batch.name + "_")
+    batch.mkdir(parents=True)
+    shutil.move(str(root), str(batch / root.name))
+    return batch / root.name
+
+
+def restore_last_dataset(datasets_dir: str | Path, trash: str | Path) -> str:
+    """Put the most recently removed dataset back under its name; return the name. While a dataset of that name
+    exists again, the removed one stays in the trash, and that is said."""
+    base = Path(trash) / DATASETS_TRASH
+    batches = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    if not batches:
+        raise ValueError("No removed dataset is in the trash.")
+    (folder,) = [p for p in batches[-1].iterdir() if p.is_dir()]
+    dst = inside(datasets_dir, Path(datasets_dir) / folder.name)
+    if dst.exists():
+        raise ValueError(f"A dataset named '{folder.name}' exists again: rename it, then restore.")
+    shutil.move(str(folder), str(dst))
+    batches[-1].rmdir()
+    return folder.name
