@@ -7,6 +7,7 @@ import sys
 import threading
 
 from app.workers import engine_command, start_attached
+from trainer.events import parse_event
 
 
 class PreviewClient:
@@ -26,13 +27,27 @@ class PreviewClient:
         if not ready:
             raise RuntimeError("The preview worker did not start.")
 
-    def request(self, req: dict) -> dict:
+    def cancel(self) -> None:
+        """Ask the worker to stop the generation under way (at its next denoising step)."""
+        from pathlib import Path
+
+        from trainer.engine.preview import CANCEL_FILE
+
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.out_dir) / CANCEL_FILE).touch()
+
+    def request(self, req: dict, on_progress=None) -> dict:
+        """Send one request; `on_progress(done, total)` hears the worker's progress events until the answer."""
         with self.lock:
             try:
                 self._ensure()
                 self.proc.stdin.write(json.dumps(req) + "\n")
                 self.proc.stdin.flush()
                 line = self.proc.stdout.readline()
+                while line and (ev := parse_event(line)) is not None:  # progress before the answer
+                    if on_progress and ev["type"] == "progress":
+                        on_progress(ev["done"], ev["total"])
+                    line = self.proc.stdout.readline()
             except (OSError, RuntimeError) as e:
                 self.proc = None
                 return {"ok": False, "error": f"The preview worker could not be reached ({e}). Try again."}

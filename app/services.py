@@ -53,6 +53,68 @@ class Studio:
             info += f"\n\n*No NVIDIA GPU here, so for this machine:* {changed}."
         return config_to_values(cfg), info
 
+    # ------------------------------------------------------------------ base models
+    CHECKPOINT_DIRS = (("Stable-diffusion",), ("checkpoints",))  # A1111 / Forge, ComfyUI: beside their LoRA folder
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        """What the Base model field offers a person who does not know a path or a hub id: the models used before,
+        checkpoints of the web UI whose LoRA folder is set in Settings, diffusers models in the Hugging Face cache,
+        the well-known hub ids with their download size, and the built-in tiny model once it was made."""
+        from trainer.models.hub import WELL_KNOWN, cached_models
+
+        out: dict[str, str] = {m: m for m in self.ws.settings().get("recent_models", [])}
+        for f in self.webui_checkpoints():
+            out.setdefault(str(f), f"{f.name} (your web UI's checkpoints)")
+        for repo in cached_models():
+            out.setdefault(repo, f"{repo} (already downloaded)")
+        for repo, what in WELL_KNOWN.items():
+            out.setdefault(repo, f"{repo} ({what})")
+        tiny = self.ws.tiny_model_dir
+        if (tiny / "model_index.json").is_file():
+            out.setdefault(str(tiny), "Built-in tiny model (random weights: it only shows the steps)")
+        return [(label_, value) for value, label_ in out.items()]
+
+    def webui_checkpoints(self) -> list[Path]:
+        lora_dir = self.ws.settings().get("webui_lora_dir")
+        if not lora_dir:
+            return []
+        models = Path(lora_dir).expanduser().parent  # <webui>/models/Lora, <ComfyUI>/models/loras
+        found = []
+        for (sub,) in self.CHECKPOINT_DIRS:
+            d = models / sub
+            if d.is_dir():
+                found += sorted(p for p in d.rglob("*") if p.suffix.lower() in (".safetensors", ".ckpt"))
+        return found[:200]
+
+    def tiny_journey(self) -> tuple[dict, str]:
+        """(form values, what to say) for trying the whole journey offline in a minute on a CPU: the built-in tiny
+        random-weight model (made once, by a worker: the page does not load torch) and a dataset of a few generated
+        pictures. Its images are noise; it exists to show the steps."""
+        import subprocess
+
+        from app.workers import engine_command, start_attached
+        from trainer.fsutil import atomic_dir
+
+        tiny = self.ws.tiny_model_dir
+        if not (tiny / "model_index.json").is_file():
+            with atomic_dir(tiny) as tmp:
+                proc = start_attached(engine_command("tiny-model", str(tmp)), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+                out, _ = proc.communicate(timeout=600)
+                if proc.returncode != 0:
+                    raise RuntimeError("The tiny model could not be made: " + (out.strip().splitlines() or ["?"])[-1])
+        data = self.ws.dataset_path("tiny-demo", create=True)
+        if not any(data.glob("*.png")):
+            demo_pictures(data)
+        values = {"base_model": str(tiny), "dataset": "tiny-demo", "trigger": "zwx", "resolution": 64, "min_bucket": 64,
+                  "max_bucket": 128, "rank": 4, "alpha": 4.0, "max_steps": 30, "batch_size": 2, "unet_lr": 1e-3,
+                  "text_encoder_lr": 1e-3, "mixed_precision": "no", "save_every_steps": 10, "sample_every_steps": 10,
+                  "sample_steps": 4, "sample_prompts": "zwx, a red square", "output_name": "tiny-demo"}
+        return values, ("The form now holds the **built-in tiny model** and the *tiny-demo* dataset: press *Start*. It "
+                        "trains in about a minute on a CPU, fully offline. Its weights are random, so its samples "
+                        "and previews are noise: it exists to show every step (training, Outputs, Preview, Tools) "
+                        "before you use a real model.")
+
     # ------------------------------------------------------------------ engine processes
     def gpu_busy(self, asking: str = "") -> str | None:
         """Which job holds the GPU ('training', 'captioning') or None: the one rule, in app/workers.py."""
@@ -217,3 +279,15 @@ class Studio:
         shutil.copyfile(src, tmp)
         tmp.replace(dst)
         return f"Copied to {dst}"
+
+
+def demo_pictures(folder: Path, n: int = 6) -> None:
+    """A few pictures of one clear concept (a red square on blue, moved about), captioned, for the tiny model."""
+    from PIL import Image, ImageDraw
+
+    for i in range(n):
+        im = Image.new("RGB", (96, 96), (20, 40, 190))
+        x, y = 10 + 9 * i, 50 - 6 * i
+        ImageDraw.Draw(im).rectangle([x, y, x + 36, y + 36], fill=(220, 25, 25))
+        im.save(folder / f"demo{i}.png")
+        (folder / f"demo{i}.txt").write_text("zwx, a red square on a blue field")

@@ -22,6 +22,11 @@ class Workspace:
         return self.root / "runs.sqlite"
 
     @property
+    def tiny_model_dir(self) -> Path:
+        """The built-in tiny random-weight model, made on first use (trainer tiny-model)."""
+        return self.root / "models" / "tiny-sd1"
+
+    @property
     def previews_dir(self) -> Path:
         """Images Preview generated."""
         return self.root / "previews"

@@ -317,3 +317,143 @@ def test_the_validation_plot_takes_room_only_when_a_run_measures_one(tmp_path):
     assert train.live("r")[2].visible is False and train.live(None)[2].visible is False
     runs.val = [(2, 0.4)]
     assert train.live("r")[2].visible is True
+
+
+def test_repeats_are_set_on_the_dataset_tab_and_reach_the_report_and_the_steps(tmp_path):
+    """The engine read kohya's '<repeats>_' folders, but the page could not set how often a dataset repeats."""
+    from app.forms import planned_steps, preflight
+    from app.main import build_ui
+    from trainer.data.report import dataset_report
+    from trainer.data.scan import scan_dataset
+    from trainer.recipe.config import TrainConfig
+
+    ui = build_ui(tmp_path / "ws")
+    tab, ws = ui.lora_studio["tabs"]["dataset"], ui.lora_studio["workspace"]
+    tab.create("d")
+    d = ws.dataset_path("d")
+    make_images(d, 2)
+    make_images(d / "10_extra", 1)
+    rows = tab.repeat_rows("d")
+    assert rows == [[tab.ROOT_LABEL, 2, 1], ["10_extra", 1, 10]]
+    assert tab.save_repeats("d", [[tab.ROOT_LABEL, 2, 5], ["10_extra", 1, 3]]).startswith(
+        "Repeats saved: 13 image(s) per epoch")
+    assert tab.repeat_rows("d") == [[tab.ROOT_LABEL, 2, 5], ["10_extra", 1, 3]]
+    assert sorted(it.repeats for it in scan_dataset(d).items) == [3, 5, 5]
+    assert dataset_report(d)["images_with_repeats"] == 13 and (d / "10_extra").is_dir()  # no folder renamed
+    assert planned_steps(TrainConfig(epochs=2, batch_size=1), 13) == 26
+    ok, text = preflight({"base_model": "", "dataset": str(d)})
+    assert "3 images (13 per epoch with repeats)" in text
+    with pytest.raises(ValueError, match="whole number from 1 to 1000"):
+        tab.save_repeats("d", [[tab.ROOT_LABEL, 2, 0]])
+
+
+def test_the_base_model_field_offers_what_this_machine_has_and_the_well_known_ids(tmp_path, monkeypatch):
+    from app.runs import RunManager
+    from app.services import Studio
+    from app.workspace import Workspace
+
+    webui = tmp_path / "webui" / "models"
+    (webui / "Lora").mkdir(parents=True)
+    (webui / "Stable-diffusion" / "sub").mkdir(parents=True)
+    (webui / "Stable-diffusion" / "sub" / "mymix.safetensors").write_bytes(b"x")
+    (webui / "Stable-diffusion" / "notes.txt").write_text("not a model")
+    cache = tmp_path / "hf"
+    snap = cache / "models--someone--their-model" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "model_index.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    ws = Workspace(tmp_path / "ws")
+    ws.update_settings(webui_lora_dir=str(webui / "Lora"))
+    ws.remember_model("/models/used-before.safetensors")
+    choices = dict((v, label) for label, v in Studio(ws, RunManager(ws)).model_choices())
+    assert list(choices)[0] == "/models/used-before.safetensors"
+    assert choices[str(webui / "Stable-diffusion" / "sub" / "mymix.safetensors")] == "mymix.safetensors (your web UI's checkpoints)"
+    assert choices["someone/their-model"] == "someone/their-model (already downloaded)"
+    assert "about 4 GB to download once" in choices["stable-diffusion-v1-5/stable-diffusion-v1-5"]
+    assert "GB to download once" in choices["stabilityai/stable-diffusion-xl-base-1.0"]
+    assert not any("notes.txt" in v for v in choices)
+
+
+@pytest.mark.slow
+def test_the_built_in_tiny_model_trains_the_whole_journey_offline(tmp_path):
+    """A new user without a model: one click makes the tiny model (in a worker) and a demo dataset, fills the form,
+    and the run goes through to a LoRA; the page says plainly that its images are noise."""
+    from app.forms import preflight
+    from app.runs import RunManager
+    from app.services import Studio
+    from app.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    studio = Studio(ws, RunManager(ws))
+    values, text = studio.tiny_journey()
+    assert "noise" in text and "offline" in text and (ws.tiny_model_dir / "model_index.json").is_file()
+    assert dict((v, k) for k, v in studio.model_choices())[str(ws.tiny_model_dir)].startswith("Built-in tiny model")
+    ok, plan = preflight(values, ws.datasets_dir)
+    assert ok, plan
+    run_id, msg = studio.start(values)
+    assert run_id, msg
+    wait_for(lambda: studio.runs.get(run_id)["status"] in ("finished", "failed"), timeout=300)
+    assert studio.runs.get(run_id)["status"] == "finished"
+    assert studio.tiny_journey()[0] == values  # a second click reuses what the first made
+
+
+@pytest.mark.slow
+def test_preview_reports_every_step_and_cancel_stops_the_worker(tiny_sd1, tmp_path):
+    """Preview had no progress, no Cancel and kept computing after the tab closed, holding every later Generate."""
+    from app.preview_client import PreviewClient
+
+    client = PreviewClient(tmp_path / "pv")
+    try:
+        req = {"base_model": str(tiny_sd1), "params": {"prompt": "zwx", "steps": 3, "width": 64, "height": 64,
+                                                        "batch": 2, "seed": 1, "loras": []}}
+        seen = []
+        ans = client.request(req, lambda d, t: seen.append((d, t)))
+        assert ans["ok"] and len(ans["images"]) == 2 and seen == [(i, 6) for i in range(1, 7)]
+        long = {**req, "params": {**req["params"], "steps": 40, "batch": 1}}
+        steps = []
+
+        def on_progress(done, total):
+            steps.append(done)
+            if done == 2:
+                client.cancel()  # as the Cancel button does, while the worker works
+
+        before = set((tmp_path / "pv").glob("*.png"))
+        ans = client.request(long, on_progress)
+        assert ans.get("cancelled") and max(steps) <= 3 and set((tmp_path / "pv").glob("*.png")) == before
+        assert client.request(req)["ok"]  # the worker is free again, and a stale cancel does not stop this one
+    finally:
+        client.close()
+
+
+def test_a_closed_preview_tab_cancels_its_generation_and_a_slow_size_is_announced(tmp_path):
+    from app.runs import RunManager
+    from app.services import Studio
+    from app.tabs.preview import PreviewTab
+    from app.workspace import Workspace
+
+    class Client:
+        cancelled = False
+
+        def request(self, req, on_progress=None):
+            for i in range(1, 4):
+                on_progress(i, 3)
+            return {"ok": True, "images": ["a.png"]}
+
+        def cancel(self):
+            Client.cancelled = True
+
+    ws = Workspace(tmp_path / "ws")
+    tab = PreviewTab(Studio(ws, RunManager(ws)), client=Client())
+    v = {"base_model": "m", "prompt": "p", "negative": "", "seed": 1, "steps": 20, "cfg": 7, "width": 512,
+         "height": 512, "sampler": "Euler a", "batch": 1, "mode": "Single image", "strengths": "", "loras": []}
+    gen = tab.generate_live(v)
+    first = next(gen)
+    assert "Starting" in first[1] or "Generating" in first[1]
+    gen.close()  # the browser tab went away
+    assert Client.cancelled
+    ws.timings_path.write_text('[{"step_s": 20.0, "startup_s": 60, "device": "cpu", "precision": "no", '
+                               '"family": "sd1", "base": "m", "resolution": 512, "batch": 1, "te": true}]')
+    assert "This will take about" in tab.duration_warning(v)  # 20 steps x 2/3 of a 20 s training step
+    assert tab.duration_warning({**v, "steps": 2, "width": 256, "height": 256}) == ""
+    *_, last = tab.generate_live(v)
+    assert last == (["a.png"], "Done (seed 1).")

@@ -220,10 +220,14 @@ class DatasetTab:
             with gr.Column(scale=1):
                 res = gr.Number(value=512, label="Check against resolution", precision=0)
                 report = gr.Markdown(elem_id="ds-report")
+                repeats = gr.Dataframe(headers=["folder", "images", "repeats"], datatype=["str", "number", "number"],
+                                       value=[], interactive=True, elem_id="ds-repeats",
+                                       label="Repeats: how often each folder's images are used per epoch")
+                save_repeats = gr.Button("Save repeats", size="sm", elem_id="ds-save-repeats")
 
         @friendly
         def refresh(name, resolution, trigger):
-            return self.items(name), self.report(name, resolution, trigger)
+            return self.items(name), self.report(name, resolution, trigger), self.repeat_rows(name)
 
         @friendly
         def on_create(name):
@@ -256,8 +260,11 @@ class DatasetTab:
                 return gr.update(), str(e)
             return gr.Dropdown(choices=ws.list_datasets(), value=name), f"Dataset '{name}' is back."
 
-        view = [gallery, report]
+        view = [gallery, report, repeats]
         view_in = [ds, res, trig]
+        save_repeats.click(friendly(lambda n, rows: self.save_repeats(n, rows.values.tolist() if hasattr(rows, "values")
+                                                                      else rows)), [ds, repeats], status,
+                           show_progress="hidden").then(refresh, view_in, view)
         create.click(on_create, new_name, [ds, status, new_name], show_progress="hidden").then(refresh, view_in, view)
         delete.click(on_delete, ds, [ds, status], show_progress="hidden").then(refresh, view_in, view)
         undelete.click(on_undelete, None, [ds, status], show_progress="hidden").then(refresh, view_in, view)
@@ -342,6 +349,34 @@ class DatasetTab:
                    show_progress="hidden").then(
             lambda fresh, *a: refresh(*a) if fresh else (gr.skip(), gr.skip()), [refresh_now, *view_in], view)
         self._cap_timer, self._cap_model = timer, c["model"]
+
+    # ------------------------------------------------------------------ repeats
+    ROOT_LABEL = "(the dataset's own images)"
+
+    def repeat_rows(self, name: str | None) -> list[list]:
+        """[folder, images, repeats] per folder with images (kohya's '<repeats>_' prefixes, or what was set here)."""
+        from trainer.data.scan import scan_dataset
+
+        if not name:
+            return []
+        res = scan_dataset(self.ws.dataset_path(name))
+        root = res.root.name
+        return [[self.ROOT_LABEL if sub == root else sub, s["img_count"], s["n_repeats"]] for sub, s in res.subsets.items()]
+
+    def save_repeats(self, name: str, rows: list[list]) -> str:
+        from trainer.data.scan import ROOT_KEY, scan_dataset, set_repeats
+
+        if not name:
+            return "Pick a dataset first."
+        folder = self.ws.dataset_path(name)
+        for label_, _, n in rows:
+            try:
+                n = float(n)
+            except (TypeError, ValueError):
+                raise ValueError(f"Repeats of '{label_}' must be a number (got {n!r}).") from None
+            set_repeats(folder, ROOT_KEY if label_ == self.ROOT_LABEL else str(label_), int(n) if n.is_integer() else n)
+        per_epoch = sum(it.repeats for it in scan_dataset(folder).items)
+        return f"Repeats saved: {per_epoch} image(s) per epoch; the Train tab's step count follows."
 
     def remember(self, name: str | None) -> None:
         self.ws.save_ui_state("dataset", {"dataset": name or ""})

@@ -50,7 +50,63 @@ class PreviewTab:
                     "finishes, so the two do not fight for VRAM.")
         return None
 
-    def generate(self, v: dict) -> tuple[list[str], str]:
+    def generate_live(self, v: dict):
+        """generate(), yielding (images, status) while it works: the step it is at, a warning when this size will
+        take minutes here; a closed tab (the generator is dropped) cancels the worker's job."""
+        import queue
+        import threading
+
+        events: queue.Queue = queue.Queue()
+        result: dict = {}
+
+        def work():
+            try:
+                result["out"] = self.generate(v, on_progress=lambda d, t: events.put((d, t)))
+            except Exception as e:  # said on the page by friendly(), as if generate() had raised it here
+                result["error"] = e
+            finally:
+                events.put(None)
+
+        warning = self.duration_warning(v)
+        threading.Thread(target=work, daemon=True).start()
+        finished = False
+        try:
+            yield gr.update(), (warning + "\n\n" if warning else "") + "Starting the preview worker..."
+            while True:
+                ev = events.get()
+                if ev is None:
+                    finished = True
+                    break
+                yield gr.update(), (warning + "\n\n" if warning else "") + f"Generating: step {ev[0]} of {ev[1]}"
+        finally:
+            if not finished:  # the page went away mid-way: do not leave the worker busy for the next one
+                self.client.cancel()
+        if "error" in result:
+            raise result["error"]
+        yield result["out"]
+
+    def duration_warning(self, v: dict) -> str:
+        """One sentence when this generation will take minutes on this machine (from what its runs measured)."""
+        from app.gpu import gpu_present
+        from trainer.recipe import timing
+        from trainer.recipe.config import TrainConfig
+
+        try:
+            side = max(64, int((int(v["width"]) * int(v["height"])) ** 0.5) // 8 * 8)
+            images = {"Base vs LoRA": 2, "Strength grid": len(str(v.get("strengths", "")).split(","))}.get(
+                v.get("mode"), int(v.get("batch") or 1))
+            cfg = TrainConfig(base_model=v.get("base_model") or "", resolution=side, batch_size=1)
+            device = "cuda" if gpu_present() else "cpu"
+            est = timing.estimate(cfg, "auto", 1, device, timing.load(self.ws.timings_path))
+        except (TypeError, ValueError, KeyError):
+            return ""
+        seconds = est["step_s"] * 2 / 3 * int(v.get("steps") or 1) * images  # a step with guidance, as samples
+        if seconds < 60:
+            return ""
+        return (f"This will take about {timing.fmt_duration(seconds)} on this machine: lower the size or the steps "
+                "for a quick look. *Cancel* stops it.")
+
+    def generate(self, v: dict, on_progress=None) -> tuple[list[str], str]:
         """v: base_model, prompt, negative, seed, steps, cfg, width, height, sampler, batch, mode, strengths,
         loras: [(path, enabled, strength)]."""
         busy = self.busy_message()
@@ -86,7 +142,7 @@ class PreviewTab:
         elif mode == "Checkpoint grid":
             files, labels = self.studio.checkpoint_series(active[0]["path"])
             req.update(mode="checkpoint_grid", files=files, labels=labels, strength=active[0]["strength"])
-        ans = self.client.request(req)
+        ans = self.client.request(req, on_progress)
         if not ans.get("ok"):
             return [], ans.get("error", "Preview failed.")
         return ans["images"], f"Done (seed {params['seed']})."
@@ -155,7 +211,9 @@ class PreviewTab:
         with gr.Row():
             mode = gr.Radio(MODES, value="Single image", label="Mode", elem_id="pv-mode")
             strengths = gr.Textbox(value="0, 0.25, 0.5, 0.75, 1", label="Grid strengths")
-        go = gr.Button("Generate", variant="primary", elem_id="pv-generate")
+        with gr.Row():
+            go = gr.Button("Generate", variant="primary", elem_id="pv-generate")
+            cancel = gr.Button("Cancel", variant="stop", elem_id="pv-cancel")
         status = gr.Markdown(elem_id="pv-status")
         out = gr.Gallery(label="Result", columns=2, height=520, elem_id="pv-gallery", object_fit="contain")  # grids whole
 
@@ -201,7 +259,9 @@ class PreviewTab:
                  "steps": d[steps], "cfg": d[cfg], "width": d[width], "height": d[height], "sampler": d[sampler],
                  "batch": d[batch], "mode": d[mode], "strengths": d[strengths],
                  "loras": [(d[f], d[en], d[st], tuple(d[x] for x in bw)) for (f, en, st, _, _), bw in zip(rows, blocks)]}
-            images, msg = self.generate(v)
-            return images, msg, d[seed]
+            for images, msg in self.generate_live(v):
+                yield images, msg, d[seed]
 
-        go.click(on_go, inputs, [out, status, last_seed])
+        go.click(on_go, inputs, [out, status, last_seed], show_progress="hidden")
+        cancel.click(lambda: self.client.cancel() or "Cancelling after the current step...", None, status,
+                     show_progress="hidden")

@@ -128,7 +128,7 @@ class TrainTab:
         f, ws = FIELDS[name], self.ws
         kw = dict(label=label(name), info=f["help"], value=self.default_values()[name], elem_id=f"f-{name}")
         if name == "base_model":
-            return gr.Dropdown(choices=ws.settings().get("recent_models", []), allow_custom_value=True, **kw)
+            return gr.Dropdown(choices=self.studio.model_choices(), allow_custom_value=True, **kw)
         if name == "dataset":
             return gr.Dropdown(choices=ws.list_datasets(), allow_custom_value=True, **kw)
         if f["choices"]:
@@ -348,6 +348,8 @@ class TrainTab:
             stop = gr.Button("Stop (saves first)", elem_id="stop")
             save_now = gr.Button("Save now", elem_id="save-now")
             resume = gr.Button("Resume", elem_id="resume")
+            tiny = gr.Button("No model yet? Try the whole journey with a built-in tiny model", size="sm",
+                             elem_id="tiny-journey")
         preflight_md = gr.Markdown(elem_id="preflight")
         self.run_pick = gr.Dropdown(choices=self.studio.run_choices(), label="Run", elem_id="run-pick")
         run_msg = gr.Markdown(elem_id="run-msg")  # what Stop / Save now / Resume answered, until the run moves on
@@ -375,7 +377,16 @@ class TrainTab:
                 return gr.Dropdown(), text
             return gr.Dropdown(choices=self.studio.run_choices(), value=run_id), text
 
+        @friendly
+        def on_tiny(data):
+            values, text = self.studio.tiny_journey()
+            vals = {**self.values_of(data), **values}
+            lists = {"dataset": self.ws.list_datasets(), "base_model": self.studio.model_choices()}
+            form = [gr.Dropdown(choices=lists[n], value=vals[n]) if n in lists else vals[n] for n in self.order]
+            return [*form, text]
+
         check.click(on_check, self.inputs | {preset}, preflight_md)
+        tiny.click(on_tiny, self.inputs, self.outputs + [preflight_md]).then(self.remember, self.inputs | {preset})
         start.click(on_start, self.inputs | {preset}, [self.run_pick, preflight_md])
         stop.click(friendly(lambda r: runs.stop(r) if r else "Pick a run."), self.run_pick, run_msg, show_progress="hidden")
         save_now.click(friendly(lambda r: runs.save_now(r) if r else "Pick a run."), self.run_pick, run_msg,
@@ -414,7 +425,7 @@ class TrainTab:
         active = self.studio.active_run()
         runs = self.studio.run_choices()
         vals, preset = self.restored_values()
-        lists = {"dataset": self.ws.list_datasets(), "base_model": self.ws.settings().get("recent_models", [])}
+        lists = {"dataset": self.ws.list_datasets(), "base_model": self.studio.model_choices()}
         form = [gr.Dropdown(choices=lists[n], value=vals[n]) if n in lists else vals[n] for n in self.order]
         return [gr.Dropdown(choices=runs, value=active) if active else gr.Dropdown(choices=runs),
                 gr.Dropdown(choices=self.studio.preset_choices(), value=preset), *form]

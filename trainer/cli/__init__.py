@@ -175,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     pw.add_argument("--device", default="auto")
     pw.set_defaults(fn=lambda a: __import__("trainer.engine.preview", fromlist=["serve"]).serve(a.out, a.device))
 
+    t = sub.add_parser("tiny-model", help="write the built-in tiny random-weight model (a diffusers folder) to try the "
+                                          "whole journey in a minute on a CPU; its images are noise")
+    t.add_argument("out")
+    t.add_argument("--family", choices=["sd1", "sd2v", "sdxl"], default="sd1")
+    t.set_defaults(fn=lambda a: print(__import__("trainer.models.tiny", fromlist=["save_tiny_model"]).save_tiny_model(
+        a.out, a.family)) or 0)
     r = sub.add_parser("config-reference", help="print the TrainConfig reference (markdown) that the README embeds")
     r.set_defaults(fn=lambda a: print(config_reference()) or 0)
 

@@ -17,6 +17,8 @@ from trainer.data.images import ImageProblem, is_image_name, probe
 REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
 CAPTION_EXTS = (".txt", ".caption")
 EXCLUDE_FILE = ".excluded"  # images left out of training, one relative name per line (trainer/data/manage.py)
+REPEATS_FILE = ".repeats.json"  # repeats set on the page: {".": n for the folder's own images, "sub-folder": n}
+ROOT_KEY = "."
 
 
 @dataclass
@@ -90,17 +92,45 @@ def _subfolders(root: Path) -> list[tuple[Path, int, str]]:
     return out
 
 
+def repeats_set(root: str | Path) -> dict[str, int]:
+    """The repeats the person set on the page, by folder ('.' for the dataset's own images). They win over a kohya
+    '<repeats>_' prefix, without renaming the folder (exclusions and captions keep their paths)."""
+    import json
+
+    try:
+        data = json.loads((Path(root) / REPEATS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): int(v) for k, v in data.items() if isinstance(v, int) and v >= 1} if isinstance(data, dict) else {}
+
+
+def set_repeats(root: str | Path, folder: str, repeats: int) -> None:
+    """How often the images of `folder` (a sub-folder's name, or '.') are used per epoch."""
+    import json
+
+    from trainer.fsutil import atomic_write_text
+
+    if int(repeats) != repeats or not 1 <= repeats <= 1000:
+        raise ValueError(f"Repeats must be a whole number from 1 to 1000 (got {repeats}).")
+    root = Path(root)
+    if folder != ROOT_KEY and not (root / folder).is_dir():
+        raise ValueError(f"The dataset has no sub-folder '{folder}'.")
+    data = {**repeats_set(root), folder: int(repeats)}
+    atomic_write_text(root / REPEATS_FILE, json.dumps(data, indent=1))
+
+
 def scan_dataset(root: str | Path, caption_ext: str = ".txt") -> ScanResult:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"Dataset folder not found: {root}")
     res = ScanResult(root=root)
     left_out = excluded(root)
-    groups: list[tuple[Path, int, str]] = [(root, 1, root.name)]
+    chosen = repeats_set(root)
+    groups: list[tuple[Path, int, str]] = [(root, chosen.get(ROOT_KEY, 1), root.name)]
     for d, repeats, name in _subfolders(root):
-        if not REPEATS_DIR.match(name):
+        if not REPEATS_DIR.match(name) and name not in chosen:
             res.notes.append(f"Sub-folder '{name}' has no '<repeats>_' prefix: its images are used once per epoch.")
-        groups.append((d, repeats, name))
+        groups.append((d, chosen.get(name, repeats), name))
     for folder, repeats, name in groups:
         count = 0
         for p in sorted(folder.iterdir()):

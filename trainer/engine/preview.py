@@ -26,6 +26,13 @@ class PreviewError(ValueError):
     """A preview problem in plain words."""
 
 
+class PreviewCancelled(Exception):
+    """The person pressed Cancel (or closed the tab): the generation stops at the next denoising step."""
+
+
+CANCEL_FILE = ".cancel"  # in the worker's output folder: present = stop the generation under way
+
+
 @dataclass
 class LoraSpec:
     path: str
@@ -228,12 +235,30 @@ class PreviewEngine:
         self.pipe.set_adapters(names, [wanted.get(n, 0.0) for n in names])
 
     # ------------------------------------------------------------ generation
+    # progress of a request: every denoising step of every image it makes, and the way to stop it
+    on_step = None  # callable(done, total), or None
+    cancel_file: Path | None = None
+    _done, _total = 0, 0
+
+    def begin(self, images: int, steps: int) -> None:
+        """A request that makes `images` images of `steps` steps each starts: count its steps from zero."""
+        self._done, self._total = 0, max(1, int(images) * int(steps))
+
+    def _step(self, pipe, i, t, kwargs):
+        self._done += 1
+        if self.on_step:
+            self.on_step(self._done, self._total)
+        if self.cancel_file is not None and self.cancel_file.exists():
+            raise PreviewCancelled()
+        return kwargs
+
     def _gen(self, p: GenParams, seed: int) -> Image.Image:
         g = torch.Generator(device="cpu").manual_seed(int(seed))
         self.pipe.scheduler = make_scheduler(p.sampler, self.pipe.scheduler.config)
         with torch.no_grad():
             return self.pipe(p.prompt, negative_prompt=p.negative or None, num_inference_steps=int(p.steps),
-                             guidance_scale=float(p.cfg), width=int(p.width), height=int(p.height), generator=g).images[0]
+                             guidance_scale=float(p.cfg), width=int(p.width), height=int(p.height), generator=g,
+                             callback_on_step_end=self._step).images[0]
 
     def generate(self, p: GenParams) -> list[tuple[Image.Image, str, int]]:
         """`batch` images with seeds seed, seed+1, ...; each with its A1111 parameters text."""
@@ -283,6 +308,7 @@ def handle(engine: PreviewEngine, req: dict, out_dir: Path) -> dict:
         mode = req.get("mode", "single")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out_dir.mkdir(parents=True, exist_ok=True)
+        engine.begin(images_of(req, p), p.steps)
         if mode == "single":
             paths = []
             for k, (img, params, seed) in enumerate(engine.generate(p)):
@@ -300,6 +326,8 @@ def handle(engine: PreviewEngine, req: dict, out_dir: Path) -> dict:
         return {"ok": True, "images": [str(path)]}
     except PreviewError as e:
         return {"ok": False, "error": str(e)}
+    except PreviewCancelled:
+        return {"ok": False, "cancelled": True, "error": "Cancelled: nothing was saved."}
     except Exception as e:
         from trainer.models.load import ModelError
 
@@ -310,11 +338,34 @@ def handle(engine: PreviewEngine, req: dict, out_dir: Path) -> dict:
         return {"ok": False, "error": f"Preview failed ({type(e).__name__}: {str(e)[:300]})."}
 
 
+def images_of(req: dict, p: GenParams) -> int:
+    """How many images a request makes (for its progress): a batch, two to compare, a grid's cells."""
+    mode = req.get("mode", "single")
+    if mode == "compare":
+        return 2
+    if mode == "strength_grid":
+        return len(req.get("strengths", []))
+    if mode == "checkpoint_grid":
+        return len(req.get("files", []))
+    return int(p.batch)
+
+
 def serve(out_dir: str, device: str = "auto") -> int:
-    """Answer one JSON request per stdin line with one JSON line on stdout, keeping the pipeline loaded."""
+    """Answer one JSON request per stdin line with one JSON line on stdout, keeping the pipeline loaded. While it
+    works it writes progress events (trainer/events.py's JSON lines) before the answer; a cancel file in `out_dir`
+    stops the generation under way."""
+    from trainer.events import event_line
+
     engine = PreviewEngine(device)
     real_stdout = sys.stdout
     sys.stdout = sys.stderr  # library prints must not corrupt the protocol
+    engine.cancel_file = Path(out_dir) / CANCEL_FILE
+
+    def progress(done: int, total: int) -> None:
+        real_stdout.write(event_line("progress", done=done, total=total) + "\n")
+        real_stdout.flush()
+
+    engine.on_step = progress
     real_stdout.write(json.dumps({"ok": True, "ready": True}) + "\n")
     real_stdout.flush()
     for line in sys.stdin:
@@ -327,7 +378,9 @@ def serve(out_dir: str, device: str = "auto") -> int:
         else:
             if req.get("cmd") == "quit":
                 break
+            engine.cancel_file.unlink(missing_ok=True)  # a Cancel meant for an earlier request
             ans = handle(engine, req, Path(out_dir))
+            engine.cancel_file.unlink(missing_ok=True)
         real_stdout.write(json.dumps(ans) + "\n")
         real_stdout.flush()
     return 0

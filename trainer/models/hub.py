@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 HUB_TIMEOUT_S = 4.0
 
@@ -62,3 +63,22 @@ def hub_status(repo_id: str, cache_dir: str | None = None, timeout: float = HUB_
                                     f"reached ({type(e).__name__}). {how_to_get(repo_id)}")
     return HubStatus("reachable", f"'{repo_id}' is not downloaded yet: Start fetches it from the Hugging Face hub "
                                   "first (several GB for a full model).")
+
+
+# Base models a new user can start from, with what the first use downloads (the weights the loader fetches:
+# UNet, VAE and text encoders in fp32 safetensors, not the fp16 or EMA copies).
+WELL_KNOWN = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "SD 1.5, about 4 GB to download once",
+    "stabilityai/stable-diffusion-xl-base-1.0": "SDXL base 1.0, about 14 GB to download once",
+}
+
+
+def cached_models(cache_dir: str | None = None) -> list[str]:
+    """Hub ids of diffusers models already in the Hugging Face cache (no network)."""
+    root = Path(cache_dir or os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface"))
+                .expanduser() / "hub")
+    found = []
+    for d in sorted(root.glob("models--*--*")) if root.is_dir() else []:
+        if any(d.glob("snapshots/*/model_index.json")):
+            found.append(d.name[len("models--"):].replace("--", "/", 1))
+    return found
