@@ -172,9 +172,35 @@ class DatasetTab:
 
     # ------------------------------------------------------------------ layout
     def build(self):
-        ws = self.ws
+        pick = self.build_picker()
+        ds = pick["ds"]
         with gr.Row():
-            ds = gr.Dropdown(choices=ws.list_datasets(), label="Dataset", allow_custom_value=False, scale=3,
+            with gr.Column(scale=2):
+                ed = self.build_editor()
+                cap = self.build_captioning()
+            with gr.Column(scale=1):
+                side = self.build_side()
+        status, view_in = ed["status"], [ds, side["res"], ed["trig"]]
+        view = [ed["gallery"], side["report"], side["repeats"]]
+
+        @friendly
+        def refresh(name, resolution, trigger):
+            return self.items(name), self.report(name, resolution, trigger), self.repeat_rows(name)
+
+        self.wire_picker(pick, status, refresh, view_in, view)
+        self.wire_editor(ds, ed, refresh, view_in, view)
+        side["save"].click(friendly(lambda n, rows: self.save_repeats(n, rows.values.tolist() if hasattr(rows, "values")
+                                                                      else rows)), [ds, side["repeats"]], status,
+                           show_progress="hidden").then(refresh, view_in, view)
+        side["res"].change(refresh, view_in, view)
+        self.wire_captioning(cap, ds, status, refresh, view_in, view)
+        self.picker = ds
+        return ds
+
+    def build_picker(self) -> dict:
+        """The dataset picker, with Create, Delete and Restore."""
+        with gr.Row():
+            ds = gr.Dropdown(choices=self.ws.list_datasets(), label="Dataset", allow_custom_value=False, scale=3,
                              elem_id="ds-pick", interactive=True)
             new_name = gr.Textbox(label="New dataset name", scale=3, elem_id="ds-new-name")
             create = gr.Button("Create", scale=1, elem_id="ds-create")
@@ -182,52 +208,57 @@ class DatasetTab:
             delete = gr.Button("Delete this dataset (to the workspace trash)", size="sm", variant="stop",
                                elem_id="ds-delete")
             undelete = gr.Button("Restore the last deleted dataset", size="sm", elem_id="ds-undelete")
-        with gr.Row():
-            with gr.Column(scale=2):
-                upload = gr.File(label="Drop images, caption .txt files or a .zip here", file_count="multiple",
-                                 file_types=IMPORT_TYPES, elem_id="ds-upload")
-                with gr.Row():
-                    folder = gr.Textbox(label="...or import a folder (path on this computer)", scale=4)
-                    import_folder = gr.Button("Import folder", scale=1)
-                status = gr.Markdown(elem_id="ds-status")
-                gallery = gr.Gallery(label="Images (click one to edit its caption)", columns=6, height=360,
-                                     elem_id="ds-gallery", allow_preview=False)
-                current = gr.State("")
-                image_info = gr.Markdown("Click an image to edit its caption.", elem_id="ds-image-info")
-                with gr.Row():
-                    caption = gr.Textbox(label="Caption", lines=2, scale=5, elem_id="ds-caption")
-                    save = gr.Button("Save caption", scale=1, elem_id="ds-save-caption")
-                with gr.Row():
-                    exclude = gr.Button("Exclude from training / include again", size="sm", elem_id="ds-exclude")
-                    remove = gr.Button("Remove (to the workspace trash)", size="sm", variant="stop", elem_id="ds-remove")
-                    restore = gr.Button("Restore last removed", size="sm", elem_id="ds-restore")
-                with gr.Accordion("Bulk caption edits", open=True):
-                    with gr.Row():
-                        trig = gr.Textbox(label="Trigger word(s)", placeholder="zwx, ohwx", elem_id="ds-trigger")
-                        add_trig = gr.Button("Add trigger to captions", elem_id="ds-add-trigger")
-                    with gr.Row():
-                        affix = gr.Textbox(label="Text")
-                        add_prefix = gr.Button("Add as prefix")
-                        add_suffix = gr.Button("Add as suffix")
-                    with gr.Row():
-                        find = gr.Textbox(label="Find")
-                        repl = gr.Textbox(label="Replace with")
-                        do_repl = gr.Button("Replace in all captions")
-                    with gr.Row():
-                        template = gr.Textbox(label="Caption for images without one", placeholder="a photo of zwx")
-                        fill = gr.Button("Fill missing captions")
-                cap = self.build_captioning()
-            with gr.Column(scale=1):
-                res = gr.Number(value=512, label="Check against resolution", precision=0)
-                report = gr.Markdown(elem_id="ds-report")
-                repeats = gr.Dataframe(headers=["folder", "images", "repeats"], datatype=["str", "number", "number"],
-                                       value=[], interactive=True, elem_id="ds-repeats",
-                                       label="Repeats: how often each folder's images are used per epoch")
-                save_repeats = gr.Button("Save repeats", size="sm", elem_id="ds-save-repeats")
+        return {"ds": ds, "new_name": new_name, "create": create, "delete": delete, "undelete": undelete}
 
-        @friendly
-        def refresh(name, resolution, trigger):
-            return self.items(name), self.report(name, resolution, trigger), self.repeat_rows(name)
+    def build_editor(self) -> dict:
+        """Drop zone, gallery, caption editor, image actions and bulk caption edits."""
+        c = {}
+        c["upload"] = gr.File(label="Drop images, caption .txt files or a .zip here", file_count="multiple",
+                              file_types=IMPORT_TYPES, elem_id="ds-upload")
+        with gr.Row():
+            c["folder"] = gr.Textbox(label="...or import a folder (path on this computer)", scale=4)
+            c["import_folder"] = gr.Button("Import folder", scale=1)
+        c["status"] = gr.Markdown(elem_id="ds-status")
+        c["gallery"] = gr.Gallery(label="Images (click one to edit its caption)", columns=6, height=360,
+                                  elem_id="ds-gallery", allow_preview=False)
+        c["current"] = gr.State("")
+        c["image_info"] = gr.Markdown("Click an image to edit its caption.", elem_id="ds-image-info")
+        with gr.Row():
+            c["caption"] = gr.Textbox(label="Caption", lines=2, scale=5, elem_id="ds-caption")
+            c["save"] = gr.Button("Save caption", scale=1, elem_id="ds-save-caption")
+        with gr.Row():
+            c["exclude"] = gr.Button("Exclude from training / include again", size="sm", elem_id="ds-exclude")
+            c["remove"] = gr.Button("Remove (to the workspace trash)", size="sm", variant="stop", elem_id="ds-remove")
+            c["restore"] = gr.Button("Restore last removed", size="sm", elem_id="ds-restore")
+        with gr.Accordion("Bulk caption edits", open=True):
+            with gr.Row():
+                c["trig"] = gr.Textbox(label="Trigger word(s)", placeholder="zwx, ohwx", elem_id="ds-trigger")
+                c["add_trig"] = gr.Button("Add trigger to captions", elem_id="ds-add-trigger")
+            with gr.Row():
+                c["affix"] = gr.Textbox(label="Text")
+                c["add_prefix"] = gr.Button("Add as prefix")
+                c["add_suffix"] = gr.Button("Add as suffix")
+            with gr.Row():
+                c["find"] = gr.Textbox(label="Find")
+                c["repl"] = gr.Textbox(label="Replace with")
+                c["do_repl"] = gr.Button("Replace in all captions")
+            with gr.Row():
+                c["template"] = gr.Textbox(label="Caption for images without one", placeholder="a photo of zwx")
+                c["fill"] = gr.Button("Fill missing captions")
+        return c
+
+    def build_side(self) -> dict:
+        """The dataset report against a resolution, and the repeats per folder."""
+        res = gr.Number(value=512, label="Check against resolution", precision=0)
+        report = gr.Markdown(elem_id="ds-report")
+        repeats = gr.Dataframe(headers=["folder", "images", "repeats"], datatype=["str", "number", "number"],
+                               value=[], interactive=True, elem_id="ds-repeats",
+                               label="Repeats: how often each folder's images are used per epoch")
+        save = gr.Button("Save repeats", size="sm", elem_id="ds-save-repeats")
+        return {"res": res, "report": report, "repeats": repeats, "save": save}
+
+    def wire_picker(self, c: dict, status, refresh, view_in, view) -> None:
+        ws, ds = self.ws, c["ds"]
 
         @friendly
         def on_create(name):
@@ -236,14 +267,6 @@ class DatasetTab:
             except ValueError as e:  # said on the status line: no red "Error" badge over the picker
                 return gr.update(), f"**Not created:** {e}", gr.update()
             return gr.Dropdown(choices=ws.list_datasets(), value=made), msg, ""
-
-        @friendly
-        def on_select(name, evt: gr.SelectData):
-            entries = self.entries(name)
-            if evt.index is None or evt.index >= len(entries):
-                return "", "", self.info(name, "")
-            it = entries[evt.index][0]
-            return str(it.path), it.caption or "", self.info(name, str(it.path))
 
         @friendly
         def on_delete(name):
@@ -260,43 +283,47 @@ class DatasetTab:
                 return gr.update(), str(e)
             return gr.Dropdown(choices=ws.list_datasets(), value=name), f"Dataset '{name}' is back."
 
-        view = [gallery, report, repeats]
-        view_in = [ds, res, trig]
-        save_repeats.click(friendly(lambda n, rows: self.save_repeats(n, rows.values.tolist() if hasattr(rows, "values")
-                                                                      else rows)), [ds, repeats], status,
-                           show_progress="hidden").then(refresh, view_in, view)
-        create.click(on_create, new_name, [ds, status, new_name], show_progress="hidden").then(refresh, view_in, view)
-        delete.click(on_delete, ds, [ds, status], show_progress="hidden").then(refresh, view_in, view)
-        undelete.click(on_undelete, None, [ds, status], show_progress="hidden").then(refresh, view_in, view)
+        c["create"].click(on_create, c["new_name"], [ds, status, c["new_name"]], show_progress="hidden").then(
+            refresh, view_in, view)
+        c["delete"].click(on_delete, ds, [ds, status], show_progress="hidden").then(refresh, view_in, view)
+        c["undelete"].click(on_undelete, None, [ds, status], show_progress="hidden").then(refresh, view_in, view)
         ds.change(refresh, view_in, view)
         ds.change(self.remember, ds, None)  # a reload shows the dataset the person had picked
-        res.change(refresh, view_in, view)
-        gallery.select(on_select, ds, [current, caption, image_info])
+
+    def wire_editor(self, ds, c: dict, refresh, view_in, view) -> None:
+        status = c["status"]
+
+        @friendly
+        def on_select(name, evt: gr.SelectData):
+            entries = self.entries(name)
+            if evt.index is None or evt.index >= len(entries):
+                return "", "", self.info(name, "")
+            it = entries[evt.index][0]
+            return str(it.path), it.caption or "", self.info(name, str(it.path))
+
+        c["gallery"].select(on_select, ds, [c["current"], c["caption"], c["image_info"]])
         # every action answers in the status line with a plain sentence, then the gallery and report refresh
         actions = [
-            (upload.upload, self.import_files, [ds, upload]),
-            (import_folder.click, self.import_folder, [ds, folder]),
-            (save.click, self.save_caption, [ds, current, caption]),
-            (add_trig.click, lambda n, t: self.bulk(n, "trigger", t), [ds, trig]),
-            (add_prefix.click, lambda n, t: self.bulk(n, "prefix", t), [ds, affix]),
-            (add_suffix.click, lambda n, t: self.bulk(n, "suffix", t), [ds, affix]),
-            (do_repl.click, lambda n, a, b: self.bulk(n, "replace", a, b), [ds, find, repl]),
-            (fill.click, lambda n, t: self.bulk(n, "fill", t), [ds, template]),
-            (exclude.click, self.toggle_exclude, [ds, current]),
-            (restore.click, self.restore, [ds]),
+            (c["upload"].upload, self.import_files, [ds, c["upload"]]),
+            (c["import_folder"].click, self.import_folder, [ds, c["folder"]]),
+            (c["save"].click, self.save_caption, [ds, c["current"], c["caption"]]),
+            (c["add_trig"].click, lambda n, t: self.bulk(n, "trigger", t), [ds, c["trig"]]),
+            (c["add_prefix"].click, lambda n, t: self.bulk(n, "prefix", t), [ds, c["affix"]]),
+            (c["add_suffix"].click, lambda n, t: self.bulk(n, "suffix", t), [ds, c["affix"]]),
+            (c["do_repl"].click, lambda n, a, b: self.bulk(n, "replace", a, b), [ds, c["find"], c["repl"]]),
+            (c["fill"].click, lambda n, t: self.bulk(n, "fill", t), [ds, c["template"]]),
+            (c["exclude"].click, self.toggle_exclude, [ds, c["current"]]),
+            (c["restore"].click, self.restore, [ds]),
         ]
         for event, handler, inputs in actions:  # no Gradio timer ("0.1s") inside the status sentence
             done = event(friendly(handler), inputs, status, show_progress="hidden").then(refresh, view_in, view)
-            if event == upload.upload:  # each drop imports what was dropped, then the drop zone is empty again
-                done.then(lambda: None, None, upload)
-        exclude.click(friendly(self.info), [ds, current], image_info)
+            if event == c["upload"].upload:  # each drop imports what was dropped, then the drop zone is empty again
+                done.then(lambda: None, None, c["upload"])
+        c["exclude"].click(friendly(self.info), [ds, c["current"]], c["image_info"])
         # a removed image is no longer the one being edited
-        remove.click(friendly(self.remove), [ds, current], status).then(
-            lambda: ("", "", "Click an image to edit its caption."), None, [current, caption, image_info]).then(
-            refresh, view_in, view)
-        self.wire_captioning(cap, ds, status, refresh, view_in, view)
-        self.picker = ds
-        return ds
+        c["remove"].click(friendly(self.remove), [ds, c["current"]], status).then(
+            lambda: ("", "", "Click an image to edit its caption."), None,
+            [c["current"], c["caption"], c["image_info"]]).then(refresh, view_in, view)
 
     def build_captioning(self) -> dict:
         from trainer.engine.autocaption import KNOWN_MODELS, MODE_LABELS

@@ -232,15 +232,18 @@ def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should
         emit({"type": "progress", "done": n, "total": len(todo), "images_per_s": round(rate, 3),
               "eta_s": round((len(todo) - n) / rate, 1), "device": cap.device})
     stopped = should_stop()
-    what = "Previewed" if preview else "Wrote"
     done = {"type": "done", "written": written, "total": len(todo), "preview": bool(preview), "stopped": stopped,
-            "skipped": skipped,
-            "message": f"{what} {written if not preview else len(todo)} caption(s) with {label}"
-                       + (f" ({excluded_written} of them for excluded images)" if excluded_written else "")
-                       + (" (cancelled; the captions written so far are kept)" if stopped else "")
-                       + (f"; skipped {len(skipped)} unreadable image(s)" if skipped else "") + "."}
+            "skipped": skipped, "message": done_message(written if not preview else len(todo), label, preview,
+                                                        excluded_written, stopped, skipped)}
     emit(done)
     return done
+
+
+def done_message(n: int, label: str, preview: int, excluded: int, stopped: bool, skipped: list) -> str:
+    return (f"{'Previewed' if preview else 'Wrote'} {n} caption(s) with {label}"
+            + (f" ({excluded} of them for excluded images)" if excluded else "")
+            + (" (cancelled; the captions written so far are kept)" if stopped else "")
+            + (f"; skipped {len(skipped)} unreadable image(s)" if skipped else "") + ".")
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -281,17 +281,7 @@ class TrainConfig:
             errors.append(f"output_name '{self.output_name}' must be a plain file name (no slashes or : * ? \" < > |).")
         if self.clip_skip < 1:
             errors.append(f"clip_skip must be 1 or more (got {self.clip_skip}).")
-        # options that silently conflict elsewhere
-        if self.cache_latents and self.flip:
-            warns.append("flip with cached latents: both flipped and unflipped latents are cached (twice the cache).")
-        adaptive = self.optimizer in optimizers.OPTIMIZERS and optimizers.get(self.optimizer).adaptive
-        if adaptive and (self.unet_lr < 0.1 or (self.train_text_encoder and 0 < self.text_encoder_lr < 0.1)):
-            warns.append(
-                f"Prodigy finds its own step size and expects learning rates near 1.0, but unet_lr={self.unet_lr} "
-                f"and text_encoder_lr={self.text_encoder_lr}: it will barely learn. Use 1.0."
-            )
-        if not adaptive and self.unet_lr >= 0.01:
-            warns.append(f"unet_lr={self.unet_lr} is very high for {self.optimizer}; 1e-4 is typical. Expect NaN loss.")
+        warns += self.conflict_warnings()
         if self.save_every_steps < 0 or self.sample_every_steps < 0 or self.keep_last < 0:
             errors.append("save_every_steps, sample_every_steps and keep_last must not be negative.")
         if self.log_every_steps < 0:
@@ -311,6 +301,21 @@ class TrainConfig:
                           "the base weights in full). Use base_quantization = 'fp8' or 'none', or turn DoRA off.")
         errors += self.block_problems()
         return errors, warns
+
+    def conflict_warnings(self) -> list[str]:
+        """Options that would silently work against each other elsewhere."""
+        warns = []
+        if self.cache_latents and self.flip:
+            warns.append("flip with cached latents: both flipped and unflipped latents are cached (twice the cache).")
+        adaptive = self.optimizer in optimizers.OPTIMIZERS and optimizers.get(self.optimizer).adaptive
+        if adaptive and (self.unet_lr < 0.1 or (self.train_text_encoder and 0 < self.text_encoder_lr < 0.1)):
+            warns.append(
+                f"Prodigy finds its own step size and expects learning rates near 1.0, but unet_lr={self.unet_lr} "
+                f"and text_encoder_lr={self.text_encoder_lr}: it will barely learn. Use 1.0."
+            )
+        if not adaptive and self.unet_lr >= 0.01:
+            warns.append(f"unet_lr={self.unet_lr} is very high for {self.optimizer}; 1e-4 is typical. Expect NaN loss.")
+        return warns
 
     def recipe_problems(self) -> list[str]:
         """Loss, noise and optimizer options: their ranges, and the pairs that cannot go together."""
