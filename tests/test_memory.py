@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.engine import placement
+from trainer import placement
 from trainer.recipe.config import TrainConfig
 from trainer.measure.memory import DeviceMemory, measure
 

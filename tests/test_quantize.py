@@ -196,7 +196,7 @@ def test_with_a_quantised_base_a_sample_has_one_big_part_on_the_device_at_a_time
     quantised base the UNet now denoises while the VAE (its latents cached) waits in RAM, then the VAE decodes
     while the UNet waits, and each goes back after. A full-precision base keeps its UNet in place (no round
     trip for a run that did not ask for memory)."""
-    from trainer.engine import placement
+    from trainer import placement
     from trainer.engine.setup import setup
     from trainer.engine.sampling import render_samples
 

@@ -121,7 +121,7 @@ class MemoryLatentCache(LatentCache):
         return (content_hash, tuple(bucket), bool(flip)) in self.latents
 
     def put(self, content_hash: str, bucket, flip, latent: torch.Tensor) -> None:
-        from trainer.engine import placement
+        from trainer import placement
 
         self.latents[(content_hash, tuple(bucket), bool(flip))] = placement.to_host(latent.contiguous())
 

@@ -31,7 +31,7 @@ def dataset_report(path: str | Path, resolution: int = 512, trigger: str = "", m
     dups = [v for v in by_hash.values() if len(v) > 1]
     from trainer.data.masks import mask_source
 
-    from trainer.engine.autocaption import provenance
+    from trainer.data.provenance import provenance
 
     sources = Counter(mask_source(it.path, scan.root) for it in items)
     sides = [min(it.width, it.height) for it in items]

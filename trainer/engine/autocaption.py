@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.data.captions import split_tags, with_triggers
+from trainer.data.provenance import RECORD_FILE, record, rel_path
 from trainer.events import EventLog
 from trainer.runfiles import RunFiles
 from trainer.fsutil import atomic_write_text
@@ -23,7 +24,6 @@ MODES = ("missing", "append", "overwrite")
 MODE_LABELS = {"missing": "Only images without a caption (or with the trigger words alone)",
                "append": "Append to existing captions",
                "overwrite": "Overwrite existing captions"}
-RECORD_FILE = ".captioner.json"
 # Known to load with transformers 5 (no remote code): BLIP and the transformers-native Florence-2 conversions.
 KNOWN_MODELS = ["Salesforce/blip-image-captioning-large", "Salesforce/blip-image-captioning-base",
                 "florence-community/Florence-2-base", "florence-community/Florence-2-large"]
@@ -86,27 +86,6 @@ def compose(old: str | None, new: str, mode: str, triggers: list[str]) -> str:
     new = " ".join(new.split()).strip(" ,")
     text = f"{old.strip()}, {new}" if mode == "append" and (old or "").strip() and new else (new or (old or ""))
     return with_triggers(text, triggers) if triggers else text
-
-
-def record(folder: Path) -> dict:
-    """{relative image path: {"model", "text"}} of the captions the captioner wrote."""
-    try:
-        data = json.loads((Path(folder) / RECORD_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def provenance(folder: Path, items: list) -> dict:
-    """How many captions came from the captioner (and are unchanged since) and how many by hand."""
-    rec = record(folder)
-    auto = sum(1 for it in items if it.caption and rec.get(_rel(folder, it.path), {}).get("text") == it.caption
-               and not rec[_rel(folder, it.path)].get("appended"))  # hand-written text with the captioner's after it
-    return {"captioner": auto, "hand": sum(1 for it in items if it.caption) - auto}
-
-
-def _rel(folder: Path, p: Path) -> str:
-    return Path(p).resolve().relative_to(Path(folder).resolve()).as_posix()
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -218,12 +197,12 @@ def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should
             wrote = bool(text) and not preview
             if wrote:
                 save_caption(it.path, final)
-                rec[_rel(folder, it.path)] = {"model": label, "text": " ".join(final.split()),
+                rec[rel_path(folder, it.path)] = {"model": label, "text": " ".join(final.split()),
                                               **({"appended": True} if opts.mode == "append"
                                                  and described(it.caption, triggers) else {})}
                 written += 1
                 excluded_written += it.path in left_out
-            emit({"type": "caption", "file": _rel(folder, it.path), "caption": final if text else "",
+            emit({"type": "caption", "file": rel_path(folder, it.path), "caption": final if text else "",
                   "written": wrote})
         if written and not preview:
             atomic_write_text(folder / RECORD_FILE, json.dumps(rec, indent=1))

@@ -62,7 +62,7 @@ def write_checkpoint(folder: Path, parts, optimizer_state: dict | None, state: d
 def save(run, step: int) -> Path | None:
     """Write the resumable checkpoint of a run (an engine.setup.Run) at `step`, with its kohya file; keep the last K.
     Every rank waits here; rank 0 writes. Returns the folder (None on other ranks)."""
-    from trainer.engine import placement
+    from trainer import placement
     from trainer.loras.export import export_parts
 
     run.accelerator.wait_for_everyone()

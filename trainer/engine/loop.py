@@ -21,7 +21,7 @@ from trainer.data.cache import encode_pixels
 from trainer.data.loader import make_loader, mix
 from trainer.engine import checkpoint as ckpt
 from trainer.engine import objective
-from trainer.engine import placement
+from trainer import placement
 from trainer.engine.faults import maybe_inject
 from trainer.engine.sampling import render_samples
 from trainer.engine.setup import Run, TrainingError, setup

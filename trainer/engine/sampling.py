@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
-from trainer.engine import placement
+from trainer import placement
 from trainer.engine.setup import Run, sample_text
 
 

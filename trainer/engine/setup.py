@@ -16,7 +16,7 @@ from trainer.data.captions import tag_frequency
 from trainer.data.loader import TrainData, mix
 from trainer.data.scan import ScanResult, file_hash, folder_caption, holdout_count, holdout_error, scan_dataset
 from trainer.engine import checkpoint as ckpt
-from trainer.engine import placement
+from trainer import placement
 from trainer.events import EventLog
 from trainer.models import families, lora, quantize
 from trainer.models.load import LoadedModel, load_model

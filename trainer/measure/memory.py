@@ -6,7 +6,7 @@ counts the bytes of the tensors that would sit on the GPU:
 - every storage an operation creates while counting (activations, gradients, optimizer state, casts,
   quantised weights, autograd's saved tensors), until it is freed, unless the loop parks it on the host
   (cached latents and text-encoder outputs);
-- the weights of the modules the loop put on the device (trainer/engine/placement.py is where it says so).
+- the weights of the modules the loop put on the device (trainer/placement.py is where it says so).
 The model's build and the batch inputs are not counted (they are on the host, or a few MB).
 
 A CUDA run needs more than its tensors; those terms are added explicitly (constants in trainer/recipe/estimate.py):
@@ -29,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from trainer.engine import placement
+from trainer import placement
 from trainer.measure import ARCHITECTURES, arch_of, family_of
 from trainer.recipe.estimate import ALLOCATOR_SLACK, CUDA_CONTEXT_GB, GB, with_cuda_terms  # noqa: F401 (one owner)
 

@@ -134,7 +134,7 @@ def store_base(quant: str, resident: list, frozen: list, weight_dtype: torch.dty
     """Before the LoRA goes in: cast the parts that will live on the device (`resident`) to the compute dtype and
     quantise the frozen ones (int8 / nf4), all on the host: the device never holds the full-precision base. Parked
     text encoders are not used again: nothing to quantise there. Nothing happens without quantisation."""
-    from trainer.engine import placement
+    from trainer import placement
 
     if quant == "none":
         return
@@ -151,7 +151,7 @@ def place_base(quant: str, parts: list, resident: list, frozen: list, weight_dty
     """After the LoRA went in: LoRA weights in fp32 (they train in fp32 whatever the compute precision), the resident
     parts on the device (cast to the compute dtype without quantisation; as they are with it, after fp8 storage of
     the frozen ones). Returns the line to log about the stored base, or None."""
-    from trainer.engine import placement
+    from trainer import placement
     from trainer.models.lora import lora_parameters
 
     for m in parts:
