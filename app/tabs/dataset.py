@@ -351,6 +351,7 @@ class DatasetTab:
                 cancel = gr.Button("Cancel", variant="stop", elem_id="cap-cancel")
             progress = gr.Markdown(elem_id="cap-progress")
             table = gr.Dataframe(headers=["image", "caption"], value=[], interactive=False, wrap=True,
+                                 column_widths=["25%", "75%"],  # the caption gets the room, and wraps
                                  elem_id="cap-table", label="Captions of the last run (edit them in the editor above)")
         return {"model": model, "batch": batch, "mode": mode, "trigger": trigger, "confirm": confirm,
                 "preview": preview, "start": start, "cancel": cancel, "progress": progress, "table": table}

@@ -352,9 +352,12 @@ def make_schedule(cfg: TrainConfig, model: LoadedModel, accelerator, micro_per_e
     """(optimizer, LR scheduler, total steps, steps per epoch)."""
     from diffusers.optimization import get_scheduler
 
-    groups = lora.unet_param_groups(model, cfg)
+    groups = lora.loraplus_groups(lora.unet_param_groups(model, cfg), lora.up_parameters(model.unet),
+                                  cfg.loraplus_ratio("unet"))
     if cfg.train_text_encoder and cfg.text_encoder_lr > 0:
-        groups.append({"params": [p for te in model.text_encoders for p in lora.lora_parameters(te)], "lr": cfg.text_encoder_lr})
+        te_group = {"params": [p for te in model.text_encoders for p in lora.lora_parameters(te)], "lr": cfg.text_encoder_lr}
+        ups = set().union(*(lora.up_parameters(te) for te in model.text_encoders))
+        groups += lora.loraplus_groups([te_group], ups, cfg.loraplus_ratio("te1"))
     elif cfg.train_text_encoder:
         for te in model.text_encoders:
             for p in lora.lora_parameters(te):

@@ -18,6 +18,10 @@ def network_args(cfg) -> dict[str, str]:
         args.update(conv_dim=str(cfg.conv_rank), conv_alpha=num(cfg.conv_alpha))
     if cfg.use_dora:
         args["dora_wd"] = "True"
+    for name in ("rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                 "loraplus_text_encoder_lr_ratio"):  # kohya's network_args of the same names
+        if getattr(cfg, name):
+            args[name] = num(getattr(cfg, name))
     for name in blocks.FIELDS:
         if getattr(cfg, name):
             args[name] = getattr(cfg, name)

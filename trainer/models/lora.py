@@ -160,6 +160,72 @@ def skip_input_casting(model: torch.nn.Module) -> int:
     return n
 
 
+# ----------------------------------------------------------------------------------------------- kohya's dropouts
+# Rank dropout and module dropout as sd-scripts' LoRAModule applies them, on peft's own layers through forward hooks
+# (no layer written here): each is active only while the module trains with gradients, so samples (no_grad),
+# validation (eval mode) and the exported file never see it. Their random draws come from the global generator,
+# which the loop seeds per micro-step: a resumed run drops what an uninterrupted one did.
+def add_dropouts(model: torch.nn.Module, rank_dropout: float = 0.0, module_dropout: float = 0.0) -> int:
+    """Hook rank dropout on each LoRA's down (A) output and module dropout on its up (B) output. Returns the number
+    of LoRA modules hooked."""
+    if not (rank_dropout or module_dropout):
+        return 0
+    n = 0
+    for mod in model.modules():
+        if not isinstance(mod, LoraLayer) or ADAPTER not in mod.lora_A:
+            continue
+        if rank_dropout:
+            mod.lora_A[ADAPTER].register_forward_hook(_rank_dropout(mod, rank_dropout))
+        if module_dropout:
+            mod.lora_B[ADAPTER].register_forward_hook(_module_dropout(mod, module_dropout))
+        n += 1
+    return n
+
+
+def _active(layer) -> bool:
+    return layer.training and torch.is_grad_enabled()
+
+
+def _rank_dropout(layer, p: float):
+    def hook(_module, _inputs, out):
+        if not _active(layer):
+            return out
+        shape = (out.shape[0], out.shape[-1]) if out.dim() != 4 else (out.shape[0], out.shape[1])
+        keep = (torch.rand(shape) > p).to(out.device, out.dtype) / (1.0 - p)  # kohya: mask, then scale 1/(1-p)
+        if out.dim() == 3:
+            keep = keep.unsqueeze(1)
+        elif out.dim() == 4:
+            keep = keep[:, :, None, None]
+        return out * keep
+    return hook
+
+
+def _module_dropout(layer, p: float):
+    def hook(_module, _inputs, out):
+        if _active(layer) and float(torch.rand(1)) < p:
+            return out * 0  # this step the module adds nothing: the base layer's output alone
+        return out
+    return hook
+
+
+def loraplus_groups(groups: list[dict], up_params: set[int], ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al.; sd-scripts' loraplus_lr_ratio): each group's up (B) matrices at `ratio` x its rate."""
+    if not ratio:
+        return groups
+    out = []
+    for g in groups:
+        down = [p for p in g["params"] if id(p) not in up_params]
+        up = [p for p in g["params"] if id(p) in up_params]
+        out += [{**g, "params": down}] if down else []
+        out += [{**g, "params": up, "lr": g["lr"] * ratio}] if up else []
+    return out
+
+
+def up_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the LoRA up (B) matrices of a module tree."""
+    return {id(p) for n, p in model.named_parameters() if ".lora_B." in n}
+
+
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
 
@@ -222,11 +288,13 @@ def inject_for_config(model, cfg) -> dict[str, dict[str, float]]:
         ranks.update({n: plan.rank(where[n], conv=True) for n in conv})
     alphas = {"unet": inject(model.unet, attn, cfg.rank, cfg.alpha, cfg.dropout, conv, cfg.conv_rank, cfg.conv_alpha,
                              dora=cfg.use_dora, ranks=ranks)}
+    add_dropouts(model.unet, cfg.rank_dropout, cfg.module_dropout)
     if cfg.train_text_encoder:
         for name, te in zip(model.spec.te_parts, model.text_encoders):
             targets = text_encoder_targets(te)
             name_modules(model, name, targets)
             alphas[name] = inject(te, targets, cfg.rank, cfg.alpha, cfg.dropout, dora=cfg.use_dora)
+            add_dropouts(te, cfg.rank_dropout, cfg.module_dropout)
     return alphas
 
 

@@ -94,6 +94,11 @@ class TrainConfig:
     conv_rank: int = _f(0, "LoCon: rank for the ResNet convolutions too (0 = off).", None, "network")
     conv_alpha: float = _f(1.0, "LoCon alpha for the convolution layers.", None, "network")
     dropout: float = _f(0.0, "Dropout on the LoRA path (0-1).", None, "network")
+    rank_dropout: float = _f(0.0, "Rank dropout (kohya's): each step drops this share of each module's rank channels, per image (0-1; 0.1 is common; 0 = off). Off when sampling, validating and in the file.", None, "network")
+    module_dropout: float = _f(0.0, "Module dropout (kohya's): each step leaves out a whole LoRA module with this probability (0-1; 0 = off). Off when sampling, validating and in the file.", None, "network")
+    loraplus_lr_ratio: float = _f(0.0, "LoRA+: the up (B) matrices learn this many times faster than the down (A) ones (16 is the paper's; 0 = off). Not with Prodigy.", None, "network")
+    loraplus_unet_lr_ratio: float = _f(0.0, "LoRA+ ratio for the UNet only (0 = loraplus_lr_ratio).", None, "network")
+    loraplus_text_encoder_lr_ratio: float = _f(0.0, "LoRA+ ratio for the text encoder(s) only (0 = loraplus_lr_ratio).", None, "network")
     use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA, its magnitude written as kohya's dora_scale (ComfyUI, A1111 and Forge apply it; diffusers loads the file as plain LoRA). Slower to train.", None, "network")
     # --- per block (kohya's numbering: see trainer/models/blocks.py and the README)
     block_dims: str = _f("", "Rank per UNet block, comma-separated in kohya's order: SD1/SD2 IN00-IN11, MID, OUT00-OUT11 (25 values); SDXL IN00-IN08, MID, OUT00-OUT08 (19). 0 = no LoRA in that block. Empty = rank everywhere.", None, "blocks")
@@ -261,7 +266,7 @@ class TrainConfig:
             errors.append(f"unet_lr must be positive (got {self.unet_lr}).")
         if self.train_text_encoder and self.text_encoder_lr < 0:
             errors.append(f"text_encoder_lr must not be negative (got {self.text_encoder_lr}).")
-        for name in ("caption_dropout", "tag_dropout", "dropout"):
+        for name in ("caption_dropout", "tag_dropout", "dropout", "rank_dropout", "module_dropout"):
             v = getattr(self, name)
             if not 0 <= v < 1:
                 errors.append(f"{name} must be between 0 and 1 (got {v}).")
@@ -335,12 +340,32 @@ class TrainConfig:
         if opt and opt.schedule_free and self.lr_scheduler != "constant":
             errors.append(f"{self.optimizer} makes its own schedule: set lr_scheduler = 'constant' (its warm-up comes "
                           f"from warmup_steps), or choose another optimizer for a '{self.lr_scheduler}' schedule.")
+        ratios = (self.loraplus_lr_ratio, self.loraplus_unet_lr_ratio, self.loraplus_text_encoder_lr_ratio)
+        if any(r < 0 for r in ratios):
+            errors.append("LoRA+ ratios must be 0 (off) or positive.")
+        elif any(ratios) and opt and opt.adaptive:
+            errors.append(f"LoRA+ with {self.optimizer}: it runs every parameter group at one learning rate (prodigyopt "
+                          "refuses different ones, the crash of sd-scripts #1929), and LoRA+ needs the up matrices at "
+                          "a higher one. Use AdamW or another optimizer with LoRA+, or set the LoRA+ ratios to 0.")
+        if opt and opt.adaptive and ((self.train_text_encoder and 0 < self.text_encoder_lr != self.unet_lr)
+                                     or any(getattr(self, n) for n in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"))):
+            errors.append(f"{self.optimizer} runs every parameter group at one learning rate (prodigyopt refuses "
+                          "different ones): give text_encoder_lr the value of unet_lr (or 0 to leave the text encoder "
+                          "alone), and leave the per-block learning-rate weights empty.")
+        if any(ratios) and self.adafactor_relative_step:
+            errors.append("LoRA+ with Adafactor's relative steps: the learning rates it would multiply are not used. "
+                          "Turn adafactor_relative_step off, or the LoRA+ ratios.")
         if self.adafactor_relative_step and self.optimizer != "adafactor":
             errors.append("adafactor_relative_step applies to optimizer = 'adafactor' only: choose Adafactor or turn it off.")
         if self.adafactor_relative_step and (self.lr_scheduler != "constant" or self.warmup_steps):
             errors.append("Adafactor with relative steps makes its own schedule and warm-up: set lr_scheduler = "
                           "'constant' and warmup_steps = 0, or turn adafactor_relative_step off.")
         return errors
+
+    def loraplus_ratio(self, part: str) -> float:
+        """The LoRA+ ratio of a part ('unet' or a text encoder), 0 when off."""
+        own = self.loraplus_unet_lr_ratio if part == "unet" else self.loraplus_text_encoder_lr_ratio
+        return own or self.loraplus_lr_ratio
 
     @property
     def caches_text(self) -> bool:

@@ -34,7 +34,10 @@ NUMBERS = (
     ("huber_scale", "huber_scale", float), ("v_pred_like_loss", "v_pred_like_loss", float),
     ("multires_noise_iterations", "multires_noise_iterations", int),
     ("multires_noise_discount", "multires_noise_discount", float), ("ip_noise_gamma", "ip_noise_gamma", float),
-    ("adaptive_noise_scale", "adaptive_noise_scale", float),
+    ("adaptive_noise_scale", "adaptive_noise_scale", float), ("rank_dropout", "rank_dropout", float),
+    ("module_dropout", "module_dropout", float), ("loraplus_lr_ratio", "loraplus_lr_ratio", float),
+    ("loraplus_unet_lr_ratio", "loraplus_unet_lr_ratio", float),
+    ("loraplus_text_encoder_lr_ratio", "loraplus_text_encoder_lr_ratio", float),
 )
 FLAGS = (
     ("gradient_checkpointing", "gradient_checkpointing"), ("cache_latents", "cache_latents"),
@@ -58,7 +61,8 @@ KNOWN = {k for k, _, _ in NUMBERS} | {k for k, _ in FLAGS} | {k for k, _ in CHOI
 TOML_ONLY_WHEN_SET = {"network_dropout", "min_snr_gamma", "noise_offset", "save_every_n_steps", "validate_every_n_steps",
                       "multires_noise_iterations", "ip_noise_gamma", "adaptive_noise_scale", "v_pred_like_loss",
                       "validation_split"}
-TOML_ELSEWHERE = {"conv_dim", "conv_alpha", "save_last_n_steps_state"}  # network_args; not sd-scripts' meaning
+TOML_ELSEWHERE = {"conv_dim", "conv_alpha", "save_last_n_steps_state", "rank_dropout", "module_dropout",
+                  "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"}  # network_args; or not sd-scripts' meaning
 
 
 def _num(v):
