@@ -118,3 +118,31 @@ def test_bad_pairs_and_kohya_names():
     assert out == {"loraplus_lr_ratio": 16.0, "rank_dropout": 0.1, "module_dropout": 0.05}
     toml = to_sd_scripts_toml(TrainConfig(**out))
     assert 'network_args = ["rank_dropout=0.1", "module_dropout=0.05", "loraplus_lr_ratio=16"]' in toml
+
+
+def test_ema_of_the_lora_is_what_the_file_holds_and_changes_nothing_else(tiny_sd1, dataset, tmp_path):
+    """The EMA does not change training (the -raw file is the run without EMA, bit for bit), decay 0 follows the
+    weights exactly, a real decay gives another file, and the metadata says so."""
+    kw = dict(max_steps=3, unet_lr=1e-2, text_encoder_lr=1e-2)
+    plain = trained(tiny_sd1, dataset, tmp_path / "plain", **kw)
+    ema = trained(tiny_sd1, dataset, tmp_path / "ema", **kw, ema=True, ema_decay=0.9, ema_export="both")
+    raw = load_file(str(tmp_path / "ema" / "lora-raw.safetensors"))
+    assert same(plain, raw, atol=0) and not same(plain, ema)
+    with safe_open(str(tmp_path / "ema" / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_ema"] == "True" and f.metadata()["ss_ema_decay"] == "0.9"
+    assert same(plain, trained(tiny_sd1, dataset, tmp_path / "zero", **kw, ema=True, ema_decay=0.0))
+    assert not (tmp_path / "zero" / "lora-raw.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_run_with_ema_resumes_as_if_never_stopped(tiny_sd1, dataset, tmp_path):
+    kw = dict(max_steps=4, ema=True, ema_decay=0.9, ema_update_every=1, save_every_steps=1, unet_lr=1e-2)
+    a = trained(tiny_sd1, dataset, tmp_path / "a", **kw)
+    b = tmp_path / "b"
+    request(b, "stop")
+    fresh_accelerate_state()
+    assert train(base_config(tiny_sd1, dataset, b, **kw), b, echo=lambda *x: None) == b
+    fresh_accelerate_state()
+    resumed = load_file(str(train(base_config(tiny_sd1, dataset, b, **kw), b, resume=True, echo=lambda *x: None)))
+    fresh_accelerate_state()
+    assert same(a, resumed)

@@ -76,13 +76,29 @@ def save(run, step: int) -> Path | None:
     folder = run.files.checkpoint(step)
     run.ev.emit("status", state="saving", step=step, message=f"Saving checkpoint at step {step}")
     epoch = run.epoch_of(max(0, step * cfg.gradient_accumulation - 1))
+    info = {**run.info, "steps": step, "epoch": epoch}
     with atomic_dir(folder) as tmp:
         maybe_inject(step, "save")
         write_checkpoint(tmp, parts, run.optimizer.state_dict(), state)
-        export_parts(parts, cfg, run.layout, {**run.info, "steps": step, "epoch": epoch}, tmp / run.files.final(cfg.output_name).name)
+        if run.ema is not None:  # resume from the training weights and the average; the file holds the average
+            run.ema.save(tmp)
+            with run.ema.swapped_in():
+                averaged = {k: ({n: t.clone() for n, t in st.items()}, a) for k, (st, a) in run.parts().items()}
+            export_parts(averaged, cfg, run.layout, {**info, "ema": True}, tmp / run.files.final(cfg.output_name).name)
+            if raw_file(run):
+                export_parts(parts, cfg, run.layout, info, tmp / raw_file(run).name)
+        else:
+            export_parts(parts, cfg, run.layout, info, tmp / run.files.final(cfg.output_name).name)
     prune(run.files.root, cfg.keep_last)
     run.ev.emit("checkpoint", step=step, path=str(folder), message=f"Saved checkpoint at step {step}")
     return folder
+
+
+def raw_file(run) -> Path | None:
+    """With ema_export = 'both': the file of the trained weights written beside the EMA one."""
+    if run.ema is None or run.cfg.ema_export != "both":
+        return None
+    return run.files.final(f"{run.cfg.output_name}-raw")
 
 
 def read_checkpoint(folder: str | Path) -> tuple[dict, dict, dict | None]:

@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +101,8 @@ def restore(run: Run) -> State:
         run.optimizer.load_state_dict(opt_state)
         if schedule_free(run):  # saved with its averaged weights: back to the ones it trains
             schedule_free(run).train()
+    if run.ema is not None and not run.ema.load(last):
+        run.ev.emit("warning", message=f"{last.name} holds no EMA: the average starts again from the resumed weights.")
     run.scheduler.load_state_dict(saved["scheduler"])
     run.info["started_at"] = saved.get("started_at", run.info["started_at"])  # the run began then, not now
     step = int(saved["step"])
@@ -126,6 +128,8 @@ def train_step(run: Run, state: State, batches) -> None:
         state.loss_n += 1
     state.epoch = run.epoch_of(micro)
     state.step += 1
+    if run.ema is not None:
+        run.ema.update(state.step)
 
 
 def micro_step(run: Run, batch: dict, micro: int) -> torch.Tensor:
@@ -222,7 +226,7 @@ def after_step(run: Run, state: State) -> bool:
     if report_due(cfg.log_every_steps, state, total):
         report_progress(run, state)
     if due(cfg.sample_every_steps, state, total):
-        with averaged_weights(run):
+        with averaged_weights(run), ema_weights(run):
             render_samples(run, step)
     want_save, want_stop = poll_requests(run.accelerator, run.files.root)
     saving = want_save or want_stop or due(cfg.save_every_steps, state, total)
@@ -230,9 +234,10 @@ def after_step(run: Run, state: State) -> bool:
     if validating or saving:
         with averaged_weights(run):
             if validating:
-                validate(run, step)
+                with ema_weights(run):
+                    validate(run, step)
             if saving:
-                ckpt.save(run, step)
+                ckpt.save(run, step)  # the training weights to resume from, the EMA ones in the file
     if want_stop:
         run.ev.emit("stopped", step=step, message=f"Stopped at step {step}; resume to continue.")
     return want_stop
@@ -243,6 +248,11 @@ def schedule_free(run: Run):
     if not optimizers.get(run.cfg.optimizer).schedule_free:
         return None
     return getattr(run.optimizer, "optimizer", run.optimizer)
+
+
+def ema_weights(run: Run):
+    """The EMA weights in the model for the block (samples, validation), when the run keeps an EMA."""
+    return run.ema.swapped_in() if run.ema is not None else nullcontext()
 
 
 @contextmanager
@@ -333,15 +343,18 @@ def poll_requests(accelerator, run_dir: Path) -> tuple[bool, bool]:
 def finish(run: Run, state: State) -> Path:
     """Final checkpoint, final samples, the exported file in the run folder, the done event."""
     with averaged_weights(run):
-        validate(run, run.total_steps)
+        with ema_weights(run):
+            validate(run, run.total_steps)
         final = ckpt.save(run, run.total_steps)
-        render_samples(run, run.total_steps)
+        with ema_weights(run):
+            render_samples(run, run.total_steps)
     out = run.files.final(run.cfg.output_name)
     if run.main:
         run.ev.emit("status", state="exporting", message=f"Writing {out.name}")
-        tmp = out.with_suffix(".tmp")
-        shutil.copyfile(final / out.name, tmp)
-        os.replace(tmp, out)
+        for f in [out] + ([ckpt.raw_file(run)] if ckpt.raw_file(run) else []):
+            tmp = f.with_suffix(".tmp")
+            shutil.copyfile(final / f.name, tmp)
+            os.replace(tmp, f)
         run.ev.emit("done", path=str(out), step=run.total_steps, message=f"Finished: {out}")
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()

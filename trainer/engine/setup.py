@@ -52,6 +52,7 @@ class Run:
     weight_dtype: torch.dtype
     info: dict  # facts for the exported metadata
     sample_cond: dict | None = None  # sample prompt -> the pipeline's embeddings, when frozen encoders are parked
+    ema: object | None = None  # engine.ema.LoraEMA when cfg.ema
 
     @property
     def main(self) -> bool:
@@ -144,7 +145,21 @@ def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel 
         "zero_terminal_snr": model.zero_terminal_snr,
     }
     return Run(cfg, files, accelerator, ev, model, alphas, data, text_cache, list(prepared[:-2]), prepared[-2],
-               prepared[-1], total_steps, steps_per_epoch, micro_per_epoch, weight_dtype, info, sample_cond)
+               prepared[-1], total_steps, steps_per_epoch, micro_per_epoch, weight_dtype, info, sample_cond,
+               make_ema(cfg, [accelerator.unwrap_model(m) for m in prepared[:-2]], accelerator.device, ev))
+
+
+def make_ema(cfg: TrainConfig, trainable: list, device, ev: EventLog):
+    """The EMA of the LoRA weights when asked (engine/ema.py), and a line that says what uses it."""
+    if not cfg.ema:
+        return None
+    from trainer.engine.ema import LoraEMA, ema_device
+
+    ema = LoraEMA(cfg, [p for m in trainable for p in lora.lora_parameters(m)], ema_device(cfg, device))
+    ev.emit("log", message=f"EMA of the LoRA weights (decay {cfg.ema_decay:g}, on the {ema.device.type}): samples and "
+                           "validation use it, and the exported file holds it"
+                           + (" (the trained weights beside it, as -raw)" if cfg.ema_export == "both" else ""))
+    return ema
 
 
 def set_objective(cfg: TrainConfig, model: LoadedModel) -> None:

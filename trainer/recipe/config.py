@@ -96,6 +96,11 @@ class TrainConfig:
     dropout: float = _f(0.0, "Dropout on the LoRA path (0-1).", None, "network")
     rank_dropout: float = _f(0.0, "Rank dropout (kohya's): each step drops this share of each module's rank channels, per image (0-1; 0.1 is common; 0 = off). Off when sampling, validating and in the file.", None, "network")
     module_dropout: float = _f(0.0, "Module dropout (kohya's): each step leaves out a whole LoRA module with this probability (0-1; 0 = off). Off when sampling, validating and in the file.", None, "network")
+    ema: bool = _f(False, "Keep an exponential moving average (EMA) of the LoRA weights: samples and validation use it, and the exported file holds it. Smoother results, the more so the higher ema_decay.", None, "network")
+    ema_decay: float = _f(0.999, "EMA decay per update (0.99-0.9999): how slowly the average follows the training weights (diffusers' EMAModel: it warms up over the first steps).", None, "network")
+    ema_update_every: int = _f(1, "Update the EMA every N optimizer steps.", None, "network")
+    ema_device: str = _f("auto", "Where the EMA copy lives: auto (the CPU on cards under 12 GB, else the GPU), cpu, or device (beside the LoRA).", ("auto", "cpu", "device"), "network")
+    ema_export: str = _f("ema", "With ema: the exported file holds the EMA weights (ema), or the trained ones are written beside it as <name>-raw.safetensors (both).", ("ema", "both"), "network")
     loraplus_lr_ratio: float = _f(0.0, "LoRA+: the up (B) matrices learn this many times faster than the down (A) ones (16 is the paper's; 0 = off). Not with Prodigy.", None, "network")
     loraplus_unet_lr_ratio: float = _f(0.0, "LoRA+ ratio for the UNet only (0 = loraplus_lr_ratio).", None, "network")
     loraplus_text_encoder_lr_ratio: float = _f(0.0, "LoRA+ ratio for the text encoder(s) only (0 = loraplus_lr_ratio).", None, "network")
@@ -355,6 +360,9 @@ class TrainConfig:
         if any(ratios) and self.adafactor_relative_step:
             errors.append("LoRA+ with Adafactor's relative steps: the learning rates it would multiply are not used. "
                           "Turn adafactor_relative_step off, or the LoRA+ ratios.")
+        if self.ema and not (0 <= self.ema_decay < 1) or self.ema_update_every < 1:
+            errors.append(f"ema_decay must be at least 0 and below 1 (got {self.ema_decay:g}), and ema_update_every at "
+                          f"least 1 (got {self.ema_update_every}).")
         if self.adafactor_relative_step and self.optimizer != "adafactor":
             errors.append("adafactor_relative_step applies to optimizer = 'adafactor' only: choose Adafactor or turn it off.")
         if self.adafactor_relative_step and (self.lr_scheduler != "constant" or self.warmup_steps):

@@ -102,7 +102,8 @@ def estimate_vram_gb(cfg, family: str) -> dict:
     act = cal.act_gb[1 if cfg.gradient_checkpointing else 0] * scale * cfg.batch_size * GB
     if cfg.mixed_precision == "no":
         act *= 2
-    steps = {"UNet weights": unet_w, "LoRA weights, gradients and optimizer state": lora * (4 + 4 + opt_bytes),
+    ema_bytes = 4 if getattr(cfg, "ema", False) and cfg.ema_device == "device" else 0  # 'auto' parks it on small cards
+    steps = {"UNet weights": unet_w, "LoRA weights, gradients and optimizer state": lora * (4 + 4 + opt_bytes + ema_bytes),
              "activations": act}
     if not cfg.caches_text:
         steps["text encoders"] = te_w
