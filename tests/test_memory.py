@@ -201,3 +201,25 @@ def test_the_counter_lets_go_of_the_models_it_counted():
     del lin
     gc.collect()
     assert ref() is None
+
+
+def test_every_engine_process_runs_with_expandable_segments_unless_the_user_chose(tmp_path):
+    """Issue 31: the workers set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (before torch starts CUDA),
+    and a value the person set is kept."""
+    import os
+    import subprocess
+    import sys
+
+    from app.workers import engine_command
+    from conftest import ROOT
+
+    probe = ("import os, runpy, sys\nsys.argv = ['trainer', 'config-reference']\n"
+             "try:\n    runpy.run_module('trainer', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('ALLOC=' + os.environ.get('PYTORCH_CUDA_ALLOC_CONF', ''))")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=str(ROOT))
+    assert "ALLOC=expandable_segments:True" in out.stdout, out.stderr[-500:]
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=str(ROOT),
+                         env={**env, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"})
+    assert "ALLOC=max_split_size_mb:128" in out.stdout
+    assert engine_command("x")[1:3] == ["-m", "trainer"]  # every worker starts through trainer/__main__.py

@@ -38,6 +38,15 @@ def on_device_now(module) -> bool:
     return next(module.parameters()).device.type != HOST
 
 
+def release() -> None:
+    """Hand the memory a finished set-up phase held back to the card: the caching allocator keeps freed blocks
+    reserved, and the next phase's first big part (the UNet after the VAE) would otherwise sit beside them."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @contextmanager
 def host_side():
     """What is made inside is made in host memory (a cast of a model that is still parked)."""

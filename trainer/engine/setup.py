@@ -321,6 +321,7 @@ def prepare_data(cfg: TrainConfig, sets: tuple[list, list, list], model: LoadedM
         if getattr(data, name) is not None and not getattr(data, name).items:
             setattr(data, name, None)
     placement.to_host(model.vae)  # free VRAM; samples move it back
+    placement.release()
     return data
 
 
@@ -343,6 +344,7 @@ def cache_text(cfg: TrainConfig, model: LoadedModel, data: TrainData, dev, weigh
     samples = sample_conditioning(model, [sample_text(cfg, p) for p in cfg.sample_prompts], dev)
     for te in model.text_encoders:
         placement.to_host(te)
+    placement.release()
     return cache, samples
 
 
