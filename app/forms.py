@@ -132,14 +132,15 @@ def preflight(values: dict[str, Any] | TrainConfig, datasets_dir: Path | None = 
     errors, warns = cfg.problems()
     notes: list[str] = []
     family = check_base_model(cfg, errors, notes)
-    low, high = families.resolve(family, cfg.resolution).resolutions
+    spec = families.resolve(family, cfg.resolution)
+    low, high = spec.resolutions
     in_range = low <= cfg.resolution <= high
     if not in_range:  # first: every other figure of such a run (buckets, memory, time) is meaningless
-        errors.insert(0, f"resolution {cfg.resolution} is outside what {families.resolve(family, cfg.resolution).name} "
-                         f"trains at: choose {low} to {high} (its native resolution is "
-                         f"{families.resolve(family, cfg.resolution).native_resolution}).")
-    if preset is not None and family_mismatch(preset, family):
-        errors.append(family_mismatch(preset, family))
+        errors.insert(0, f"resolution {cfg.resolution} is outside what {spec.name} trains at: choose {low} to {high} "
+                         f"(its native resolution is {spec.native_resolution}).")
+    mismatch = family_mismatch(preset, family) if preset is not None else None
+    if mismatch:
+        errors.append(mismatch)
     report = check_dataset(cfg, errors, warns, notes)
     check_extra_folders(cfg, errors, notes)
     est = estimate_vram_gb(cfg, family)

@@ -68,16 +68,17 @@ class PreviewTab:
                 events.put(None)
 
         warning = self.duration_warning(v)
+        said = warning + "\n\n" if warning else ""
         threading.Thread(target=work, daemon=True).start()
         finished = False
         try:
-            yield gr.update(), (warning + "\n\n" if warning else "") + "Starting the preview worker..."
+            yield gr.update(), said + "Starting the preview worker..."
             while True:
                 ev = events.get()
                 if ev is None:
                     finished = True
                     break
-                yield gr.update(), (warning + "\n\n" if warning else "") + f"Generating: step {ev[0]} of {ev[1]}"
+                yield gr.update(), said + f"Generating: step {ev[0]} of {ev[1]}"
         finally:
             if not finished:  # the page went away mid-way: do not leave the worker busy for the next one
                 self.client.cancel()

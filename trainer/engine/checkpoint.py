@@ -80,15 +80,15 @@ def save(run, step: int) -> Path | None:
     with atomic_dir(folder) as tmp:
         maybe_inject(step, "save")
         write_checkpoint(tmp, parts, run.optimizer.state_dict(), state)
+        exported, exported_info = parts, info
         if run.ema is not None:  # resume from the training weights and the average; the file holds the average
             run.ema.save(tmp)
-            with run.ema.swapped_in():
-                averaged = {k: ({n: t.clone() for n, t in st.items()}, a) for k, (st, a) in run.parts().items()}
-            export_parts(averaged, cfg, run.layout, {**info, "ema": True}, tmp / run.files.final(cfg.output_name).name)
-            if raw_file(run):
-                export_parts(parts, cfg, run.layout, info, tmp / raw_file(run).name)
-        else:
-            export_parts(parts, cfg, run.layout, info, tmp / run.files.final(cfg.output_name).name)
+            with run.ema.swapped_in():  # cloned: the parts share the parameters' storage, which the swap restores
+                exported = {k: ({n: t.clone() for n, t in st.items()}, a) for k, (st, a) in run.parts().items()}
+            exported_info = {**info, "ema": True}
+        export_parts(exported, cfg, run.layout, exported_info, tmp / run.files.final(cfg.output_name).name)
+        if raw_file(run):
+            export_parts(parts, cfg, run.layout, info, tmp / raw_file(run).name)
     prune(run.files.root, cfg.keep_last)
     run.ev.emit("checkpoint", step=step, path=str(folder), message=f"Saved checkpoint at step {step}")
     return folder

@@ -99,8 +99,9 @@ def restore(run: Run) -> State:
         lora.load_lora_state(run.accelerator.unwrap_model(m), saved_parts[name][0])
     if opt_state is not None:
         run.optimizer.load_state_dict(opt_state)
-        if schedule_free(run):  # saved with its averaged weights: back to the ones it trains
-            schedule_free(run).train()
+        opt = schedule_free(run)
+        if opt is not None:  # saved with its averaged weights: back to the ones it trains
+            opt.train()
     if run.ema is not None and not run.ema.load(last):
         run.ev.emit("warning", message=f"{last.name} holds no EMA: the average starts again from the resumed weights.")
     run.scheduler.load_state_dict(saved["scheduler"])
