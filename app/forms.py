@@ -6,14 +6,26 @@ from typing import Any
 
 from trainer.recipe.config import ConfigError, TrainConfig, field_help
 
-BASIC = ["base_model", "dataset", "trigger", "rank", "alpha", "unet_lr", "text_encoder_lr", "train_text_encoder",
+BASIC = ["base_model", "dataset", "trigger", "network_type", "rank", "alpha", "unet_lr", "text_encoder_lr", "train_text_encoder",
          "max_steps", "epochs", "batch_size", "resolution", "optimizer", "mixed_precision", "output_name"]
 HIDDEN = ["output_dir", "config_version"]  # set by the app, not by the person
 FIELDS = {f["name"]: f for f in field_help()}
 ADVANCED = [n for n in FIELDS if n not in BASIC and n not in HIDDEN]
 
 
-LABELS = {"base_model": "Base model (checkpoint file, diffusers folder or hub id)", "unet_lr": "UNet learning rate",
+# Fields that belong to some network types only: hidden on the page for the others (the config refuses them there).
+NETWORK_ONLY = {"use_tucker": ("loha", "lokr"), "lokr_factor": ("lokr",), "lokr_decompose_both": ("lokr",),
+                "lokr_full_matrix": ("lokr",), "use_dora": ("lora",), "dropout": ("lora",),
+                "loraplus_lr_ratio": ("lora",), "loraplus_unet_lr_ratio": ("lora",),
+                "loraplus_text_encoder_lr_ratio": ("lora",)}
+
+
+def network_fields(network_type: str) -> dict[str, bool]:
+    """Which of the network-specific fields the page shows for a network type."""
+    return {name: network_type in kinds for name, kinds in NETWORK_ONLY.items()}
+
+
+LABELS = {"network_type": "Network (LoRA, LoHa, LoKr)", "base_model": "Base model (checkpoint file, diffusers folder or hub id)", "unet_lr": "UNet learning rate",
           "text_encoder_lr": "Text-encoder learning rate", "max_steps": "Max steps (0 = use epochs)"}
 
 

@@ -121,8 +121,11 @@ def test_the_estimate_counts_the_real_per_block_lora_size(family, request):
     from trainer.models.load import load_model
 
     model_dir = request.getfixturevalue(f"tiny_{family}")
-    for extra in ({}, {"block_dims": values(family, rank_of)}, {"network_target": "attention", "train_text_encoder": False}):
-        cfg = TrainConfig(base_model="m", dataset="d", rank=4, alpha=4, **extra)
+    for extra in ({}, {"block_dims": values(family, rank_of)}, {"network_target": "attention", "train_text_encoder": False},
+                  {"network_type": "loha", "block_dims": values(family, rank_of)}, {"network_type": "lokr"},
+                  {"network_type": "lokr", "lokr_factor": 4, "lokr_decompose_both": True, "rank": 2},
+                  {"network_type": "lokr", "lokr_full_matrix": True}):
+        cfg = TrainConfig(base_model="m", dataset="d", **{"rank": 4, "alpha": 4, **extra})
         m = load_model(str(model_dir))
         lora_mod.inject_for_config(m, cfg)
         real = sum(p.numel() for part in lora_mod.part_modules(m).values() for p in lora_mod.lora_parameters(part))

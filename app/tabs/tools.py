@@ -79,7 +79,7 @@ class ToolsTab:
                 yield msg, None, [], [], info
             else:
                 table, rows = spectrum_tables(rep)
-                yield (f"**{info['file']}**: {info['family']}, {info['modules']} modules, ranks "
+                yield (f"**{info['file']}**: {info['family']} {info['network']}, {info['modules']} modules, ranks "
                        f"{', '.join(map(str, info['ranks']))}{', DoRA' if info['dora'] else ''}, {info['size_mb']} MB."), \
                     table, rows, module_rows(rep), info
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.forms import ADVANCED, BASIC, FIELDS, HIDDEN, config_to_values, in_ui_words, label, values_to_config
+from app.forms import (ADVANCED, BASIC, FIELDS, HIDDEN, NETWORK_ONLY, config_to_values, in_ui_words, label,
+                       network_fields, values_to_config)
 from app.ui_util import friendly
 from trainer.recipe.config import TrainConfig
 from trainer.recipe.presets import delete_user_preset, save_user_preset
@@ -127,6 +128,8 @@ class TrainTab:
         """The input for one TrainConfig field, with its help text as the tooltip."""
         f, ws = FIELDS[name], self.ws
         kw = dict(label=label(name), info=f["help"], value=self.default_values()[name], elem_id=f"f-{name}")
+        if name in NETWORK_ONLY:
+            kw["visible"] = network_fields(self.default_values()["network_type"])[name]
         if name == "base_model":
             return gr.Dropdown(choices=self.studio.model_choices(), allow_custom_value=True, **kw)
         if name == "dataset":
@@ -163,6 +166,10 @@ class TrainTab:
                             comps[n] = self.field(n)
         self.comps, self.order, self.inputs = comps, list(comps), set(comps.values())
         self.outputs = [comps[n] for n in self.order]
+        shown = list(NETWORK_ONLY)
+        # a network type's own fields appear with it (also when a preset, a restored form or a run sets it)
+        comps["network_type"].change(lambda kind: [gr.update(visible=v) for v in network_fields(kind).values()],
+                                     comps["network_type"], [comps[n] for n in shown], show_progress="hidden")
 
         @friendly
         def on_preset(data):

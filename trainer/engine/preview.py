@@ -186,7 +186,7 @@ class PreviewEngine:
             )
         name = self.adapter_name(path)
         try:
-            self.pipe.load_lora_weights(path, adapter_name=name)
+            self.pipe.load_lora_weights(self.lora_source(path), adapter_name=name)
         except Exception as e:
             try:
                 self.pipe.delete_adapters([name])
@@ -199,6 +199,33 @@ class PreviewEngine:
         self.attach_dora(path, name)
         self.loaded[name] = path
         return name
+
+    def parts(self) -> list[tuple[str, torch.nn.Module]]:
+        """(part name, module tree) of the pipeline's UNet and text encoders, in the file's part names."""
+        spec = families.family(self.family)
+        return [("unet", self.pipe.unet)] + [(part, getattr(self.pipe, attr)) for part, attr in
+                                            zip(spec.te_parts, text_encoder_names(spec))]
+
+    def lora_source(self, path: str):
+        """What diffusers' load_lora_weights gets: the file itself, or for a LoHa / LoKr file (which diffusers does
+        not read) the same updates as LoRA factors (trainer/loras/format.py: lyco_as_lora)."""
+        from trainer.loras import format as fmt
+
+        shapes, _ = fmt.header_shapes(path)
+        if not any(k.endswith(tuple(f".{k}" for keys in fmt.LYCO_KEYS.values() for k in keys)) for k in shapes):
+            return path
+        lf = fmt.read(path)
+        layout = fmt.layout_of(self.pipe.unet.config)
+        weights = {}
+        for part, model in self.parts():
+            for m, mod in model.named_modules():
+                if isinstance(getattr(mod, "weight", None), torch.Tensor):
+                    weights[fmt.module_name(part, m, self.family, layout)] = tuple(mod.weight.shape)
+        missing = [n for n in lf.modules if n not in weights]
+        if missing:
+            raise PreviewError(f"{Path(path).name} does not fit this base model (no module {missing[0]}). It was "
+                               "probably trained for another model family.")
+        return fmt.pack(fmt.lyco_as_lora(lf.modules, weights), torch.float32)
 
     def attach_dora(self, path: str, adapter: str) -> int:
         """diffusers drops `dora_scale` when it loads a kohya file; give those modules their magnitudes back, so
@@ -213,11 +240,8 @@ class PreviewEngine:
         if not scales:
             return 0
         layout = layout_of(self.pipe.unet.config)
-        spec = families.family(self.family)
-        parts = [("unet", self.pipe.unet)] + [(part, getattr(self.pipe, attr)) for part, attr in
-                                             zip(spec.te_parts, text_encoder_names(spec))]
         n = 0
-        for part, model in parts:
+        for part, model in self.parts():
             names = {m: module_name(part, m, self.family, layout) for m, _ in model.named_modules()}
             found = {m: scales[k] for m, k in names.items() if k in scales}
             n += use_column_dora(model, adapter, magnitudes=found) if found else 0

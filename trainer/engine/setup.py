@@ -282,7 +282,10 @@ def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventL
             for te in model.text_encoders:
                 te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_te = sum(len(a) for k, a in alphas.items() if k != "unet")
-    ev.emit("log", message=f"LoRA on {len(alphas['unet'])} UNet modules" + (f" and {n_te} text-encoder modules" if n_te else "")
+    from trainer.loras.format import NETWORK_NAMES
+
+    kind = NETWORK_NAMES[cfg.network_type] + (" (whole Kronecker factors)" if cfg.lokr_full_matrix else "")
+    ev.emit("log", message=f"{kind} on {len(alphas['unet'])} UNet modules" + (f" and {n_te} text-encoder modules" if n_te else "")
             + f", rank {cfg.rank}, alpha {cfg.alpha:g}" + (" (per-block ranks)" if cfg.block_dims else ""))
     return alphas
 

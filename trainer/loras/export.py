@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from trainer.loras.format import DTYPES, Module, module_name, pack, write
+from trainer.loras.format import DTYPES, LYCO_KEYS, LycoModule, cp_rebuild, Module, module_name, pack, write
 from trainer.loras.metadata import network_args, num
 from trainer.models import families
 from trainer.recipe.config import file_name
@@ -26,17 +26,22 @@ def to_kohya(parts: dict[str, tuple[dict, dict]], family: str, layout: dict,
     shaped [1, in] (conv: [1, in, 1, 1]) as ComfyUI and A1111 broadcast it, and their alpha / rank is folded into
     `lora_up` with alpha written = rank: A1111 applies alpha / rank after the decomposition and ComfyUI before
     it, so only a scale of 1 makes both compute the weight that was trained."""
-    out: dict[str, Module] = {}
+    out: dict = {}
+    lyco = "|".join(k for keys in LYCO_KEYS.values() for k in keys)
     for part, (state, alphas) in parts.items():
         modules = {}
         for key, tensor in state.items():
-            m = re.match(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$", key)
+            m = re.match(rf"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector|{lyco})$", key)
             if not m:
                 raise ValueError(f"Unexpected LoRA key '{key}'")
             modules.setdefault(m[1], {})[m[2]] = tensor.detach().float()
         for module, t in modules.items():
             if module not in alphas:
                 raise ValueError(f"No alpha recorded for module '{module}'")
+            if "lora_A.weight" not in t:  # LoHa / LoKr: peft's tensors are LyCORIS' own, and so is the scale
+                kind = "loha" if any(k.startswith("hada_") for k in t) else "lokr"  # (alpha / rank; 1 for whole LoKr)
+                out[module_name(part, module, family, layout)] = whole_tucker_lokr(LycoModule(kind, t, float(alphas[module])))
+                continue
             down, up, alpha = t["lora_A.weight"], t["lora_B.weight"], float(alphas[module])
             scale = None
             if "lora_magnitude_vector" in t:
@@ -45,6 +50,21 @@ def to_kohya(parts: dict[str, tuple[dict, dict]], family: str, layout: dict,
                 scale = t["lora_magnitude_vector"].reshape(1, -1, *[1] * (down.dim() - 2))
             out[module_name(part, module, family, layout)] = Module(down, up, alpha, scale)
     return pack(out, dtype)
+
+
+def whole_tucker_lokr(m: LycoModule) -> LycoModule:
+    """A LoKr conv trained with a Tucker (CP) second factor is written with that factor rebuilt, as a whole 4-D
+    `lokr_w2` (a few thousand numbers: LoKr's factors are small): ComfyUI fails on `lokr_t2` (its kron of the
+    non-contiguous rebuild raises, and the module is skipped: ComfyUI #11245). Exact: when the first factor is
+    low-rank, loaders still take the scale from its rank; when it is whole, the scale goes into `lokr_w2`, since
+    loaders apply whole LoKr modules at scale 1."""
+    if m.kind != "lokr" or "lokr_t2" not in m.weights:
+        return m
+    w = dict(m.weights)
+    rank = w["lokr_t2"].shape[0]
+    w2 = cp_rebuild(w.pop("lokr_t2"), w.pop("lokr_w2_a"), w.pop("lokr_w2_b"))
+    w["lokr_w2"] = w2 if "lokr_w1_b" in w else w2 * (m.alpha / rank)
+    return LycoModule("lokr", w, m.alpha if "lokr_w1_b" in w else float(rank))
 
 
 def export_parts(parts, cfg, layout: dict, info: dict, path, precision: str | None = None) -> None:
@@ -64,7 +84,7 @@ def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` metadata web UIs and model sites read. Every value a string."""
     triggers = cfg.trigger_words
     md = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if cfg.network_type == "lora" else "lycoris.kohya",
         "ss_network_dim": str(cfg.rank),
         "ss_network_alpha": num(cfg.alpha),
         "ss_network_args": json.dumps(network_args(cfg)) if network_args(cfg) else None,

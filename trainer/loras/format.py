@@ -20,6 +20,10 @@ from trainer.models.ldm_names import clip_path
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
+# LyCORIS' keys (its kohya-style files, `ss_network_module = lycoris.kohya`): the names peft's LoHa/LoKr layers use too
+LYCO_KEYS = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+             "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}
+NETWORK_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
 class LoraFileError(ValueError):
@@ -54,6 +58,7 @@ class Module:
     up: torch.Tensor  # [out, r] or [out, r, 1, 1]
     alpha: float
     dora_scale: torch.Tensor | None = None
+    kind = "lora"  # the network type (a class attribute: LycoModule's are loha / lokr)
 
     @property
     def rank(self) -> int:
@@ -69,10 +74,70 @@ class Module:
         return (self.up.float().flatten(1) @ self.down.float().flatten(1)) * (self.alpha / self.rank)
 
 
-def pack(modules: dict[str, Module], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def cp_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """LyCORIS' CP (Tucker) rebuild of a conv weight from its core [r, r, kh, kw] and two [r, dim] factors."""
+    return torch.einsum("i j k l, i p, j r -> p r k l", t.float(), wa.float(), wb.float())
+
+
+@dataclass
+class LycoModule:
+    """One LoHa or LoKr module as LyCORIS' kohya-style file holds it: its weights under LyCORIS' names (the part
+    after the module name) and its alpha (None when the file has none: every loader then applies scale 1)."""
+    kind: str  # loha | lokr
+    weights: dict[str, torch.Tensor]
+    alpha: float | None
+
+    @property
+    def rank(self) -> int | None:
+        """The rank a loader divides alpha by: LoHa's, or that of LoKr's low-rank factor (None when both of LoKr's
+        factors are whole matrices, and loaders apply scale 1)."""
+        w = self.weights
+        if self.kind == "loha":
+            return int(w["hada_w1_b"].shape[0])
+        for key in ("lokr_w2_b", "lokr_w1_b"):  # ComfyUI and A1111 both end with w2's rank when both are low-rank
+            if key in w:
+                return int(w[key].shape[0])
+        return None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.alpha is not None and self.rank else 1.0
+
+    @property
+    def conv(self) -> bool:
+        """A 3x3 convolution (as far as the file tells: CP cores and LoKr's whole 4-D factors say so)."""
+        return any(k in self.weights for k in ("hada_t1", "lokr_t2")) or self.weights.get("lokr_w2", torch.empty(0)).dim() == 4
+
+    def update(self) -> torch.Tensor:
+        """What a loader adds to the weight at strength 1, flattened to [out, in * k] (LyCORIS', ComfyUI's and
+        A1111's rule: LoHa (w1a @ w1b) * (w2a @ w2b), LoKr kron(w1, w2), each times the scale)."""
+        w = {k: v.float() for k, v in self.weights.items()}
+        if self.kind == "loha":
+            if "hada_t1" in w:
+                d = cp_rebuild(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"]) * cp_rebuild(w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"])
+            else:
+                d = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])
+        else:
+            w1 = w["lokr_w1"] if "lokr_w1" in w else w["lokr_w1_a"] @ w["lokr_w1_b"]
+            if "lokr_w2" in w:
+                w2 = w["lokr_w2"]
+            elif "lokr_t2" in w:
+                w2 = cp_rebuild(w["lokr_t2"], w["lokr_w2_a"], w["lokr_w2_b"])
+            else:
+                w2 = w["lokr_w2_a"] @ w["lokr_w2_b"]
+            d = torch.kron(w1[:, :, None, None] if w2.dim() == 4 else w1, w2)
+        return d.flatten(1) * self.scale
+
+
+def pack(modules: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Module objects -> the file's tensors (`alpha` a 0-dim tensor in the file's dtype, as kohya writes it)."""
     out = {}
     for name, m in modules.items():
+        if isinstance(m, LycoModule):
+            out.update({f"{name}.{k}": v.to("cpu", dtype).contiguous() for k, v in m.weights.items()})
+            if m.alpha is not None:
+                out[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
+            continue
         out[f"{name}.lora_down.weight"] = m.down.to("cpu", dtype).contiguous()
         out[f"{name}.lora_up.weight"] = m.up.to("cpu", dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
@@ -81,20 +146,31 @@ def pack(modules: dict[str, Module], dtype: torch.dtype) -> dict[str, torch.Tens
     return out
 
 
-def unpack(tensors: dict[str, torch.Tensor], name: str = "the file") -> tuple[dict[str, Module], dict]:
-    """The file's tensors -> (Module objects, tensors that are not LoRA modules). Raise LoraFileError when the
-    file is a network type these modules cannot hold, or a module is incomplete."""
+def unpack(tensors: dict[str, torch.Tensor], name: str = "the file") -> tuple[dict, dict]:
+    """The file's tensors -> (Module / LycoModule objects, tensors that are not modules). Raise LoraFileError when
+    a module is incomplete."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    lyco: dict[str, dict[str, torch.Tensor]] = {}
     extra = {}
+    lyco_suffixes = {f".{k}": kind for kind, keys in LYCO_KEYS.items() for k in keys}
     for k, v in tensors.items():
         suffix = next((s for s in SUFFIXES if k.endswith(s)), None)
-        if suffix is None or not k.startswith("lora_"):
+        lsuffix = next((s for s in lyco_suffixes if k.endswith(s)), None)
+        if not k.startswith("lora_") or (suffix is None and lsuffix is None):
             extra[k] = v
-            continue
-        parts.setdefault(k[: -len(suffix)], {})[suffix] = v
-    if any(k.endswith((".hada_w1_a", ".lokr_w1")) for k in extra):
-        raise LoraFileError(f"{name} is a LoHa/LoKr (LyCORIS) file; these tools work on LoRA and LoCon files.")
-    modules = {}
+        elif lsuffix is not None:
+            lyco.setdefault(k[: -len(lsuffix)], {})[lsuffix[1:]] = v
+        else:
+            parts.setdefault(k[: -len(suffix)], {})[suffix] = v
+    modules: dict = {}
+    for mod, w in lyco.items():
+        kinds = {lyco_suffixes["." + k] for k in w}
+        if len(kinds) > 1 or not _complete(kinds.pop(), w):
+            raise LoraFileError(f"{name}: module {mod} has an incomplete or mixed set of LoHa/LoKr weights "
+                                f"({', '.join(sorted(w))}); the file is damaged.")
+        alpha = parts.pop(mod, {}).get(".alpha")
+        kind = lyco_suffixes["." + next(iter(w))]
+        modules[mod] = LycoModule(kind, w, float(alpha) if alpha is not None else None)
     for mod, t in parts.items():
         if ".lora_down.weight" not in t or ".lora_up.weight" not in t:
             raise LoraFileError(f"{name}: module {mod} lacks its lora_down or lora_up weight; the file is damaged.")
@@ -104,11 +180,53 @@ def unpack(tensors: dict[str, torch.Tensor], name: str = "the file") -> tuple[di
     return modules, extra
 
 
+def _complete(kind: str, w: dict) -> bool:
+    if kind == "loha":
+        cp = "hada_t1" in w or "hada_t2" in w
+        return all(k in w for k in LYCO_KEYS["loha"][:4]) and (not cp or ("hada_t1" in w and "hada_t2" in w))
+    one = "lokr_w1" in w or ("lokr_w1_a" in w and "lokr_w1_b" in w)
+    two = "lokr_w2" in w or ("lokr_w2_a" in w and "lokr_w2_b" in w)
+    return one and two
+
+
+def lyco_as_lora(modules: dict, shapes: dict[str, tuple], rtol: float = 1e-6) -> dict:
+    """LoHa / LoKr modules as LoRA factors of the same update, for a loader that reads LoRA only (Preview's
+    diffusers): the SVD of each module's update cut at its numerical rank (singular values above `rtol` x the
+    largest), so the weight it applies equals the LyCORIS one to float precision. `shapes` {kohya name: the
+    adapted weight's shape} gives conv factors their 4-D form. LoRA modules pass through."""
+    out = {}
+    for name, m in modules.items():
+        if not isinstance(m, LycoModule):
+            out[name] = m
+            continue
+        shape = tuple(shapes[name])
+        u, s, vh = torch.linalg.svd(m.update().double(), full_matrices=False)
+        k = max(1, int((s > s[0] * rtol).sum())) if len(s) and s[0] > 0 else 1
+        root = s[:k].sqrt()
+        up = (u[:, :k] * root).float().reshape(shape[0], k, *[1] * (len(shape) - 2))
+        down = (root[:, None] * vh[:k]).float().reshape(k, *shape[1:])
+        out[name] = Module(down, up, float(k))
+    return out
+
+
+def network_of(modules: dict) -> str:
+    """'lora', 'loha' or 'lokr': the network type of a file's modules (the first LyCORIS one decides)."""
+    return next((m.kind for m in modules.values() if isinstance(m, LycoModule)), "lora")
+
+
+def require_lora(lf, what: str) -> None:
+    """Raise LoraFileError when a tool that works on LoRA factors is given a LoHa or LoKr file."""
+    kind = network_of(lf.modules)
+    if kind != "lora":
+        raise LoraFileError(f"{lf.name} is a {NETWORK_NAMES[kind]} (LyCORIS) file: {what} works on LoRA and LoCon "
+                            "files only (its factors are not LoRA's up and down). Info, Spectrum and Preview read it.")
+
+
 # --------------------------------------------------------------------------------------------- files
 @dataclass
 class LoraFile:
     path: Path
-    modules: dict[str, Module]
+    modules: dict  # name -> Module (LoRA, LoCon, DoRA) or LycoModule (LoHa, LoKr)
     metadata: dict[str, str]
     family: str  # the group: sd1 | sd2 | sdxl
     dtype: torch.dtype
@@ -121,7 +239,7 @@ class LoraFile:
 
 
 def read(path: str | Path) -> LoraFile:
-    """Read a kohya LoRA / LoCon file. Raise LoraFileError naming the problem."""
+    """Read a kohya LoRA / LoCon / DoRA file, or LyCORIS' LoHa / LoKr. Raise LoraFileError naming the problem."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -137,9 +255,8 @@ def read(path: str | Path) -> LoraFile:
     modules, extra = unpack(tensors, path.name)
     if not modules:
         raise LoraFileError(f"{path.name} has no kohya LoRA keys (lora_unet_..., lora_te_...). Is it a LoRA?")
-    dtype = next(iter(modules.values())).down.dtype
-    shapes = {f"{n}.lora_down.weight": tuple(m.down.shape) for n, m in modules.items()}
-    fam = family_of(shapes, metadata) or "sd1"
+    dtype = next(iter(tensors[k].dtype for k in tensors if k.startswith("lora_")))
+    fam = family_of({k: tuple(v.shape) for k, v in tensors.items()}, metadata) or "sd1"
     return LoraFile(path, modules, metadata, fam, dtype, path.stat().st_size, extra)
 
 
@@ -159,8 +276,9 @@ def family_of(shapes: dict[str, tuple], metadata: dict) -> str | None:
     def width(suffix: str) -> int | None:
         return next((s[1] for k, s in shapes.items() if k.endswith(suffix) and len(s) > 1), None)
 
-    w = width("q_proj.lora_down.weight") if any(k.startswith("lora_te_") for k in shapes) else None
-    w = w or width("attn2_to_k.lora_down.weight")
+    te = any(k.startswith("lora_te_") for k in shapes)
+    w = (width("q_proj.lora_down.weight") or width("q_proj.hada_w1_b")) if te else None
+    w = w or width("attn2_to_k.lora_down.weight") or width("attn2_to_k.hada_w1_b")
     if w is None:
         return None
     return "sd2" if w == 1024 else "sd1"

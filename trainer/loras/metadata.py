@@ -8,12 +8,22 @@ def num(x: float) -> str:
 
 
 def network_args(cfg) -> dict[str, str]:
-    """kohya's network_args of a config: LoCon's conv_dim / conv_alpha, LyCORIS' dora_wd for DoRA, the per-block
+    """kohya's network_args of a config: LyCORIS' algo and its options for LoHa / LoKr, LoCon's conv_dim / conv_alpha, LyCORIS' dora_wd for DoRA, the per-block
     settings (as kohya_ss writes them, strings) and their zero threshold. The file's ss_network_args and the
     sd-scripts config both take them from here."""
     from trainer.models import blocks
 
     args = {}
+    if cfg.network_type != "lora":  # LyCORIS' network_args (lycoris.kohya reads algo and these names)
+        args["algo"] = cfg.network_type
+        if cfg.use_tucker:
+            args["use_tucker"] = "True"
+        if cfg.network_type == "lokr":
+            args["factor"] = str(cfg.lokr_factor)
+            if cfg.lokr_decompose_both:
+                args["decompose_both"] = "True"
+            if cfg.lokr_full_matrix:
+                args["full_matrix"] = "True"
     if cfg.conv_rank:
         args.update(conv_dim=str(cfg.conv_rank), conv_alpha=num(cfg.conv_alpha))
     if cfg.use_dora:

@@ -1,5 +1,6 @@
 """LoRA tools on any kohya-format file (ours or anyone's; SD1/SD2/SDXL; LoRA and LoCon; DoRA where defined):
-info, rank spectrum, resize by SVD, merge, extract from two checkpoints.
+info, rank spectrum, resize by SVD, merge, extract from two checkpoints. Info and Spectrum read LyCORIS' LoHa and
+LoKr files too; resize and merge work on LoRA factors and say so for those.
 
 The update of a module is what loaders apply: `up @ down * alpha / rank` (conv shapes flattened to
 [out, in * kh * kw]), times the strength. Every output is a normal kohya file written atomically, with the
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.loras.format import DTYPES, LoraFileError, Module, layout_of, module_name, pack, read, write
+from trainer.loras.format import (DTYPES, NETWORK_NAMES, LoraFileError, LycoModule, Module, layout_of, module_name,
+                                  network_of, pack, read, require_lora, write)
 from trainer.loras.metadata import num
 from trainer.models import families
 
@@ -36,26 +38,35 @@ def block_of(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- info / spectrum
+def is_conv(m) -> bool:
+    """A 3x3 (LoCon) module."""
+    return m.conv if isinstance(m, LycoModule) else m.down.dim() == 4 and m.down.shape[2] > 1
+
+
 def info(path) -> dict:
     lf = read(path)
-    ranks = sorted({m.rank for m in lf.modules.values()})
-    alphas = sorted({m.alpha for m in lf.modules.values()})
+    ranks = sorted({m.rank for m in lf.modules.values() if m.rank}) + (
+        ["full"] if any(not m.rank for m in lf.modules.values()) else [])  # LoKr's whole factors have no rank
+    alphas = sorted({m.alpha for m in lf.modules.values() if m.alpha is not None})
     blocks = {}
     for n in lf.modules:
         blocks[block_of(n)] = blocks.get(block_of(n), 0) + 1
     shown = ("ss_output_name", "ss_base_model_version", "ss_network_dim", "ss_network_alpha", "ss_network_args",
              "ss_steps", "ss_trigger_words", "ss_sd_model_name", "ss_lora_studio_tool", "modelspec.title")
-    return {"file": lf.name, "family": families.group_name(lf.family), "modules": len(lf.modules),
-            "modules_per_block": blocks, "ranks": ranks, "alphas": alphas,
-            "conv_modules": sum(m.down.dim() == 4 and m.down.shape[2] > 1 for m in lf.modules.values()),
-            "dora": any(m.dora_scale is not None for m in lf.modules.values()),
+    return {"file": lf.name, "family": families.group_name(lf.family), "network": NETWORK_NAMES[network_of(lf.modules)],
+            "modules": len(lf.modules), "modules_per_block": blocks, "ranks": ranks, "alphas": alphas,
+            "conv_modules": sum(is_conv(m) for m in lf.modules.values()),
+            "dora": any(getattr(m, "dora_scale", None) is not None for m in lf.modules.values()),
             "dtype": str(lf.dtype).replace("torch.", ""), "size_mb": round(lf.size / 2**20, 2),
             "metadata": {k: lf.metadata[k] for k in shown if k in lf.metadata}}
 
 
-def singular_values(m: Module) -> torch.Tensor:
+def singular_values(m) -> torch.Tensor:
     """Singular values of a module's update (at most its rank are non-zero). Computed through the factors:
-    the update is (up * s) @ down, so QR of each factor leaves an r x r core, which is cheap for any layer size."""
+    the update is (up * s) @ down, so QR of each factor leaves an r x r core, which is cheap for any layer size.
+    LoHa and LoKr updates have no such factors: their whole update is decomposed."""
+    if isinstance(m, LycoModule):
+        return torch.linalg.svdvals(m.update())
     up = m.up.float().flatten(1) * (m.alpha / m.rank)
     down = m.down.float().flatten(1)
     _, ru = torch.linalg.qr(up)
@@ -83,7 +94,7 @@ def spectrum(path, on_progress=None) -> dict:
     for i, (name, m) in enumerate(lf.modules.items()):
         s = singular_values(m)
         e = kept_energy(s)
-        mods[name] = {"block": block_of(name), "rank": m.rank, "singular_values": [round(float(x), 6) for x in s],
+        mods[name] = {"block": block_of(name), "rank": m.rank or len(s), "singular_values": [round(float(x), 6) for x in s],
                       "energy": [round(float(x), 6) for x in e],
                       **{f"rank_{int(t * 100)}": rank_for(e, t) for t in THRESHOLDS}}
         b = per_block.setdefault(block_of(name), {"sq": [], "total": 0.0})
@@ -163,6 +174,7 @@ def resize(path, out, rank: int | None = None, energy: float | None = None, prec
     if energy is not None and not 0 < energy <= 1:
         raise LoraToolError(f"The energy to keep must be between 0 and 1 (got {energy}), e.g. 0.95.")
     lf = read(path)
+    require_lora(lf, "resizing")
     top = max(m.rank for m in lf.modules.values())
     if rank is not None and not 1 <= rank <= top:
         raise LoraToolError(f"Rank {rank} is not possible for {lf.name}: its modules have rank {top} at most. "
@@ -195,6 +207,7 @@ def merge(sources: list[tuple[str, float]], out, rank: int | None = None, precis
         raise LoraToolError("These LoRAs are for different model families (" + ", ".join(
             f"{lf.name}: {families.group_name(lf.family)}" for lf, _ in files) + "); only LoRAs of one family can be merged.")
     for lf, _ in files:
+        require_lora(lf, "merging")
         if any(m.dora_scale is not None for m in lf.modules.values()):
             raise LoraToolError(f"{lf.name} is a DoRA LoRA: DoRA magnitudes do not add, so a merge is not defined.")
     names = list(dict.fromkeys(n for lf, _ in files for n in lf.modules))

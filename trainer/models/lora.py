@@ -1,9 +1,12 @@
 """LoRA injection with peft, targeting the modules kohya's LoRA targets (see shared/design/LORA_FORMAT.md)."""
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.dora import DoraConv2dLayer, DoraLinearLayer
 
@@ -113,37 +116,110 @@ def use_column_dora(model: torch.nn.Module, adapter: str = ADAPTER, magnitudes: 
     return n
 
 
+# The adapter parameters of each network type, as peft names them (and LyCORIS' files do, for LoHa and LoKr).
+PARAM_MARKERS = ("lora_", "hada_", "lokr_")
+_MODULE_OF = re.compile(r"^(.*)\.(lora_A|lora_B|lora_magnitude_vector|lora_embedding_[AB]|(?:hada|lokr)_[a-z0-9_]+?)(\.|$)")
+
+
+def is_adapter_param(name: str) -> bool:
+    """Whether a parameter (or state-dict key) belongs to an adapter of any network type."""
+    return any(m in name for m in PARAM_MARKERS)
+
+
+def module_of(param_name: str) -> str:
+    """The adapted module of an adapter parameter: 'a.b.to_q' of 'a.b.to_q.lora_A.default.weight' or of
+    'a.b.to_q.hada_w1_a.default'."""
+    m = _MODULE_OF.match(param_name)
+    if not m:
+        raise ValueError(f"not an adapter parameter: {param_name}")
+    return m[1]
+
+
+@dataclass(frozen=True)
+class Network:
+    """Which adapter peft puts on each module, and its options: LoRA (with DoRA), or LyCORIS' LoHa or LoKr
+    (peft's LoHa/LoKr layers: the same injection system as LoRA, and the key layout LyCORIS writes)."""
+    type: str = "lora"
+    dropout: float = 0.0  # LoRA's (kohya's dropout on the down output)
+    dora: bool = False
+    rank_dropout: float = 0.0  # LoHa/LoKr: LyCORIS' own, given to peft's layers (LoRA's are hooks: add_dropouts)
+    module_dropout: float = 0.0
+    tucker: bool = False  # CP decomposition of 3x3 convs (peft's use_effective_conv2d)
+    factor: int = -1  # LoKr
+    decompose_both: bool = False
+    full_matrix: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> "Network":
+        lyco = cfg.network_type != "lora"
+        return cls(cfg.network_type, cfg.dropout, cfg.use_dora, cfg.rank_dropout if lyco else 0.0,
+                   cfg.module_dropout if lyco else 0.0, cfg.use_tucker, cfg.lokr_factor, cfg.lokr_decompose_both,
+                   cfg.lokr_full_matrix)
+
+    def peft_config(self, r: int, alpha: float, targets: list[str], rank_pattern: dict, alpha_pattern: dict):
+        common = dict(r=r, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        if self.type == "lora":
+            # kaiming-uniform down, zero up: training starts from the base model exactly
+            return LoraConfig(lora_alpha=alpha, lora_dropout=self.dropout, init_lora_weights=True, use_dora=self.dora,
+                              **common)
+        lyco = dict(alpha=alpha, rank_dropout=self.rank_dropout, module_dropout=self.module_dropout,
+                    use_effective_conv2d=self.tucker, init_weights=True, **common)  # one factor zero: starts at the base
+        if self.type == "loha":
+            return LoHaConfig(**lyco)
+        return LoKrConfig(decompose_both=self.decompose_both, decompose_factor=self.factor, **lyco)
+
+
+def full_rank(model: torch.nn.Module, name: str) -> int:
+    """A rank at which peft's LoKr keeps both Kronecker factors whole (LyCORIS' full_matrix)."""
+    w = model.get_submodule(name).weight
+    return int(max(w.shape[0], w.shape[1]))
+
+
 def inject(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0,
            conv_targets: list[str] | None = None, conv_rank: int = 0, conv_alpha: float = 1.0,
-           dora: bool = False, ranks: dict[str, tuple[int, float]] | None = None) -> dict[str, float]:
-    """Add a LoRA adapter to `model` in place: `rank`/`alpha` for `targets`, `conv_rank`/`conv_alpha` for
-    `conv_targets`, `ranks` {module: (rank, alpha)} where a module has its own (rank 0: no LoRA there).
-    Returns module name -> alpha (needed for export)."""
+           dora: bool = False, ranks: dict[str, tuple[int, float]] | None = None,
+           network: Network | None = None) -> dict[str, float]:
+    """Add an adapter to `model` in place: `rank`/`alpha` for `targets`, `conv_rank`/`conv_alpha` for
+    `conv_targets`, `ranks` {module: (rank, alpha)} where a module has its own (rank 0: nothing there).
+    `network` says which type (LoRA by default, with `dropout` and `dora`). Returns module name -> alpha (needed
+    for export)."""
+    network = network or Network(dropout=dropout, dora=dora)
     conv_targets = conv_targets or []
     own = {n: (conv_rank, conv_alpha) for n in conv_targets}
     own.update(ranks or {})
     every = [n for n in list(targets) + list(conv_targets) if own.get(n, (rank, alpha))[0] > 0]
     if not every:
         return {}
+    if network.full_matrix:  # a rank no factor is cut to; alpha = rank: the scale LyCORIS gives full matrices, 1
+        own = {n: (full_rank(model, n),) * 2 for n in every}
     special = {n: own[n] for n in every if n in own and (n in conv_targets or own[n] != (rank, alpha))}
     pattern = lambda n: f"^{n}$".replace(".", r"\.")  # noqa: E731  (exact module names)
-    cfg = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=every,
-        rank_pattern={pattern(n): r for n, (r, _) in special.items()},
-        alpha_pattern={pattern(n): a for n, (_, a) in special.items()},
-        init_lora_weights=True,  # kaiming-uniform down, zero up: training starts from the base model exactly
-        use_dora=dora,
-    )
+    cfg = network.peft_config(rank, alpha, every, {pattern(n): r for n, (r, _) in special.items()},
+                              {pattern(n): a for n, (_, a) in special.items()})
     inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
-    if dora:
+    if network.dora:
         use_column_dora(model)
     alphas = {n: float(own.get(n, (rank, alpha))[1]) for n in every}
+    if network.type == "lokr":
+        alphas.update(whole_lokr_scale(model))
     for p_name, p in model.named_parameters():
-        p.requires_grad_("lora_" in p_name)
+        p.requires_grad_(is_adapter_param(p_name))
     return alphas
+
+
+def whole_lokr_scale(model: torch.nn.Module) -> dict[str, float]:
+    """LoKr modules whose two Kronecker factors are both whole matrices have no rank, and every loader (LyCORIS,
+    ComfyUI, A1111) applies them at scale 1; peft would scale them by alpha / r. Give them alpha = r, as LyCORIS
+    does, so that the trained weight is the one loaded. Returns {module: its new alpha}."""
+    from peft.tuners.lokr import LoKrLayer
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoKrLayer) and ADAPTER in m.lokr_w1 and ADAPTER in m.lokr_w2:
+            m.alpha[ADAPTER] = float(m.r[ADAPTER])
+            m.scaling[ADAPTER] = 1.0
+            out[name] = float(m.r[ADAPTER])
+    return out
 
 
 def skip_input_casting(model: torch.nn.Module) -> int:
@@ -227,11 +303,13 @@ def up_parameters(model: torch.nn.Module) -> set[int]:
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    """The trained adapter parameters (any network type)."""
+    return [p for n, p in model.named_parameters() if is_adapter_param(n) and p.requires_grad]
 
 
 def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """peft's adapter weights: '<module>.lora_A.weight' / '<module>.lora_B.weight'."""
+    """peft's adapter weights: '<module>.lora_A.weight' / '<module>.lora_B.weight' (LoHa: '<module>.hada_w1_a', ...;
+    LoKr: '<module>.lokr_w1', ...)."""
     return {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
 
 
@@ -243,13 +321,17 @@ def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
 
 
 def set_lora_scale(model: torch.nn.Module, scale: float) -> None:
-    """Multiply every LoRA delta by `scale` (0 = base model) without touching weights."""
+    """Multiply every adapter's delta by `scale` (0 = base model) without touching weights."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
 
     for m in model.modules():
         if isinstance(m, LoraLayer):
             for name in m.scaling:
                 m.scaling[name] = scale * m.lora_alpha[name] / m.r[name]
+        elif isinstance(m, LycorisLayer):
+            for name in m.scaling:
+                m.scaling[name] = scale * m.alpha[name] / m.r[name]
 
 
 def name_modules(model, part: str, modules) -> dict[str, str]:
@@ -286,14 +368,15 @@ def inject_for_config(model, cfg) -> dict[str, dict[str, float]]:
         where = unet_blocks(model, attn + conv)
         ranks = {n: plan.rank(where[n]) for n in attn}
         ranks.update({n: plan.rank(where[n], conv=True) for n in conv})
-    alphas = {"unet": inject(model.unet, attn, cfg.rank, cfg.alpha, cfg.dropout, conv, cfg.conv_rank, cfg.conv_alpha,
-                             dora=cfg.use_dora, ranks=ranks)}
-    add_dropouts(model.unet, cfg.rank_dropout, cfg.module_dropout)
+    network = Network.of(cfg)
+    alphas = {"unet": inject(model.unet, attn, cfg.rank, cfg.alpha, conv_targets=conv, conv_rank=cfg.conv_rank,
+                             conv_alpha=cfg.conv_alpha, ranks=ranks, network=network)}
+    add_dropouts(model.unet, cfg.rank_dropout, cfg.module_dropout)  # LoRA's; peft's LoHa/LoKr layers have theirs
     if cfg.train_text_encoder:
         for name, te in zip(model.spec.te_parts, model.text_encoders):
             targets = text_encoder_targets(te)
             name_modules(model, name, targets)
-            alphas[name] = inject(te, targets, cfg.rank, cfg.alpha, cfg.dropout, dora=cfg.use_dora)
+            alphas[name] = inject(te, targets, cfg.rank, cfg.alpha, network=network)
             add_dropouts(te, cfg.rank_dropout, cfg.module_dropout)
     return alphas
 
@@ -302,15 +385,15 @@ def unet_param_groups(model, cfg) -> list[dict]:
     """Optimizer groups of the UNet LoRA: one at unet_lr, or one per block learning-rate weight."""
     from trainer.models.blocks import Plan
 
-    params = [(n, p) for n, p in model.unet.named_parameters() if "lora_" in n and p.requires_grad]
+    params = [(n, p) for n, p in model.unet.named_parameters() if is_adapter_param(n) and p.requires_grad]
     plan = Plan(cfg, model.family)
     if plan.lr is None:
         return [{"params": [p for _, p in params], "lr": cfg.unet_lr}]
-    modules = {n.split(".lora_")[0] for n, _ in params}
+    modules = {module_of(n) for n, _ in params}
     where = unet_blocks(model, modules)
     groups: dict[float, list] = {}
     for n, p in params:
-        groups.setdefault(plan.lr_weight(where[n.split(".lora_")[0]]), []).append(p)
+        groups.setdefault(plan.lr_weight(where[module_of(n)]), []).append(p)
     return [{"params": ps, "lr": cfg.unet_lr * w} for w, ps in groups.items()]
 
 

@@ -126,7 +126,9 @@ def store_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
 
 def frozen_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's frozen (non-LoRA) weights take where they are stored."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+    from trainer.models.lora import is_adapter_param
+
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not is_adapter_param(n))
 
 
 # ----------------------------------------------------------------------------- storing and placing the frozen base

@@ -88,6 +88,7 @@ class TrainConfig:
     cache_latents_to_disk: bool = _f(True, "Keep cached latents on disk so later runs skip the VAE entirely.", None, "images")
     cache_text_encoder_outputs: bool = _f(True, "Encode each caption once and let the text encoders leave the GPU, when they are not trained and captions are fixed (no tag shuffle or dropout); otherwise captions are encoded every step.", None, "images")
     # --- network
+    network_type: str = _f("lora", "Network type: 'lora' (LoRA; LoCon with conv_rank, DoRA with use_dora), 'loha' (LyCORIS LoHa: the Hadamard product of two low-rank pairs, more capacity for the same rank) or 'lokr' (LyCORIS LoKr: a Kronecker product, very small files). A1111, Forge and ComfyUI load all three.", ("lora", "loha", "lokr"), "network")
     rank: int = _f(16, "LoRA rank (dim): the capacity of the update. 8-32 for characters, 32-128 for styles.")
     alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha/rank. Changing rank without alpha changes the effective learning rate.")
     network_target: str = _f("kohya", "Which UNet layers get LoRA: 'kohya' (all transformer-block linears, as kohya_ss) or 'attention' (q/k/v/out only, as diffusers' example; smaller and faster).", ("kohya", "attention"), "network")
@@ -104,6 +105,10 @@ class TrainConfig:
     loraplus_lr_ratio: float = _f(0.0, "LoRA+: the up (B) matrices learn this many times faster than the down (A) ones (16 is the paper's; 0 = off). Not with Prodigy.", None, "network")
     loraplus_unet_lr_ratio: float = _f(0.0, "LoRA+ ratio for the UNet only (0 = loraplus_lr_ratio).", None, "network")
     loraplus_text_encoder_lr_ratio: float = _f(0.0, "LoRA+ ratio for the text encoder(s) only (0 = loraplus_lr_ratio).", None, "network")
+    use_tucker: bool = _f(False, "LoHa/LoKr: CP (Tucker) decomposition of the 3x3 convolutions (LyCORIS' use_tucker; needs conv_rank): fewer parameters for the LoCon layers.", None, "network")
+    lokr_factor: int = _f(-1, "LoKr: split each dimension into two factors near this number (LyCORIS' factor; -1 = as square as possible). A larger factor gives a larger first and a smaller second Kronecker factor.", None, "network")
+    lokr_decompose_both: bool = _f(False, "LoKr: make the first Kronecker factor a low-rank pair too, not only the second (LyCORIS' decompose_both).", None, "network")
+    lokr_full_matrix: bool = _f(False, "LoKr: train both Kronecker factors as full matrices, with no rank (LyCORIS' full_matrix); rank and alpha then only say which modules train.", None, "network")
     use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA, its magnitude written as kohya's dora_scale (ComfyUI, A1111 and Forge apply it; diffusers loads the file as plain LoRA). Slower to train.", None, "network")
     # --- per block (kohya's numbering: see trainer/models/blocks.py and the README)
     block_dims: str = _f("", "Rank per UNet block, comma-separated in kohya's order: SD1/SD2 IN00-IN11, MID, OUT00-OUT11 (25 values); SDXL IN00-IN08, MID, OUT00-OUT08 (19). 0 = no LoRA in that block. Empty = rank everywhere.", None, "blocks")
@@ -310,7 +315,41 @@ class TrainConfig:
             errors.append(f"use_dora with base_quantization = '{self.base_quantization}' is not supported (DoRA needs "
                           "the base weights in full). Use base_quantization = 'fp8' or 'none', or turn DoRA off.")
         errors += self.block_problems()
+        errors += self.network_problems()
         return errors, warns
+
+    def network_problems(self) -> list[str]:
+        """The LyCORIS network types and the options that do not go with them, each in one sentence."""
+        if self.network_type == "lora":
+            lyco = [n for n in ("use_tucker", "lokr_decompose_both", "lokr_full_matrix") if getattr(self, n)]
+            lyco += ["lokr_factor"] if self.lokr_factor != -1 else []
+            return [f"{', '.join(lyco)} apply to the LyCORIS network types only: set network_type to 'loha' or "
+                    "'lokr', or leave them at their defaults."] if lyco else []
+        name, errors = {"loha": "LoHa", "lokr": "LoKr"}[self.network_type], []
+        if self.use_dora:
+            errors.append(f"DoRA with {name}: our DoRA is LoRA's (the file's dora_scale over lora_up/lora_down). "
+                          "Turn use_dora off, or set network_type to 'lora'.")
+        if self.dropout:
+            errors.append(f"dropout (kohya's dropout on LoRA's down output) has no place in {name}: use rank_dropout "
+                          "or module_dropout (LyCORIS' own), or set dropout to 0.")
+        if any((self.loraplus_lr_ratio, self.loraplus_unet_lr_ratio, self.loraplus_text_encoder_lr_ratio)):
+            errors.append(f"LoRA+ speeds up LoRA's up (B) matrices; {name} has no such pair. Set the LoRA+ ratios "
+                          "to 0, or network_type to 'lora'.")
+        if self.base_quantization in ("int8", "nf4"):
+            errors.append(f"{name} on a base quantised to {self.base_quantization}: peft's {name} layers wrap plain "
+                          "Linear and Conv2d layers only. Use base_quantization 'fp8' or 'none', or network_type 'lora'.")
+        if self.use_tucker and not self.trains_convs:
+            errors.append("use_tucker decomposes 3x3 convolutions, and no convolution is trained (conv_rank is 0, or "
+                          "conv_block_dims is 0 in every block): set conv_rank (LoCon) or turn use_tucker off.")
+        if self.network_type == "loha":
+            lokr = [n for n in ("lokr_decompose_both", "lokr_full_matrix") if getattr(self, n)]
+            lokr += ["lokr_factor"] if self.lokr_factor != -1 else []
+            if lokr:
+                errors.append(f"{', '.join(lokr)} apply to LoKr only: set network_type to 'lokr', or leave them at "
+                              "their defaults.")
+        elif self.lokr_factor == 0 or self.lokr_factor < -1:
+            errors.append(f"lokr_factor must be -1 (as square as possible) or a positive number (got {self.lokr_factor}).")
+        return errors
 
     def conflict_warnings(self) -> list[str]:
         """Options that would silently work against each other elsewhere."""
@@ -374,6 +413,17 @@ class TrainConfig:
         """The LoRA+ ratio of a part ('unet' or a text encoder), 0 when off."""
         own = self.loraplus_unet_lr_ratio if part == "unet" else self.loraplus_text_encoder_lr_ratio
         return own or self.loraplus_lr_ratio
+
+    @property
+    def trains_convs(self) -> bool:
+        """Whether any 3x3 convolution gets a LoCon module: conv_rank, or a block's conv dim when they are given."""
+        from trainer.models import blocks
+
+        try:
+            dims = blocks.parse(self.conv_block_dims, blocks.lengths("conv_block_dims"), "conv_block_dims", integer=True)
+        except ValueError:
+            dims = None  # said by block_problems
+        return any(dims) if dims is not None else self.conv_rank > 0
 
     @property
     def caches_text(self) -> bool:

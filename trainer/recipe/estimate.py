@@ -18,17 +18,17 @@ ALLOCATOR_SLACK = 0.08  # the caching allocator's block rounding and fragmentati
 
 
 def _modules(unet: dict, te_configs: list[dict], attention_only: bool):
-    """(block, in + out) of every module kohya's LoRA targets, from the configs alone (no torch, no weights):
+    """(block, (in, out)) of every module kohya's LoRA targets, from the configs alone (no torch, no weights):
     a rank-r LoRA on such a module has r * (in + out) parameters."""
     tlpb = unet.get("transformer_layers_per_block", 1)
     boc, lpb, cross = unet["block_out_channels"], unet["layers_per_block"], unet["cross_attention_dim"]
     tl = tlpb if isinstance(tlpb, list) else [tlpb] * len(boc)
 
     def attention(c: int, blocks: int):
-        per = [c + c] * 4 + [c + c, cross + c, cross + c, c + c]  # attn1 q k v out, attn2 q k v out
+        per = [(c, c)] * 4 + [(c, c), (cross, c), (cross, c), (c, c)]  # attn1 q k v out, attn2 q k v out
         if not attention_only:
-            per += [c + 8 * c, 4 * c + c]  # ff.net.0.proj (GEGLU: 2 x 4c out), ff.net.2
-        return ([c + c, c + c] if not attention_only else []) + per * blocks  # proj_in, proj_out
+            per += [(c, 8 * c), (4 * c, c)]  # ff.net.0.proj (GEGLU: 2 x 4c out), ff.net.2
+        return ([(c, c), (c, c)] if not attention_only else []) + per * blocks  # proj_in, proj_out
 
     for i, t in enumerate(unet["down_block_types"]):
         if "CrossAttn" in t:
@@ -43,13 +43,45 @@ def _modules(unet: dict, te_configs: list[dict], attention_only: bool):
                 yield from ((f"OUT{3 * i + j:02d}", n) for n in attention(c, tt))
     for te in te_configs:
         d, m = te["hidden_size"], te["intermediate_size"]
-        yield from ((None, n) for n in [d + d] * 4 * te["num_hidden_layers"] + [d + m, m + d] * te["num_hidden_layers"])
+        yield from ((None, n) for n in [(d, d)] * 4 * te["num_hidden_layers"] + [(d, m), (m, d)] * te["num_hidden_layers"])
+
+
+def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
+    """LoKr's split of a dimension into (m, n) with m * n = dim, as peft's LoKr layers (which we train) make it:
+    (factor, dim // factor) when `factor` divides dim (LyCORIS would put the smaller first), else the divisor
+    pair nearest a square with m <= n and m at most `factor`."""
+    if factor > 0 and dim % factor == 0:
+        return factor, dim // factor
+    limit = dim if factor < 0 else factor
+    m, n = 1, dim
+    while m < n:
+        new_m = next(k for k in range(m + 1, dim + 1) if dim % k == 0)
+        if new_m + dim // new_m > m + n or new_m > limit:
+            break
+        m, n = new_m, dim // new_m
+    return (m, n) if m <= n else (n, m)
+
+
+def module_params(cfg, r: int, fan_in: int, fan_out: int) -> int:
+    """Parameters of one module of the config's network type at rank r (0: none)."""
+    if r <= 0:
+        return 0
+    if cfg.network_type == "loha":
+        return 2 * r * (fan_in + fan_out)
+    if cfg.network_type == "lokr":
+        (a, b), (c, d) = factorization(fan_out, cfg.lokr_factor), factorization(fan_in, cfg.lokr_factor)
+        if cfg.lokr_full_matrix:
+            return a * c + b * d
+        w1 = r * (a + c) if cfg.lokr_decompose_both and r < max(a, c) / 2 else a * c
+        w2 = r * (b + d) if r < max(b, d) / 2 else b * d
+        return w1 + w2
+    return r * (fan_in + fan_out)
 
 
 def lora_param_count(cfg, family: str, config_dir=None) -> int:
-    """LoRA parameters of this config on this family (UNet transformer modules and, when trained, the text
-    encoders), counted from the targeted modules' shapes with per-block ranks. LoCon convolutions are not
-    counted."""
+    """Adapter parameters of this config on this family (UNet transformer modules and, when trained, the text
+    encoders), counted from the targeted modules' shapes with per-block ranks, for LoRA, LoHa or LoKr. LoCon
+    convolutions are not counted."""
     import json
     from pathlib import Path
 
@@ -60,8 +92,8 @@ def lora_param_count(cfg, family: str, config_dir=None) -> int:
     tes = [json.loads((d / s / "config.json").read_text()) for s in ("text_encoder", "text_encoder_2")
            if cfg.train_text_encoder and (d / s / "config.json").is_file()]
     plan = Plan(cfg, family)
-    return sum(plan.rank(block)[0] * n if block else cfg.rank * n
-               for block, n in _modules(unet, tes, cfg.network_target == "attention"))
+    return sum(module_params(cfg, plan.rank(block)[0] if block else cfg.rank, fan_in, fan_out)
+               for block, (fan_in, fan_out) in _modules(unet, tes, cfg.network_target == "attention"))
 
 
 TE_LINEAR_SHARE = 0.95  # CLIP text encoders: all but the embeddings and norms

@@ -13,7 +13,10 @@ from trainer.runfiles import RunFiles
 _SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 _PRECISION = {"no": "no", "fp16": "fp16", "bf16": "bf16", "float": "fp32", "fp32": "fp32"}
 # keys that carry no training meaning for us, or are paths of the person's kohya install
-_IGNORED_QUIETLY = {"LoRA_type", "model_list", "save_model_as"}
+_IGNORED_QUIETLY = {"model_list", "save_model_as"}
+# kohya_ss's LoRA_type -> our network_type (LoCon is LoRA with conv_dim); other types are not trained here
+_LORA_TYPES = {"Standard": "lora", "LoCon": "lora", "Kohya LoCon": "lora", "LyCORIS/LoCon": "lora",
+               "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr"}
 # paths and names of the machine the preset came from: the person's own form keeps its values, and says so
 _PERSONAL = {"output_dir", "train_data_dir", "pretrained_model_name_or_path", "output_name", "sample_prompts"}
 
@@ -55,7 +58,7 @@ BLOCK_KEYS = blocks.FIELDS  # kohya's names are our field names
 SPECIAL = {"learning_rate", "unet_lr", "text_encoder_lr", "network_train_unet_only", "optimizer", "lr_scheduler",
            "lr_warmup", "max_train_steps", "epoch", "max_resolution", "mixed_precision", "save_precision",
            "caption_extension", "v_parameterization", "reg_data_dir", "logging_dir", "log_with", "fp8_base",
-           "optimizer_args"}
+           "optimizer_args", "LoRA_type", "factor", "decompose_both", "use_tucker", "use_cp", "full_matrix"}
 KNOWN = {k for k, _, _ in NUMBERS} | {k for k, _ in FLAGS} | {k for k, _ in CHOICES} | SPECIAL | set(BLOCK_KEYS) | {"block_lr_zero_threshold"}
 # written to sd-scripts only when set: 0 means "off" to us, but e.g. save_every_n_steps = 0 divides by zero there
 TOML_ONLY_WHEN_SET = {"network_dropout", "min_snr_gamma", "noise_offset", "save_every_n_steps", "validate_every_n_steps",
@@ -80,6 +83,7 @@ def import_kohya(data: dict) -> tuple[dict, list[str]]:
     out: dict = {}
     notes: list[str] = []
     _import_fields(data, out, notes)
+    _import_network(data, out, notes)
     _import_rates(data, out, notes)
     _import_schedule(data, out, notes)
     _import_precision_and_files(data, out, notes)
@@ -129,6 +133,40 @@ def _import_fields(data: dict, out: dict, notes: list[str]) -> None:
         if data.get(key) not in (None, ""):
             out[key] = str(data[key]).strip()
     take("block_lr_zero_threshold", "block_lr_zero_threshold", float)
+
+
+def _flag(v) -> bool:
+    return v is True or str(v).strip().lower() == "true"
+
+
+def _import_network(data: dict, out: dict, notes: list[str]) -> None:
+    """LoRA_type and LyCORIS' options (kohya_ss writes LoKr's Tucker switch as use_cp, LoHa's as use_tucker)."""
+    kind = data.get("LoRA_type")
+    if kind in (None, ""):
+        return
+    if kind not in _LORA_TYPES:
+        notes.append(f"LoRA_type '{kind}' is not trained here (LoRA, LoCon, LyCORIS LoHa and LoKr are): trained as LoRA")
+        return
+    out["network_type"] = _LORA_TYPES[kind]
+    if out["network_type"] == "lora":
+        return
+    if _flag(data.get("use_tucker")) or _flag(data.get("use_cp")):
+        out["use_tucker"] = True
+    if out["network_type"] == "lokr":
+        factor = _given(data, "factor")
+        if factor not in (None, -1):
+            out["lokr_factor"] = int(factor)
+        out["lokr_decompose_both"] = _flag(data.get("decompose_both"))
+        out["lokr_full_matrix"] = _flag(data.get("full_matrix"))
+    if out.pop("dropout", 0):
+        notes.append(f"network_dropout = {data['network_dropout']}: {kind} takes rank and module dropout only here, "
+                     "ignored")
+    if out.get("use_tucker") and not out.get("conv_rank"):
+        out.pop("use_tucker")
+        notes.append("use_tucker without conv_dim: no convolution is trained, ignored")
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        if out.pop(key, 0):
+            notes.append(f"{key}: LoRA+ applies to LoRA only, ignored for {kind}")
 
 
 def _import_rates(data: dict, out: dict, notes: list[str]) -> None:
@@ -242,7 +280,7 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
         "output_dir": cfg.output_dir,
         "output_name": cfg.output_name,
         "save_model_as": "safetensors",
-        "network_module": "networks.lora",
+        "network_module": "networks.lora" if cfg.network_type == "lora" else "lycoris.kohya",
         "resolution": f"{cfg.resolution},{cfg.resolution}",
         "bucket_reso_steps": cfg.bucket_step,
         "unet_lr": cfg.unet_lr,
@@ -289,4 +327,6 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
         d["log_with"], d["logging_dir"] = "tensorboard", str(RunFiles(cfg.output_dir).tensorboard)
     header = "# sd-scripts config exported by LoRA Studio. Run: accelerate launch "
     header += fam.sd_scripts_trainer + " --config_file THIS.toml\n"
+    if cfg.network_type != "lora":
+        header += "# LoHa / LoKr train through LyCORIS: pip install lycoris-lora in sd-scripts' environment.\n"
     return header + dumps_toml(d)
