@@ -47,7 +47,7 @@ class CaptionJobs:
 
     # ------------------------------------------------------------------ actions
     def start(self, dataset: str, model: str, mode: str, trigger: str = "", batch_size: int = 4,
-              preview: int = 0, device: str = "auto") -> str:
+              preview: int = 0, device: str = "auto", tags: dict | None = None) -> str:
         """Start a worker; a plain sentence back. Refused while a training run (or another captioning) runs."""
         with self._lock:
             if self.running():
@@ -63,6 +63,7 @@ class CaptionJobs:
                                  "--job", str(job), python=self.python)
             if preview:
                 cmd += ["--preview", str(int(preview))]
+            cmd += tag_args(tags or {})
             self._proc = start_detached(cmd, job / "worker.log")
             (job / "job.json").write_text(json.dumps({"pid": self._proc.pid, "dataset": dataset, "mode": mode,
                                                       "preview": preview}))
@@ -105,6 +106,19 @@ class CaptionJobs:
                 "captions": [(e["file"], e["caption"]) for e in events if e["type"] == "caption"],
                 "status": status, "message": end["message"] if end and not error else "", "error": error,
                 "finished": end is not None or not active}
+
+
+def tag_args(tags: dict) -> list[str]:
+    """A WD tagger's options (trainer/engine/tagger.py TagOptions fields) as `caption` command arguments."""
+    args = []
+    for key in ("general_threshold", "character_threshold", "max_tags"):
+        if tags.get(key) is not None:
+            args += [f"--{key.replace('_', '-')}", str(tags[key])]
+    if tags.get("blacklist"):
+        args += ["--blacklist", str(tags["blacklist"])]
+    args += ["--ratings"] if tags.get("ratings") else []
+    args += ["--keep-underscores"] if tags.get("keep_underscores") else []
+    return args
 
 
 def progress_markdown(s: dict) -> str:

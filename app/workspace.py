@@ -62,6 +62,10 @@ class Workspace:
     def loras_dir(self) -> Path:
         return self.root / "loras"
 
+    def undo_file(self, dataset: str) -> Path:
+        """The captions a dataset's last bulk edit replaced (trainer/data/tags.py), for its undo."""
+        return self.root / "undo" / f"{dataset}.json"
+
     def list_datasets(self) -> list[str]:
         return sorted(p.name for p in self.datasets_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 

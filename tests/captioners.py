@@ -63,3 +63,65 @@ def tiny_florence(folder: Path) -> Path:
                                do_center_crop=False, image_seq_length=17)
     Florence2Processor(image_processor=ip, tokenizer=tok).save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------- a WD tagger
+# Made-up tags of all three categories, as selected_tags.csv lists them (category 9 rating, 0 general, 4 character),
+# each with its logit for a pure red, green and blue image: the tiny tagger's confidence is sigmoid(w . BGR / 255),
+# from the mean colour of the padded, resized image. `expected` below computes what a threshold keeps.
+TAGS = [  # name, category, logit when red, when green, when blue
+    ("general", 9, 3.0, 0.0, -2.0), ("sensitive", 9, -1.0, 2.0, 0.0), ("questionable", 9, -3.0, -3.0, 1.0),
+    ("explicit", 9, -4.0, -4.0, -4.0),
+    ("red_background", 0, 4.0, -4.0, -4.0), ("long_hair", 0, 0.5, 1.5, -4.0), ("solo", 0, -0.3, 2.5, 2.5),
+    ("^_^", 0, 1.0, -4.0, -4.0), ("simple_background", 0, 2.0, 2.0, 2.0), ("blue_theme", 0, -4.0, -4.0, 3.0),
+    ("hero_(series)", 4, 2.5, -4.0, -4.0), ("villain", 4, 0.8, 0.8, 3.0),
+]
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+def tiny_tagger(folder: Path, size: int = 16, batch: int | None = None) -> Path:
+    """A WD-tagger-shaped ONNX model: NHWC float32 BGR input of `size`, one sigmoid score per tag."""
+    import csv
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # logits = mean(BGR) / 255 @ W: rows B, G, R (the model sees BGR)
+    w = np.array([[t[4] for t in TAGS], [t[3] for t in TAGS], [t[2] for t in TAGS]], dtype=np.float32)
+    nodes = [
+        helper.make_node("ReduceMean", ["input", "axes"], ["mean"], keepdims=0),
+        helper.make_node("Div", ["mean", "scale"], ["unit"]),
+        helper.make_node("MatMul", ["unit", "w"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["output"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
+             numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"), numpy_helper.from_array(w, "w")]
+    n = batch if batch else "batch"
+    graph = helper.make_graph(nodes, "tiny_tagger",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [n, size, size, 3])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [n, len(TAGS)])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(folder / "model.onnx"))
+    with open(folder / "selected_tags.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["tag_id", "name", "category", "count"])
+        for i, (name, cat, *_) in enumerate(TAGS):
+            out.writerow([i, name, cat, 1000 - i])
+    return folder
+
+
+def expected(colour: str, general: float = 0.35, character: float = 0.85, ratings: bool = False) -> list[str]:
+    """The tags a pure-colour image gets, most confident first, with underscores kept (the caller applies the rule)."""
+    import math
+
+    col = list(COLOURS).index(colour)
+    prob = {name: 1 / (1 + math.exp(-logits[col])) for name, _, *logits in TAGS}
+    cat = {name: c for name, c, *_ in TAGS}
+    keep = [n for n in prob if (cat[n] == 0 and prob[n] >= general) or (cat[n] == 4 and prob[n] >= character)]
+    if ratings:
+        keep.append(max((n for n in prob if cat[n] == 9), key=prob.get))
+    return sorted(keep, key=lambda n: -prob[n])

@@ -97,7 +97,7 @@ def test_model_problems_are_one_plain_sentence(tmp_path, monkeypatch):
     with pytest.raises(CaptionError, match=r"not downloaded and this computer is offline.*hf download someone/captioner"):
         resolve_model("someone/captioner")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CaptionError, match="holds no config.json"):
+    with pytest.raises(CaptionError, match="holds neither a captioning model"):
         resolve_model(str(tmp_path / "empty"))
     with pytest.raises(CaptionError, match="neither a model folder"):
         resolve_model("no such thing")

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,25 @@ class UI:
             self.p.wait_for_timeout(500)
         self.shot(f"failed-{elem_id}")
         raise AssertionError(f"#{elem_id} never matched {pattern!r}; last text: {t[:500]!r}")
+
+
+@contextmanager
+def dataset_page(url: str, dataset: str, images: int):
+    """Chromium on the app's Dataset tab with `dataset` picked (its `images` images still without captions) and
+    the auto-caption section open: (page, UI)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        ui = UI(page)
+        page.goto(url)
+        ui.choose("ds-pick", dataset)
+        ui.wait_text("ds-report", rf"{images} image\(s\) without a caption")
+        page.locator("#cap-accordion").get_by_text("Auto-caption with a local model").click()
+        yield page, ui
+        browser.close()
 
 
 def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
@@ -298,22 +318,12 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
 def test_auto_caption_in_a_real_browser(app_url, tmp_path):
     """Dataset tab: preview the first captions of a tiny BLIP, caption the dataset, see the report count them,
     and find the model remembered in Settings."""
-    from playwright.sync_api import sync_playwright
-
     from captioners import tiny_blip
 
     url, ws = app_url
     model = tiny_blip(tmp_path / "tiny-blip")
     make_images(ws / "datasets" / "d", 3, size=(64, 64), caption=None)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        ui = UI(page)
-        page.goto(url)
-        ui.choose("ds-pick", "d")
-        ui.wait_text("ds-report", r"3 image\(s\) without a caption")
-        page.locator("#cap-accordion").get_by_text("Auto-caption with a local model").click()
+    with dataset_page(url, "d", 3) as (page, ui):
         ui.custom("cap-model", str(model))
         ui.text("cap-trigger", "zwx")
         ui.click("cap-preview")
@@ -327,4 +337,46 @@ def test_auto_caption_in_a_real_browser(app_url, tmp_path):
         assert all(p.read_text().startswith("zwx, ") for p in (ws / "datasets" / "d").glob("*.txt"))
         ui.tab("Settings")
         assert page.locator("#settings-caption-model textarea, #settings-caption-model input").first.input_value() == str(model)
-        browser.close()
+
+
+def test_tagging_and_undoing_a_tag_replace_in_a_real_browser(app_url, tmp_path):
+    """Dataset tab: a WD tagger (a tiny ONNX one, tests/captioners.py) tags the dataset through the worker, with
+    its own options shown; the Tags table counts the tags, a click shows a tag's images, a replace changes every
+    caption and *Undo last bulk edit* puts them back."""
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from captioners import COLOURS, tiny_tagger
+
+    url, ws = app_url
+    model = tiny_tagger(tmp_path / "wd-tiny-tagger")
+    folder = ws / "datasets" / "t"
+    folder.mkdir(parents=True)
+    for i, c in enumerate(("red", "red", "green")):
+        Image.new("RGB", (48, 48), COLOURS[c]).save(folder / f"img{i}.png")
+    with dataset_page(url, "t", 3) as (page, ui):
+        expect(page.locator("#cap-general")).to_be_hidden()  # BLIP is chosen: no tagger options
+        ui.custom("cap-model", str(model))
+        expect(page.locator("#cap-general")).to_be_visible()
+        ui.text("cap-blacklist", "simple background")
+        ui.click("cap-start")
+        ui.wait_text("cap-progress", r"Captioning of t finished: Wrote 3 caption\(s\) with wd-tiny-tagger", timeout=180)
+        red = (folder / "img0.txt").read_text().split(", ")
+        assert "red background" in red and "hero (series)" in red and "simple background" not in red
+        page.get_by_text("Tags", exact=True).click()
+        ui.wait_text("ds-tag-table", r"red background")
+        ui.shot("7-tags", "ds-tag-table")
+        page.locator("#ds-tag-table [role=gridcell]").filter(has_text=re.compile(r"^\s*red background\s*$")).first.click()
+        ui.until(lambda: page.locator("#ds-tag-gallery img").count() == 2, "the tag's two images are shown")
+        before = {p.name: p.read_text() for p in folder.glob("*.txt")}
+        ui.choose("ds-tag-op", "Replace a tag")
+        ui.text("ds-tag-a", "red background")
+        ui.text("ds-tag-b", "crimson backdrop")
+        ui.click("ds-tag-apply")
+        ui.wait_text("ds-status", r"Changed 2 caption\(s\)")
+        assert "crimson backdrop" in (folder / "img1.txt").read_text()
+        ui.wait_text("ds-tag-table", r"crimson backdrop")
+        ui.click("ds-undo")
+        ui.wait_text("ds-status", r"Undid the last bulk edit \(replace a tag 'red background' -> 'crimson backdrop'\): "
+                                  r"2 caption\(s\) back")
+        assert {p.name: p.read_text() for p in folder.glob("*.txt")} == before

@@ -37,7 +37,7 @@ def test_add_trigger_reaches_every_image_even_without_a_caption(tmp_path):
     make_images(d / "more", 1, caption=None)
     shutil.move(str(d / "more" / "img0.png"), str(d / "bare.png"))
     msg = DatasetTab(Studio(ws, None)).bulk("d", "trigger", "zwx")
-    assert msg == "Changed 3 caption(s)."
+    assert msg.startswith("Changed 3 caption(s)")
     assert (d / "bare.txt").read_text() == "zwx"
     assert (d / "img0.txt").read_text().startswith("zwx, ")
 

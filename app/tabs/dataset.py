@@ -12,6 +12,7 @@ from trainer.data.importer import import_sources, save_caption
 from trainer.data.report import dataset_report, format_report
 from trainer.data.scan import scan_dataset
 
+TAG_FIELDS = ("general_threshold", "character_threshold", "ratings", "blacklist", "keep_underscores", "max_tags")
 IMPORT_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt", ".caption", ".zip"]
 
 
@@ -22,7 +23,7 @@ class DatasetTab:
 
     # ------------------------------------------------------------------ auto-captioning
     def start_captioning(self, name: str, model: str, mode: str, confirm: bool, trigger: str = "",
-                         batch_size: int = 4, preview: int = 0) -> str:
+                         batch_size: int = 4, *tag_values, preview: int = 0) -> str:
         """Start the captioning worker on a dataset (or a preview of its first captions); a sentence back."""
         from trainer.engine.autocaption import MODES
 
@@ -37,7 +38,15 @@ class DatasetTab:
             return "Give a captioning model: a hub id or the folder of a downloaded model."
         if self.captions is None:
             return "Captioning is not available in this app."
-        return self.captions.start(name, model.strip(), mode, trigger or "", int(batch_size or 4), int(preview or 0))
+        from trainer.engine.tagger import TagOptions, TaggerError
+
+        tags = dict(zip(TAG_FIELDS, tag_values))
+        try:
+            TagOptions(**{k: v for k, v in tags.items() if v is not None}).check()
+        except (TaggerError, TypeError, ValueError) as e:
+            return str(e)
+        return self.captions.start(name, model.strip(), mode, trigger or "", int(batch_size or 4), int(preview or 0),
+                                   tags=tags)
 
     def captioning(self) -> tuple[str, list[list[str]], dict]:
         """(progress line, [file, caption] rows of the newest job, its state) for the page's timer."""
@@ -139,10 +148,24 @@ class DatasetTab:
         save_caption(p, text)
         return f"Saved the caption of {p.name}."
 
+    BULK_WORDS = {"trigger": "add trigger '{a}'", "prefix": "add prefix '{a}'", "suffix": "add suffix '{a}'",
+                  "find_replace": "replace text '{a}' with '{b}'", "fill": "fill missing captions with '{a}'"}
+
     def bulk(self, name: str, action: str, a: str = "", b: str = "") -> str:
-        """action: trigger | prefix | suffix | replace | fill."""
-        folder = self.ws.dataset_path(name)
-        changed = 0
+        """action: trigger | prefix | suffix | find_replace (text) | fill, or a tag edit (trainer/data/tags.py OPS). One bulk
+        edit: the captions it replaces are kept for *Undo last bulk edit*."""
+        from trainer.data import tags
+
+        if not name:
+            return "Pick a dataset first."
+        if action in tags.OPS:
+            try:
+                tags.check(action, a or "", b or "")
+            except ValueError as e:
+                return str(e)
+        elif action not in self.BULK_WORDS:
+            return f"Unknown action {action}"
+        changes = {}
         for it, _ in self.entries(name):  # excluded images too: they are still part of the dataset
             old = it.caption or ""
             if action == "trigger":  # every image, also those without a caption yet (it gets one)
@@ -151,16 +174,39 @@ class DatasetTab:
                 new = f"{a.strip()}, {old}" if old and a.strip() else old
             elif action == "suffix":
                 new = f"{old}, {a.strip()}" if old and a.strip() else old
-            elif action == "replace":
+            elif action == "find_replace":
                 new = old.replace(a, b) if a else old
             elif action == "fill":
                 new = old if old else a.strip()
             else:
-                return f"Unknown action {action}"
+                new = tags.edit(old, action, a or "", b or "")
             if new != old:
-                save_caption(it.path, new)
-                changed += 1
-        return f"Changed {changed} caption(s)."
+                changes[it.path] = new
+        what = (self.BULK_WORDS.get(action) or tags.OPS[action].lower() + (" '{a}'" if a else "")
+                + (" -> '{b}'" if action in ("replace", "merge") else "")).format(a=(a or "").strip(), b=(b or "").strip())
+        n = tags.apply_bulk(self.ws.dataset_path(name), changes, self.ws.undo_file(name), what)
+        return f"Changed {n} caption(s)" + (" (*Undo last bulk edit* puts them back)." if n else ".")
+
+    def undo_bulk(self, name: str) -> str:
+        from trainer.data import tags
+
+        if not name:
+            return "Pick a dataset first."
+        return tags.undo_last(self.ws.dataset_path(name), self.ws.undo_file(name))
+
+    def tag_table(self, name: str | None) -> list[list]:
+        """[tag, images] for the dataset, most frequent first."""
+        from trainer.data.tags import frequency
+
+        if not name:
+            return []
+        return [[t, n] for t, n in frequency(it.caption for it, _ in self.entries(name))]
+
+    def with_tag(self, name: str, tag: str) -> list[tuple[str, str]]:
+        """The gallery of the images whose caption has `tag`."""
+        from trainer.data.tags import has_tag
+
+        return [(str(it.path), it.caption or "") for it, _ in self.entries(name) if has_tag(it.caption, tag)]
 
     def report(self, name: str, resolution: int = 512, trigger: str = "") -> str:
         if not name:
@@ -181,11 +227,11 @@ class DatasetTab:
             with gr.Column(scale=1):
                 side = self.build_side()
         status, view_in = ed["status"], [ds, side["res"], ed["trig"]]
-        view = [ed["gallery"], side["report"], side["repeats"]]
+        view = [ed["gallery"], side["report"], side["repeats"], ed["tag_table"]]
 
         @friendly
         def refresh(name, resolution, trigger):
-            return self.items(name), self.report(name, resolution, trigger), self.repeat_rows(name)
+            return self.items(name), self.report(name, resolution, trigger), self.repeat_rows(name), self.tag_table(name)
 
         self.wire_picker(pick, status, refresh, view_in, view)
         self.wire_editor(ds, ed, refresh, view_in, view)
@@ -245,6 +291,26 @@ class DatasetTab:
             with gr.Row():
                 c["template"] = gr.Textbox(label="Caption for images without one", placeholder="a photo of zwx")
                 c["fill"] = gr.Button("Fill missing captions")
+        with gr.Accordion("Tags", open=False, elem_id="ds-tags-accordion"):
+            gr.Markdown("Captions as comma-separated tags (what a tagger writes): how often each tag appears (click "
+                        "one to see its images), and edits over every caption. Each edit is one bulk edit that "
+                        "*Undo last bulk edit* reverts.")
+            with gr.Row():
+                c["tag_table"] = gr.Dataframe(headers=["tag", "images"], datatype=["str", "number"], value=[],
+                                              interactive=False, elem_id="ds-tag-table", scale=2, max_height=320)
+                c["tag_gallery"] = gr.Gallery(label="Images with the tag", columns=4, height=300, scale=3,
+                                              elem_id="ds-tag-gallery")
+            with gr.Row():
+                from trainer.data.tags import OPS
+
+                c["tag_op"] = gr.Dropdown([(v, k) for k, v in OPS.items()], value="replace", label="Edit",
+                                          elem_id="ds-tag-op", scale=2)
+                c["tag_a"] = gr.Textbox(label="Tag(s)", placeholder="long_hair", elem_id="ds-tag-a", scale=2)
+                c["tag_b"] = gr.Textbox(label="New tag (replace, merge into)", placeholder="long hair",
+                                        elem_id="ds-tag-b", scale=2)
+            with gr.Row():
+                c["tag_apply"] = gr.Button("Apply to every caption", variant="primary", elem_id="ds-tag-apply")
+                c["undo"] = gr.Button("Undo last bulk edit", elem_id="ds-undo")
         return c
 
     def build_side(self) -> dict:
@@ -310,8 +376,10 @@ class DatasetTab:
             (c["add_trig"].click, lambda n, t: self.bulk(n, "trigger", t), [ds, c["trig"]]),
             (c["add_prefix"].click, lambda n, t: self.bulk(n, "prefix", t), [ds, c["affix"]]),
             (c["add_suffix"].click, lambda n, t: self.bulk(n, "suffix", t), [ds, c["affix"]]),
-            (c["do_repl"].click, lambda n, a, b: self.bulk(n, "replace", a, b), [ds, c["find"], c["repl"]]),
+            (c["do_repl"].click, lambda n, a, b: self.bulk(n, "find_replace", a, b), [ds, c["find"], c["repl"]]),
             (c["fill"].click, lambda n, t: self.bulk(n, "fill", t), [ds, c["template"]]),
+            (c["tag_apply"].click, self.bulk, [ds, c["tag_op"], c["tag_a"], c["tag_b"]]),
+            (c["undo"].click, self.undo_bulk, [ds]),
             (c["exclude"].click, self.toggle_exclude, [ds, c["current"]]),
             (c["restore"].click, self.restore, [ds]),
         ]
@@ -320,6 +388,16 @@ class DatasetTab:
             if event == c["upload"].upload:  # each drop imports what was dropped, then the drop zone is empty again
                 done.then(lambda: None, None, c["upload"])
         c["exclude"].click(friendly(self.info), [ds, c["current"]], c["image_info"])
+
+        @friendly
+        def on_tag(name, evt: gr.SelectData):  # a click on a tag (or its count) shows its images
+            row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+            rows = self.tag_table(name)
+            if row is None or row >= len(rows):
+                return [], gr.update()
+            return self.with_tag(name, rows[row][0]), rows[row][0]
+
+        c["tag_table"].select(on_tag, ds, [c["tag_gallery"], c["tag_a"]])
         # a removed image is no longer the one being edited
         c["remove"].click(friendly(self.remove), [ds, c["current"]], status).then(
             lambda: ("", "", "Click an image to edit its caption."), None,
@@ -327,17 +405,31 @@ class DatasetTab:
 
     def build_captioning(self) -> dict:
         from trainer.engine.autocaption import KNOWN_MODELS, MODE_LABELS
+        from trainer.engine.tagger import looks_like_tagger
 
         with gr.Accordion("Auto-caption with a local model", open=False, elem_id="cap-accordion"):
-            gr.Markdown("A vision-language model (BLIP, Florence-2) writes a caption for each image, on the GPU "
-                        "when there is one. Originals are never changed; each caption file is written as soon as "
-                        "it is ready, and the captions stay editable above.")
+            gr.Markdown("A vision-language model (BLIP, Florence-2) writes a caption for each image, or a WD tagger "
+                        "(SmilingWolf's, through onnxruntime) writes booru tags, on the GPU when there is one. "
+                        "Originals are never changed; each caption file is written as soon as it is ready, and the "
+                        "captions stay editable above.")
             with gr.Row():
                 model = gr.Dropdown(choices=KNOWN_MODELS, value=self.ws.caption_model(), allow_custom_value=True,
                                     label="Captioning model (hub id, or the folder of a downloaded model)",
                                     elem_id="cap-model", scale=3)
                 batch = gr.Number(value=4, precision=0, minimum=1, maximum=64, label="Batch size", scale=1,
                                   elem_id="cap-batch")
+            with gr.Row(visible=looks_like_tagger(self.ws.caption_model()), elem_id="cap-tagger") as tagger_row:
+                tag = {"general_threshold": gr.Slider(0.05, 0.95, value=0.35, step=0.01, label="General tags: threshold",
+                                                      elem_id="cap-general"),
+                       "character_threshold": gr.Slider(0.05, 0.99, value=0.85, step=0.01,
+                                                        label="Character tags: threshold", elem_id="cap-character"),
+                       "ratings": gr.Checkbox(label="Add the rating tag", value=False, elem_id="cap-ratings"),
+                       "blacklist": gr.Textbox(label="Never write these tags", placeholder="simple background, "
+                                               "white background", elem_id="cap-blacklist"),
+                       "keep_underscores": gr.Checkbox(label="Keep underscores (long_hair)", value=False,
+                                                       elem_id="cap-underscores"),
+                       "max_tags": gr.Number(value=0, precision=0, minimum=0, label="At most N tags (0 = all)",
+                                             elem_id="cap-max-tags")}
             mode = gr.Radio([(v, k) for k, v in MODE_LABELS.items()], value="missing", label="Caption which images",
                             elem_id="cap-mode")
             with gr.Row():
@@ -353,13 +445,16 @@ class DatasetTab:
             table = gr.Dataframe(headers=["image", "caption"], value=[], interactive=False, wrap=True,
                                  column_widths=["25%", "75%"],  # the caption gets the room, and wraps
                                  elem_id="cap-table", label="Captions of the last run (edit them in the editor above)")
+        # a tagger's own options appear when a tagger is chosen
+        model.change(lambda m: gr.update(visible=looks_like_tagger(m or "")), model, tagger_row, show_progress="hidden")
         return {"model": model, "batch": batch, "mode": mode, "trigger": trigger, "confirm": confirm,
-                "preview": preview, "start": start, "cancel": cancel, "progress": progress, "table": table}
+                "preview": preview, "start": start, "cancel": cancel, "progress": progress, "table": table,
+                **{f"tag-{k}": v for k, v in tag.items()}}
 
     def wire_captioning(self, c: dict, ds, status, refresh, view_in, view) -> None:
         timer = gr.Timer(1.0, active=False)
         seen = gr.State("")  # the finished job the gallery was last refreshed for
-        inputs = [ds, c["model"], c["mode"], c["confirm"], c["trigger"], c["batch"]]
+        inputs = [ds, c["model"], c["mode"], c["confirm"], c["trigger"], c["batch"], *(c[f"tag-{k}"] for k in TAG_FIELDS)]
 
         def on_tick(last):
             md, rows, s = self.captioning()

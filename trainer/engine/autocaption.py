@@ -1,5 +1,6 @@
 """Auto-captioning: natural-language captions from a vision-language model that transformers loads
-(BLIP, Florence-2, GIT, ...: anything `AutoModelForImageTextToText` knows), written beside the images.
+(BLIP, Florence-2, GIT, ...: anything `AutoModelForImageTextToText` knows), or booru tags from a WD tagger through
+onnxruntime (trainer/engine/tagger.py), written beside the images. One run for both kinds of model.
 
 Originals are never touched; each caption file is written atomically the moment its batch is done, and a
 record of what the captioner wrote (`.captioner.json` in the dataset) lets the report tell captioner captions
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.data.captions import split_tags, with_triggers
+from trainer.data.captions import join_tags, split_tags, with_triggers
+from trainer.engine.tagger import WD_TAGGERS, TagOptions, TaggerError, looks_like_tagger
 from trainer.data.provenance import RECORD_FILE, record, rel_path
 from trainer.events import EventLog
 from trainer.runfiles import RunFiles
@@ -26,7 +28,7 @@ MODE_LABELS = {"missing": "Only images without a caption (or with the trigger wo
                "overwrite": "Overwrite existing captions"}
 # Known to load with transformers 5 (no remote code): BLIP and the transformers-native Florence-2 conversions.
 KNOWN_MODELS = ["Salesforce/blip-image-captioning-large", "Salesforce/blip-image-captioning-base",
-                "florence-community/Florence-2-base", "florence-community/Florence-2-large"]
+                "florence-community/Florence-2-base", "florence-community/Florence-2-large", *WD_TAGGERS]
 DEFAULT_MODEL = KNOWN_MODELS[0]
 FLORENCE_TASK = "<DETAILED_CAPTION>"
 
@@ -43,8 +45,13 @@ class CaptionOptions:
     batch_size: int = 4
     max_new_tokens: int = 60
     device: str = "auto"
+    tags: TagOptions = field(default_factory=TagOptions)  # a WD tagger's thresholds, blacklist, ...
 
     def check(self) -> None:
+        try:
+            self.tags.check()
+        except TaggerError as e:
+            raise CaptionError(str(e)) from None
         if self.mode not in MODES:
             raise CaptionError(f"Unknown mode '{self.mode}': use one of {', '.join(MODES)}.")
         if not (1 <= int(self.batch_size) <= 64):
@@ -81,9 +88,13 @@ def excluded_paths(folder: Path) -> set:
     return {it.path for it in scan_dataset(folder).excluded}
 
 
-def compose(old: str | None, new: str, mode: str, triggers: list[str]) -> str:
-    """The caption to write: the captioner's text (after the old one when appending), trigger words first."""
+def compose(old: str | None, new: str, mode: str, triggers: list[str], tags: bool = False) -> str:
+    """The caption to write: the captioner's text (after the old one when appending; a tagger's tags that the old
+    caption already has are not added twice), trigger words first."""
     new = " ".join(new.split()).strip(" ,")
+    if tags and mode == "append" and new:
+        have = {t.lower() for t in split_tags(old or "")}
+        new = join_tags([t for t in split_tags(new) if t.lower() not in have])
     text = f"{old.strip()}, {new}" if mode == "append" and (old or "").strip() and new else (new or (old or ""))
     return with_triggers(text, triggers) if triggers else text
 
@@ -102,8 +113,9 @@ def resolve_model(model: str, emit=lambda e: None) -> str:
     p = Path(model).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise CaptionError(f"The folder {p} holds no config.json: give the folder of a downloaded captioning "
-                               "model (what `hf download <id>` fetches), not a parent folder.")
+            raise CaptionError(f"The folder {p.name} holds neither a captioning model (config.json) nor a WD tagger "
+                               "(model.onnx and selected_tags.csv): give the folder of a downloaded model (what "
+                               "`hf download <id>` fetches), not a parent folder.")
         return str(p)
     if not is_hub_id(model):
         raise CaptionError(f"'{model}' is neither a model folder on this computer nor a hub id like '{DEFAULT_MODEL}'.")
@@ -153,6 +165,23 @@ class Captioner:
         return [" ".join(t.split()) for t in self.processor.batch_decode(out, skip_special_tokens=True)]
 
 
+def load(opts: CaptionOptions, emit=lambda e: None):
+    """The model of a run: a WD tagger (onnxruntime) or a vision-language model (transformers); both answer
+    `caption(images, max_new_tokens)` and have a `device`."""
+    from trainer.engine.tagger import Tagger, tagger_folder
+
+    if looks_like_tagger(opts.model):
+        try:
+            folder = tagger_folder(opts.model.strip(), emit)
+            emit({"type": "status", "message": f"Loading the tagger {model_label(opts.model)}..."})
+            return Tagger(folder, opts.device, opts.tags)
+        except TaggerError as e:
+            raise CaptionError(str(e)) from None
+    model = resolve_model(opts.model, emit)
+    emit({"type": "status", "message": f"Loading {model_label(opts.model)}..."})
+    return Captioner(model, opts.device)
+
+
 # ---------------------------------------------------------------------------------------------- a whole run
 def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should_stop=lambda: False,
                     preview: int = 0) -> dict:
@@ -174,9 +203,8 @@ def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should
                            "change them)." if opts.mode == "missing" else "The dataset has no images."}
         emit(done)
         return done
-    model = resolve_model(opts.model, emit)
-    emit({"type": "status", "message": f"Loading {model_label(opts.model)}..."})
-    cap = Captioner(model, opts.device)
+    cap = load(opts, emit)
+    tagger = not isinstance(cap, Captioner)
     triggers, label = split_tags(opts.trigger), model_label(opts.model)
     rec, written, skipped, t0 = record(folder), 0, [], time.perf_counter()
     left_out, excluded_written = excluded_paths(folder), 0
@@ -193,7 +221,7 @@ def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should
                 skipped.append(f"{it.path.name}: {e}")
         texts = cap.caption(images, opts.max_new_tokens) if images else []
         for it, text in zip(batch, texts):
-            final = compose(it.caption, text, opts.mode, triggers)
+            final = compose(it.caption, text, opts.mode, triggers, tags=tagger)
             wrote = bool(text) and not preview
             if wrote:
                 save_caption(it.path, final)
@@ -237,14 +265,23 @@ def add_command(sub) -> None:
     c.add_argument("--max-new-tokens", type=int, default=60)
     c.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     c.add_argument("--preview", type=int, default=0, metavar="N", help="caption the first N and write nothing")
+    t = c.add_argument_group("WD taggers (a folder with model.onnx and selected_tags.csv, or a SmilingWolf/wd-* id)")
+    t.add_argument("--general-threshold", type=float, default=TagOptions.general_threshold)
+    t.add_argument("--character-threshold", type=float, default=TagOptions.character_threshold)
+    t.add_argument("--ratings", action="store_true", help="add the most likely rating tag")
+    t.add_argument("--blacklist", default="", help="comma-separated tags never written")
+    t.add_argument("--keep-underscores", action="store_true", help="write long_hair, not long hair")
+    t.add_argument("--max-tags", type=int, default=0, help="at most this many tags per image (0 = no cap)")
     c.add_argument("--job", help="a job folder (the app's): events go to its events.jsonl, and a stop request "
                                  "there (trainer/events.py) stops the job after the current batch")
     c.set_defaults(fn=cmd_caption)
 
 
 def cmd_caption(args) -> int:
+    tags = TagOptions(args.general_threshold, args.character_threshold, args.ratings, args.blacklist,
+                      args.keep_underscores, args.max_tags)
     opts = CaptionOptions(model=args.model, mode=args.mode, trigger=args.trigger, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, device=args.device)
+                          max_new_tokens=args.max_new_tokens, device=args.device, tags=tags)
     log = EventLog(args.job) if args.job else None
 
     def emit(e: dict) -> None:
