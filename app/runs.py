@@ -107,6 +107,15 @@ def explain_crash(log_tail: str, code: int | None) -> str:
     return f"The training process ended unexpectedly (exit code {code}). Last log line: {last[0][:300]}. Resume to continue from the last checkpoint."
 
 
+def interrupted_message(run_dir: str) -> str:
+    from trainer.runfiles import step_of
+
+    saved = RunFiles(run_dir).checkpoint_dirs()
+    where = (f"Resume continues from its last checkpoint (step {step_of(saved[-1])})." if saved else
+             "It saved no checkpoint yet: start it again.")
+    return f"Interrupted: the app or the computer stopped while this run trained. {where}"
+
+
 class RunManager:
     def __init__(self, workspace, python: str = sys.executable):
         self.ws = workspace
@@ -123,6 +132,10 @@ class RunManager:
             cols = {r["name"] for r in db.execute("PRAGMA table_info(runs)")}
             if "event_offset" not in cols:  # an index written by an older version
                 db.execute("ALTER TABLE runs ADD COLUMN event_offset INTEGER DEFAULT 0")
+            if "position" not in cols:  # the queue's order (an older index: the creation order)
+                db.execute("ALTER TABLE runs ADD COLUMN position REAL")
+                db.execute("UPDATE runs SET position=created")
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self.reconcile()
 
     def _db(self) -> sqlite3.Connection:
@@ -152,7 +165,7 @@ class RunManager:
             v.fold(events)
             if run["status"] == "queued" and v.state not in ("failed", "finished", "stopped"):
                 v.state = "queued"
-            if run["status"] == "crashed" and not v.error:
+            if run["status"] in ("crashed", "interrupted") and not v.error:
                 v.state, v.error = "failed", run["message"]
             if run["status"] == "running" and RunFiles(run["dir"]).request("stop").exists():
                 v.stopping = True  # stays until the run has stopped (it saves first)
@@ -160,9 +173,54 @@ class RunManager:
         return v
 
     # ------------------------------------------------------------- actions
-    def create(self, cfg: TrainConfig, name: str = "") -> tuple[str, bool]:
-        """Queue a new run; (run id, created). An identical config already queued or running is reused, so
-        a double click or a second browser tab does not start the same run twice."""
+    def queue(self) -> list[dict]:
+        """The queued runs, the next one first."""
+        with self._db() as db:
+            return [dict(r) for r in db.execute("SELECT * FROM runs WHERE status='queued' ORDER BY position, created")]
+
+    def paused(self) -> bool:
+        with self._db() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='paused'").fetchone()
+        return bool(row and row["value"] == "1")
+
+    def set_paused(self, paused: bool) -> str:
+        """Pause the queue (the running run goes on; no queued run starts) or let it go on."""
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('paused', ?)", ("1" if paused else "0",))
+        if not paused:
+            self._schedule()
+        return ("Queue paused: the running run goes on; the queued ones wait until you resume the queue."
+                if paused else "Queue running: the next run starts when the GPU is free.")
+
+    def move(self, run_id: str, delta: int) -> str:
+        """Move a queued run `delta` places (-1: one earlier)."""
+        with self._lock:
+            q = [r["id"] for r in self.queue()]
+            if run_id not in q:
+                return "Only a queued run can be moved."
+            i = q.index(run_id)
+            j = max(0, min(len(q) - 1, i + delta))
+            q.insert(j, q.pop(i))
+            with self._db() as db:
+                for pos, rid in enumerate(q):
+                    db.execute("UPDATE runs SET position=? WHERE id=?", (float(pos), rid))
+        return f"`{run_id}` is now number {j + 1} in the queue."
+
+    def update_config(self, run_id: str, cfg: TrainConfig) -> str:
+        """Replace the settings of a queued run (editable until it starts)."""
+        with self._lock:
+            run = self.get(run_id)
+            if not run or run["status"] != "queued":
+                return "Only a queued run can be edited: this one has started (or ended)."
+            cfg = cfg.replace(output_dir=run["dir"])
+            cfg.save(RunFiles(run["dir"]).config)
+            self._set(run_id, chash=config_hash(cfg), name=cfg.output_name)
+        return f"Queued run `{run_id}` now has the form's settings."
+
+    def create(self, cfg: TrainConfig, name: str = "", front: bool = True) -> tuple[str, bool]:
+        """Queue a new run; (run id, created). `front`: next in line (Start), else last (Add to queue). An
+        identical config already queued or running is reused, so a double click or a second browser tab does not
+        start the same run twice."""
         h = config_hash(cfg)
         with self._lock:
             with self._db() as db:
@@ -176,9 +234,12 @@ class RunManager:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 cfg = cfg.replace(output_dir=str(run_dir))
                 cfg.save(RunFiles(run_dir).config)
+                now = time.time()
+                first = db.execute("SELECT MIN(position) AS p FROM runs WHERE status='queued'").fetchone()["p"]
+                position = (first - 1.0 if first is not None else now) if front else now
                 db.execute(
-                    "INSERT INTO runs (id, name, dir, status, created, chash) VALUES (?,?,?,?,?,?)",
-                    (run_id, name or cfg.output_name, str(run_dir), "queued", time.time(), h),
+                    "INSERT INTO runs (id, name, dir, status, created, chash, position) VALUES (?,?,?,?,?,?,?)",
+                    (run_id, name or cfg.output_name, str(run_dir), "queued", now, h, position),
                 )
             self._schedule()
         return run_id, True
@@ -235,9 +296,9 @@ class RunManager:
         with self._lock:
             with self._db() as db:
                 running = db.execute("SELECT id, pid FROM runs WHERE status='running'").fetchall()
-                if any(pid_alive(r["pid"]) for r in running):
+                if any(pid_alive(r["pid"]) for r in running) or self.paused():
                     return
-                nxt = db.execute("SELECT * FROM runs WHERE status='queued' ORDER BY created LIMIT 1").fetchone()
+                nxt = db.execute("SELECT * FROM runs WHERE status='queued' ORDER BY position, created LIMIT 1").fetchone()
             if nxt:
                 self._spawn(dict(nxt))
 
@@ -266,12 +327,14 @@ class RunManager:
         events, _ = read_events(run["dir"], run["event_offset"] or 0)  # this attempt's events only
         final = next((e for e in reversed(events) if e["type"] in ("done", "error", "stopped")), None)
         self._record_timing(run, events)
-        if final and final["type"] == "done" and code == 0:
+        if final and final["type"] == "done" and code in (0, None):  # None: it finished while the app was away
             self._set(run_id, status="finished")
         elif final and final["type"] == "stopped":
             self._set(run_id, status="stopped")
         elif final and final["type"] == "error":
             self._set(run_id, status="failed", message=final.get("message"))
+        elif code is None:  # found dead after an app restart: the app, or the computer, stopped under it
+            self._set(run_id, status="interrupted", message=interrupted_message(run["dir"]))
         else:
             tail = _tail(RunFiles(run["dir"]).worker_log)
             self._set(run_id, status="crashed", message=explain_crash(tail, code))

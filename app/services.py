@@ -134,8 +134,9 @@ class Studio:
         return preflight(values, self.ws.datasets_dir, preset, timing.load(self.ws.timings_path),
                          "cuda" if gpu_present() else "cpu")
 
-    def start(self, values: dict, preset_key: str = "") -> tuple[str | None, str]:
-        """(run id or None, what to tell the person): a run starts only after the pre-flight check passes."""
+    def start(self, values: dict, preset_key: str = "", to_queue: bool = False) -> tuple[str | None, str]:
+        """(run id or None, what to tell the person): a run starts only after the pre-flight check passes.
+        Start puts it next in line; `to_queue` (Add to queue) at the end."""
         if self.gpu_busy(asking="training") == "captioning":
             return None, ("Auto-captioning is using the GPU right now (Dataset tab): start the run when it has "
                           "finished, or cancel it there.")
@@ -147,20 +148,44 @@ class Studio:
         if not ok:
             return None, text
         self.ws.remember_model(cfg.base_model)
-        run_id, created = self.runs.create(cfg)
+        run_id, created = self.runs.create(cfg, front=not to_queue)
         return run_id, self.start_message(run_id, created) + "\n\n" + text
 
     def start_message(self, run_id: str, created: bool) -> str:
-        """What Start did: started, queued behind which run, or the same run already there."""
+        """What Start did: started, queued behind which runs, or the same run already there."""
         if not created:
             return "This run is already queued or running; showing it."
         me = self.runs.get(run_id) or {}
         if me.get("status") != "queued":
             return "Started."
-        ahead = [r["id"] for r in self.runs.list() if r["id"] != run_id and
-                 (r["status"] == "running" or (r["status"] == "queued" and r["created"] < me["created"]))]
-        return (f"Queued: it starts when {', then '.join(f'`{r}`' for r in reversed(ahead))} has finished (one run "
-                "on the GPU at a time)." if ahead else "Queued: it starts in a moment.")
+        queue = [r["id"] for r in self.runs.queue()]
+        ahead = [r["id"] for r in self.runs.list() if r["status"] == "running"] + queue[: queue.index(run_id)]
+        paused = " The queue is paused: resume it in the queue panel." if self.runs.paused() else ""
+        return ((f"Queued: it starts when {', then '.join(f'`{r}`' for r in ahead)} "
+                 f"{'has' if len(ahead) == 1 else 'have'} finished (one run on the GPU at a time)." if ahead
+                 else "Queued: it starts in a moment.") + paused)
+
+    def edit_queued(self, run_id: str, values: dict) -> str:
+        """Give a queued run the form's settings, after the same pre-flight check as Start."""
+        try:
+            cfg = values_to_config(values, self.ws.datasets_dir)
+        except ConfigError as e:
+            return cannot_start(e)
+        ok, text = self.check(cfg)
+        return self.runs.update_config(run_id, cfg) if ok else text
+
+    def queue_rows(self) -> list[list]:
+        """[place, run, settings] of the queued runs, the next one first (the page's queue panel)."""
+        rows = []
+        for i, r in enumerate(self.runs.queue()):
+            try:
+                cfg = TrainConfig.load(RunFiles(r["dir"]).config)
+                what = (f"{cfg.network_type} rank {cfg.rank}, {cfg.max_steps or f'{cfg.epochs} epochs'}"
+                        f"{' steps' if cfg.max_steps else ''}, {Path(cfg.base_model).name}")
+            except (OSError, ValueError):
+                what = "(its config cannot be read)"
+            rows.append([i + 1, f"{r['id']} · {r['name']}" + (" (resume)" if r["resume"] else ""), what])
+        return rows
 
     def run_choices(self) -> list[tuple[str, str]]:
         return [(f"{r['id']} · {r['name']} · {r['status']}", r["id"]) for r in self.runs.list()]

@@ -352,6 +352,7 @@ class TrainTab:
         with gr.Row():
             check = gr.Button("Check setup", elem_id="check")
             start = gr.Button("Start", variant="primary", elem_id="start")
+            add_queue = gr.Button("Add to queue", elem_id="add-queue")
             stop = gr.Button("Stop (saves first)", elem_id="stop")
             save_now = gr.Button("Save now", elem_id="save-now")
             resume = gr.Button("Resume", elem_id="resume")
@@ -369,6 +370,7 @@ class TrainTab:
                                    title="Validation loss (Advanced › Quality)", visible=False)
             samples = gr.Gallery(label="Samples", columns=3, height=300, object_fit="contain", elem_id="samples")
         logs = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="log", autoscroll=True)
+        queue = self.build_queue(run_msg)
         timer = gr.Timer(1.0)
         seen = gr.State({})  # what the page shows now: run list and the run's state, to update only on change
 
@@ -376,9 +378,8 @@ class TrainTab:
         def on_check(data):
             return in_ui_words(self.studio.check(self.values_of(data), data[preset])[1])
 
-        @friendly
-        def on_start(data):
-            run_id, text = self.studio.start(self.values_of(data), data[preset])
+        def on_start(data, to_queue=False):
+            run_id, text = self.studio.start(self.values_of(data), data[preset], to_queue=to_queue)
             text = in_ui_words(text)
             if run_id is None:
                 return gr.Dropdown(), text
@@ -394,7 +395,9 @@ class TrainTab:
 
         check.click(on_check, self.inputs | {preset}, preflight_md)
         tiny.click(on_tiny, self.inputs, self.outputs + [preflight_md]).then(self.remember, self.inputs | {preset})
-        start.click(on_start, self.inputs | {preset}, [self.run_pick, preflight_md])
+        start.click(friendly(on_start), self.inputs | {preset}, [self.run_pick, preflight_md])
+        add_queue.click(friendly(lambda data: on_start(data, to_queue=True)), self.inputs | {preset},
+                        [self.run_pick, preflight_md])
         stop.click(friendly(lambda r: runs.stop(r) if r else "Pick a run."), self.run_pick, run_msg, show_progress="hidden")
         save_now.click(friendly(lambda r: runs.save_now(r) if r else "Pick a run."), self.run_pick, run_msg,
                        show_progress="hidden")
@@ -416,12 +419,49 @@ class TrainTab:
 
         @friendly
         def on_tick(run_id, shown):
-            follow, run_id, shown = self.follow(run_id, shown)
+            follow, run_id, new = self.follow(run_id, shown)
             msg = gr.update() if follow["same_state"] else ""
-            return [follow["picker"], *self.live(run_id), msg, shown]
+            rows = self.studio.queue_rows()
+            new["queue"] = rows
+            return [follow["picker"], *self.live(run_id), msg, rows if rows != shown.get("queue") else gr.update(), new]
 
-        timer.tick(on_tick, [self.run_pick, seen], [self.run_pick, *live_out, run_msg, seen], show_progress="hidden"
-                   ).then(None, js=FOLLOW_LOG_JS)
+        timer.tick(on_tick, [self.run_pick, seen], [self.run_pick, *live_out, run_msg, queue, seen],
+                   show_progress="hidden").then(None, js=FOLLOW_LOG_JS)
+
+    def build_queue(self, run_msg):
+        """The queue panel: the queued runs in order; the run picked above moves, leaves or takes the form's
+        settings; the whole queue pauses."""
+        runs = self.runs
+        with gr.Accordion("Queue", open=False, elem_id="queue-accordion"):
+            gr.Markdown("Queued runs start one after another when the GPU is free (the next one first). Pick a "
+                        "queued run in *Run* above to move it, remove it or give it the form's settings. The queue "
+                        "is kept in the workspace: it survives closing the app.")
+            table = gr.Dataframe(headers=["#", "run", "settings"], datatype=["number", "str", "str"],
+                                 value=self.studio.queue_rows(), interactive=False, elem_id="queue-table")
+            with gr.Row():
+                earlier = gr.Button("Earlier", size="sm", elem_id="queue-up")
+                later = gr.Button("Later", size="sm", elem_id="queue-down")
+                remove = gr.Button("Remove from the queue", size="sm", variant="stop", elem_id="queue-remove")
+                edit = gr.Button("Give it the form's settings", size="sm", elem_id="queue-edit")
+                pause = gr.Checkbox(label="Pause the queue", value=runs.paused(), elem_id="queue-pause")
+
+        def act(fn):
+            return friendly(lambda r, *a: fn(r, *a) if r else "Pick a queued run in *Run* above.")
+
+        earlier.click(act(lambda r: runs.move(r, -1)), self.run_pick, run_msg, show_progress="hidden")
+        later.click(act(lambda r: runs.move(r, 1)), self.run_pick, run_msg, show_progress="hidden")
+        remove.click(act(runs.stop), self.run_pick, run_msg, show_progress="hidden")
+
+        @friendly
+        def on_edit(data):
+            run_id = data[self.run_pick]
+            if not run_id:
+                return "Pick a queued run in *Run* above."
+            return in_ui_words(self.studio.edit_queued(run_id, self.values_of(data)))
+
+        edit.click(on_edit, self.inputs | {self.run_pick}, run_msg, show_progress="hidden")
+        pause.input(friendly(runs.set_paused), pause, run_msg, show_progress="hidden")
+        return table
 
     def register_load(self, ui) -> None:
         """A (re)loaded page gets fresh lists and re-attaches the live view to the active run."""
