@@ -21,7 +21,7 @@ from trainer.recipe.config import TrainConfig
 from trainer.events import read_events, request
 from trainer.runfiles import RunFiles
 
-from app.workers import engine_command, kill_tree, pid_alive, start_detached
+from app.workers import engine_command, group_command, kill_tree, pid_alive, start_detached
 
 ACTIVE = ("queued", "running")
 
@@ -95,9 +95,25 @@ def config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def explain_crash(log_tail: str, code: int | None) -> str:
+def failed_rank(log_tail: str) -> tuple[int, int] | None:
+    """(rank, exit code) of the first rank that failed, from torchrun's report of a group (its 'Root Cause')."""
+    import re
+
+    cause = log_tail[log_tail.rfind("Root Cause"):] if "Root Cause" in log_tail else ""
+    m = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", cause, re.S)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def explain_crash(log_tail: str, code: int | None, gpu_ids: list[int] | None = None) -> str:
     """Plain words for a worker that died without saying why itself."""
     low = log_tail.lower()
+    rank = failed_rank(log_tail)
+    if rank is not None:
+        r, rc = rank
+        where = f" (GPU {gpu_ids[r]})" if gpu_ids and r < len(gpu_ids) else ""
+        how = "was killed" if rc in (-9, 137) else "ran out of memory" if "out of memory" in low else f"failed (exit code {rc})"
+        return (f"Rank {r}{where} of the group {how}, so the whole group stopped. Resume continues from the last "
+                "checkpoint.")
     if "out of memory" in low:
         return ("The GPU ran out of memory. Lower batch size or resolution, turn on gradient checkpointing, use the "
                 "8-bit optimizer or the low-VRAM preset, then Resume.")
@@ -135,6 +151,9 @@ class RunManager:
             if "position" not in cols:  # the queue's order (an older index: the creation order)
                 db.execute("ALTER TABLE runs ADD COLUMN position REAL")
                 db.execute("UPDATE runs SET position=created")
+            if "processes" not in cols:  # where it trains: one process (the default device), or a group of ranks
+                db.execute("ALTER TABLE runs ADD COLUMN processes INTEGER DEFAULT 1")
+                db.execute("ALTER TABLE runs ADD COLUMN gpu_ids TEXT DEFAULT ''")
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self.reconcile()
 
@@ -217,7 +236,8 @@ class RunManager:
             self._set(run_id, chash=config_hash(cfg), name=cfg.output_name)
         return f"Queued run `{run_id}` now has the form's settings."
 
-    def create(self, cfg: TrainConfig, name: str = "", front: bool = True) -> tuple[str, bool]:
+    def create(self, cfg: TrainConfig, name: str = "", front: bool = True, gpu_ids: list[int] | None = None,
+               processes: int | None = None) -> tuple[str, bool]:
         """Queue a new run; (run id, created). `front`: next in line (Start), else last (Add to queue). An
         identical config already queued or running is reused, so a double click or a second browser tab does not
         start the same run twice."""
@@ -238,8 +258,10 @@ class RunManager:
                 first = db.execute("SELECT MIN(position) AS p FROM runs WHERE status='queued'").fetchone()["p"]
                 position = (first - 1.0 if first is not None else now) if front else now
                 db.execute(
-                    "INSERT INTO runs (id, name, dir, status, created, chash, position) VALUES (?,?,?,?,?,?,?)",
-                    (run_id, name or cfg.output_name, str(run_dir), "queued", now, h, position),
+                    "INSERT INTO runs (id, name, dir, status, created, chash, position, processes, gpu_ids) "
+                    "VALUES (?,?,?,?,?,?,?,?,?)",
+                    (run_id, name or cfg.output_name, str(run_dir), "queued", now, h, position,
+                     int(processes or len(gpu_ids or []) or 1), ",".join(str(i) for i in gpu_ids or [])),
                 )
             self._schedule()
         return run_id, True
@@ -304,12 +326,17 @@ class RunManager:
 
     def _spawn(self, run: dict) -> None:
         files = RunFiles(run["dir"])
-        cmd = engine_command("train", str(files.config), "--run-dir", str(files.root), python=self.python)
-        if run["resume"]:
-            cmd.append("--resume")
+        args = ["train", str(files.config), "--run-dir", str(files.root)] + (["--resume"] if run["resume"] else [])
+        gpu_ids = [int(i) for i in (run.get("gpu_ids") or "").split(",") if i.strip()]
+        if (run.get("processes") or 1) > 1:  # a group of ranks, through accelerate's launcher
+            cfg = TrainConfig.load(files.config)
+            cmd = group_command(*args, processes=run["processes"], gpu_ids=gpu_ids,
+                                mixed_precision=cfg.mixed_precision, python=self.python)
+        else:
+            cmd = engine_command(*args, python=self.python)
         # the run's outcome is what the event log says after this point
         offset = files.events.stat().st_size if files.events.exists() else 0
-        proc = start_detached(cmd, files.worker_log)
+        proc = start_detached(cmd, files.worker_log, gpu_ids if len(gpu_ids) == 1 else None)
         self._procs[run["id"]] = proc
         self._set(run["id"], status="running", pid=proc.pid, message=None, event_offset=offset)
         threading.Thread(target=self._watch, args=(run["id"], proc), daemon=True).start()
@@ -336,8 +363,9 @@ class RunManager:
         elif code is None:  # found dead after an app restart: the app, or the computer, stopped under it
             self._set(run_id, status="interrupted", message=interrupted_message(run["dir"]))
         else:
-            tail = _tail(RunFiles(run["dir"]).worker_log)
-            self._set(run_id, status="crashed", message=explain_crash(tail, code))
+            tail = _tail(RunFiles(run["dir"]).worker_log, 12000)
+            gpu_ids = [int(i) for i in (run.get("gpu_ids") or "").split(",") if i.strip()]
+            self._set(run_id, status="crashed", message=explain_crash(tail, code, gpu_ids))
 
     def _record_timing(self, run: dict, events: list[dict]) -> None:
         """What this attempt measured (s/step, start-up) goes into the workspace's timings, for the next estimate."""

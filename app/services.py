@@ -24,6 +24,16 @@ def run_metadata(run: dict) -> dict:
             "trigger": cfg.trigger, "steps": cfg.max_steps or f"{cfg.epochs} epochs", "name": cfg.output_name}
 
 
+def group_words(cfg: TrainConfig, n: int) -> str:
+    """What a group of n ranks means for the batch and the time (the batch size is per GPU, as in kohya)."""
+    if n <= 1:
+        return ""
+    eff = cfg.batch_size * n * cfg.gradient_accumulation
+    return (f" It trains on {n} {'CPU processes' if cfg.device == 'cpu' else 'GPUs'}: effective batch {eff} "
+            f"({cfg.batch_size} per GPU x {n} x {cfg.gradient_accumulation} accumulation); each epoch takes 1/{n} "
+            "of the steps, and each GPU needs the memory estimate above.")
+
+
 class Studio:
     def __init__(self, ws, runs, captions=None):
         self.ws, self.runs = ws, runs
@@ -134,9 +144,12 @@ class Studio:
         return preflight(values, self.ws.datasets_dir, preset, timing.load(self.ws.timings_path),
                          "cuda" if gpu_present() else "cpu")
 
-    def start(self, values: dict, preset_key: str = "", to_queue: bool = False) -> tuple[str | None, str]:
+    def start(self, values: dict, preset_key: str = "", to_queue: bool = False, gpu_ids: list[int] | None = None,
+              processes: int | None = None) -> tuple[str | None, str]:
         """(run id or None, what to tell the person): a run starts only after the pre-flight check passes.
-        Start puts it next in line; `to_queue` (Add to queue) at the end."""
+        Start puts it next in line; `to_queue` (Add to queue) at the end. `gpu_ids`: the GPUs it trains on (two or
+        more: one rank each, through accelerate); `processes`: ranks on the CPU (device = 'cpu'), as the tests
+        run a group here."""
         if self.gpu_busy(asking="training") == "captioning":
             return None, ("Auto-captioning is using the GPU right now (Dataset tab): start the run when it has "
                           "finished, or cancel it there.")
@@ -148,8 +161,11 @@ class Studio:
         if not ok:
             return None, text
         self.ws.remember_model(cfg.base_model)
-        run_id, created = self.runs.create(cfg, front=not to_queue)
-        return run_id, self.start_message(run_id, created) + "\n\n" + text
+        n = int(processes or len(gpu_ids or []) or 1)
+        if n > 1 and cfg.device != "cpu" and len(gpu_ids or []) != n:
+            return None, "Choose the GPUs the run trains on (two or more for a group), or one for a single GPU."
+        run_id, created = self.runs.create(cfg, front=not to_queue, gpu_ids=gpu_ids, processes=n)
+        return run_id, self.start_message(run_id, created) + group_words(cfg, n) + "\n\n" + text
 
     def start_message(self, run_id: str, created: bool) -> str:
         """What Start did: started, queued behind which runs, or the same run already there."""

@@ -24,6 +24,27 @@ def engine_command(*args: str, python: str = sys.executable) -> list[str]:
     return [python, "-m", "trainer", *args]
 
 
+def group_command(*args: str, processes: int, gpu_ids: list[int] | None = None, mixed_precision: str = "no",
+                  port: int | None = None, python: str = sys.executable) -> list[str]:
+    """`python -m trainer ARGS` as a group of `processes` ranks through accelerate's own launcher (torchrun
+    underneath; never a home-made process group): `--multi_gpu` on the GPUs `gpu_ids`, or ranks on the CPU (gloo)
+    when the config says device = 'cpu'. Mixed precision is passed on."""
+    cmd = [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", mixed_precision if mixed_precision in ("fp16", "bf16") else "no",
+           "--dynamo_backend", "no", "--main_process_port", str(port or free_port())]
+    if gpu_ids:
+        cmd += ["--gpu_ids", ",".join(str(i) for i in gpu_ids)]
+    return cmd + ["-m", "trainer", *args]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def worker_env(unbuffered: bool = True) -> dict:
     """The environment of every engine process: this checkout first on PYTHONPATH, output not held back."""
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -32,12 +53,16 @@ def worker_env(unbuffered: bool = True) -> dict:
     return env
 
 
-def start_detached(cmd: list[str], log_path: str | Path) -> subprocess.Popen:
+def start_detached(cmd: list[str], log_path: str | Path, gpu_ids: list[int] | None = None) -> subprocess.Popen:
     """A worker in its own session / process group, its output appended to `log_path`: closing the browser or the
-    app's terminal does not stop it, and a restarted app finds it again by its process id."""
+    app's terminal does not stop it, and a restarted app finds it again by its process id. `gpu_ids`: the one GPU
+    a single-process run was given (CUDA_VISIBLE_DEVICES)."""
     detach = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True})
+    env = worker_env()
+    if gpu_ids:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_ids)
     with open(log_path, "ab") as log:
-        return subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, env=worker_env(),
+        return subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 stdin=subprocess.DEVNULL, **detach)
 
 

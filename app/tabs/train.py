@@ -358,6 +358,13 @@ class TrainTab:
             resume = gr.Button("Resume", elem_id="resume")
             tiny = gr.Button("No model yet? Try the whole journey with a built-in tiny model", size="sm",
                              elem_id="tiny-journey")
+        from app.gpu import gpu_label, list_gpus
+
+        gpus = list_gpus()
+        # two or more GPUs: the run may take several (one rank each, through accelerate); the batch size is per GPU
+        gpu_pick = gr.CheckboxGroup([(gpu_label(g), g["index"]) for g in gpus], value=[gpus[0]["index"]] if gpus else [],
+                                    label="Train on (several GPUs: one process each; Batch size is per GPU)",
+                                    visible=len(gpus) > 1, elem_id="gpu-pick")
         preflight_md = gr.Markdown(elem_id="preflight")
         self.run_pick = gr.Dropdown(choices=self.studio.run_choices(), label="Run", elem_id="run-pick")
         run_msg = gr.Markdown(elem_id="run-msg")  # what Stop / Save now / Resume answered, until the run moves on
@@ -379,7 +386,8 @@ class TrainTab:
             return in_ui_words(self.studio.check(self.values_of(data), data[preset])[1])
 
         def on_start(data, to_queue=False):
-            run_id, text = self.studio.start(self.values_of(data), data[preset], to_queue=to_queue)
+            chosen = sorted(int(i) for i in data[gpu_pick] or []) if len(gpus) > 1 else None
+            run_id, text = self.studio.start(self.values_of(data), data[preset], to_queue=to_queue, gpu_ids=chosen)
             text = in_ui_words(text)
             if run_id is None:
                 return gr.Dropdown(), text
@@ -395,8 +403,8 @@ class TrainTab:
 
         check.click(on_check, self.inputs | {preset}, preflight_md)
         tiny.click(on_tiny, self.inputs, self.outputs + [preflight_md]).then(self.remember, self.inputs | {preset})
-        start.click(friendly(on_start), self.inputs | {preset}, [self.run_pick, preflight_md])
-        add_queue.click(friendly(lambda data: on_start(data, to_queue=True)), self.inputs | {preset},
+        start.click(friendly(on_start), self.inputs | {preset, gpu_pick}, [self.run_pick, preflight_md])
+        add_queue.click(friendly(lambda data: on_start(data, to_queue=True)), self.inputs | {preset, gpu_pick},
                         [self.run_pick, preflight_md])
         stop.click(friendly(lambda r: runs.stop(r) if r else "Pick a run."), self.run_pick, run_msg, show_progress="hidden")
         save_now.click(friendly(lambda r: runs.save_now(r) if r else "Pick a run."), self.run_pick, run_msg,

@@ -1,0 +1,95 @@
+"""Several processes from the page (issue 29, item 1): the page's Start path launches a group through accelerate's
+launcher (two CPU ranks on gloo here: the same command a GPU machine gets with --gpu_ids), rank 0 writes the one
+file, and a rank killed with SIGKILL stops the group with one sentence naming it and leaves a resumable run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import make_images, quick_cfg, wait_for
+from app.forms import config_to_values
+from app.gpu import parse_gpus
+from app.runs import RunManager, explain_crash
+from app.services import Studio
+from app.workers import group_command
+from app.workspace import Workspace
+
+TORCHRUN_REPORT = """
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+trainer FAILED
+------------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-03_13:50:01
+  host      : box
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 4242)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 4242
+============================================================
+"""
+
+
+def test_the_gpu_list_the_group_command_and_a_dead_rank_in_words():
+    smi = "0, NVIDIA GeForce RTX 4090, 24564, 23000\n1, NVIDIA GeForce RTX 3090, 24576, 1024\n"
+    assert parse_gpus(smi) == [{"index": 0, "name": "NVIDIA GeForce RTX 4090", "total_gb": 24.0, "free_gb": 22.5},
+                               {"index": 1, "name": "NVIDIA GeForce RTX 3090", "total_gb": 24.0, "free_gb": 1.0}]
+    cmd = group_command("train", "c.toml", processes=2, gpu_ids=[0, 2], mixed_precision="bf16", port=29500, python="py")
+    assert cmd[:3] == ["py", "-m", "accelerate.commands.launch"] and "--multi_gpu" in cmd
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[cmd.index("--gpu_ids") + 1] == "0,2"
+    assert cmd[cmd.index("--mixed_precision") + 1] == "bf16" and cmd[-4:] == ["-m", "trainer", "train", "c.toml"]
+    said = explain_crash(TORCHRUN_REPORT, 1, [0, 2])
+    assert said.startswith("Rank 1 (GPU 2) of the group was killed, so the whole group stopped") and "Resume" in said
+
+
+def workers_of(pid: int) -> list[psutil.Process]:
+    """The training ranks under a group's launcher (processes running `-m trainer train`)."""
+    procs = psutil.Process(pid).children(recursive=True)
+    return [p for p in procs if "trainer" in p.cmdline() and "train" in p.cmdline() and "accelerate" not in " ".join(p.cmdline())]
+
+
+@pytest.mark.slow
+def test_a_group_of_two_started_from_the_page_and_a_killed_rank(tiny_sd1, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ws = Workspace(tmp_path / "ws")
+    data = ws.dataset_path("d", create=True)
+    make_images(data, 4)
+    rm = RunManager(ws)
+    studio = Studio(ws, rm)
+    values = config_to_values(quick_cfg(tiny_sd1, data, max_steps=4, batch_size=1, sample_every_steps=0,
+                                        save_every_steps=2))
+    run, msg = studio.start(values, processes=2)
+    assert run and "effective batch 2 (1 per GPU x 2 x 1 accumulation)" in msg, msg
+    wait_for(lambda: rm.get(run)["status"] != "running" and rm.get(run)["status"] != "queued", timeout=400)
+    assert rm.get(run)["status"] == "finished", rm.get(run)["message"]
+    out = Path(rm.get(run)["dir"])
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["lora.safetensors"]  # rank 0 alone exports
+    assert sum(1 for e in rm.view(run).log if "done: Finished" in e) == 1  # one event log, from rank 0
+    assert rm.view(run).epoch == 2  # each rank took half of the 4 images: 2 steps an epoch, 4 steps = 2 epochs
+
+    # a rank killed mid-run: the group stops with a sentence naming it, and Resume finishes the run
+    values = config_to_values(quick_cfg(tiny_sd1, data, max_steps=400, batch_size=1, sample_every_steps=0,
+                                        save_every_steps=2, seed=5))
+    run2, _ = studio.start(values, processes=2)
+    wait_for(lambda: (Path(rm.get(run2)["dir"]) / "checkpoints").is_dir() and any(
+        (Path(rm.get(run2)["dir"]) / "checkpoints").glob("step-*/state.json")), timeout=400)
+    ranks = []
+    wait_for(lambda: len(ranks.extend(workers_of(rm.get(run2)["pid"])) or ranks) >= 2, timeout=60)
+    victim = next(p for p in ranks if p.environ().get("LOCAL_RANK") == "1")
+    victim.kill()
+    wait_for(lambda: rm.get(run2)["status"] not in ("running", "queued"), timeout=120)
+    r = rm.get(run2)
+    assert r["status"] == "crashed" and r["message"].startswith("Rank 1 of the group was killed"), r["message"]
+    # the whole group is gone (a rank's data-loader workers follow within their watchdog's few seconds)
+    wait_for(lambda: not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], timeout=60)
+    assert "Resuming" in rm.resume(run2)
+    wait_for(lambda: rm.view(run2).step > 2, timeout=400)
+    assert any("Resumed from" in line for line in rm.view(run2).log)
+    rm.stop(run2)
+    wait_for(lambda: rm.get(run2)["status"] not in ("running", "queued"), timeout=300)
