@@ -93,3 +93,31 @@ def test_a_group_of_two_started_from_the_page_and_a_killed_rank(tiny_sd1, tmp_pa
     assert any("Resumed from" in line for line in rm.view(run2).log)
     rm.stop(run2)
     wait_for(lambda: rm.get(run2)["status"] not in ("running", "queued"), timeout=300)
+
+
+@pytest.mark.slow
+def test_the_cli_runs_under_an_accelerate_config_file(tiny_sd1, tmp_path, monkeypatch):
+    """`train CFG --accelerate-config FILE` is accelerate's launcher with that file (two CPU ranks here; the same
+    file with num_machines 2 and a main process address is the two-node case of the README)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, base_config
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    data = tmp_path / "data"
+    make_images(data, 4)
+    out = tmp_path / "run"
+    base_config(tiny_sd1, data, out, max_steps=2).save(tmp_path / "c.toml")
+    conf = tmp_path / "acc.yaml"
+    conf.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
+                    "num_processes: 2\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: false\nmain_process_port: "
+                    f"{__import__('conftest').free_port()}\n")
+    r = subprocess.run([sys.executable, "-m", "trainer", "train", str(tmp_path / "c.toml"), "--accelerate-config",
+                        str(conf)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["lora.safetensors"]
+    assert r.stderr.count("[done] Finished") == 1  # rank 0 alone reports and writes
+    missing = subprocess.run([sys.executable, "-m", "trainer", "train", str(tmp_path / "c.toml"), "--accelerate-config",
+                              str(tmp_path / "nope.yaml")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert missing.returncode == 2 and "accelerate config --config_file" in missing.stderr

@@ -41,11 +41,29 @@ def _parse_set(pairs: list[str]) -> dict:
     return out
 
 
+def launch_with_accelerate(args) -> int:
+    """`train CFG --accelerate-config FILE`: the same command under `accelerate launch --config_file FILE` (a
+    config made by `accelerate config`: several GPUs, several machines; accelerate's own launcher, never ours)."""
+    import subprocess
+
+    conf = Path(args.accelerate_config)
+    if not conf.is_file():
+        print(f"error: accelerate config {conf} not found: make one with `accelerate config --config_file {conf}`.",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
+    rest = ["train", str(args.config)] + (["--run-dir", str(args.run_dir)] if args.run_dir else [])
+    rest += (["--resume"] if args.resume else []) + [x for kv in args.set for x in ("--set", kv)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(conf), "-m", "trainer", *rest]
+    return subprocess.call(cmd)
+
+
 def cmd_train(args) -> int:
     from trainer.recipe.config import TrainConfig
     from trainer.engine.loop import train
     from trainer.runfiles import RunFiles
 
+    if getattr(args, "accelerate_config", None):
+        return launch_with_accelerate(args)
     cfg = TrainConfig.load(args.config)
     if args.set:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), **_parse_set(args.set)}, source="--set")
@@ -155,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--run-dir", help="run folder (default: the config's output_dir)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--accelerate-config", metavar="FILE", help="run under `accelerate launch --config_file FILE` "
+                   "(a file `accelerate config` made: several GPUs or machines)")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("export", help="re-export a checkpoint as a kohya .safetensors")
