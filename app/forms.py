@@ -169,7 +169,8 @@ def preflight(values: dict[str, Any] | TrainConfig, datasets_dir: Path | None = 
     lines.append(f"- Model family: {families.name(family)}")
     lines += [f"- {n}" for n in notes]
     if in_range:
-        lines.append(f"- Estimated peak VRAM: about {est['total_gb']} GB, while {est['phase']}; the biggest part is "
+        lines.append(f"- Projected peak VRAM (counted on the CPU; no GPU has confirmed it yet): about "
+                     f"{est['total_gb']} GB, while {est['phase']}; the biggest part is "
                      f"{est['biggest']} ({est['terms_gb'][est['biggest']]:.1f} GB). LoRA: {est['lora_params_m']}M parameters")
     if device and in_range:
         lines.append(duration_line(cfg, family, report["images_with_repeats"] if report else 1, timings or [], device))

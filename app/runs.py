@@ -45,6 +45,8 @@ class RunView:
     checkpoints: list = field(default_factory=list)
     phase: tuple[int, int] | None = None  # (done, count) of the phase in `state` that has its own progress
     stopping: bool = False  # a stop was asked for and the run has not stopped yet
+    memory: list = field(default_factory=list)  # CUDA readings of the progress events, for the spill warning
+    dedicated_gb: float | None = None
 
     def fold(self, events: list[dict]) -> None:
         for e in events:
@@ -63,6 +65,10 @@ class RunView:
                 self.step, self.total, self.epoch = e["step"], e["total"], e.get("epoch", 0)
                 self.its, self.eta = e.get("its", 0.0), e.get("eta")
                 self.losses.append((e["step"], e["loss"]))
+                if "reserved_gb" in e:
+                    self.dedicated_gb = e.get("dedicated_gb")
+                    self.memory = (self.memory + [{"step": e["step"], "reserved_gb": e["reserved_gb"],
+                                                   "s_per_step": 1 / e["its"] if e.get("its") else None}])[-50:]
             elif t == "validation":
                 self.val_losses.append((e["step"], e["loss"]))
             elif t == "sample":

@@ -48,7 +48,7 @@ def test_preflight_reports_conflicts_and_dataset_problems_in_plain_words(tiny_sd
     (data / "bad.png").write_bytes(b"")
     ok, text = preflight({"base_model": str(tiny_sd1), "dataset": str(data), "resolution": 64, "min_bucket": 64})
     assert ok, text
-    assert "Ready to start" in text and "bad.png" in text and "Estimated peak VRAM" in text and "SD 1.x" in text
+    assert "Ready to start" in text and "bad.png" in text and "Projected peak VRAM" in text and "SD 1.x" in text
     ok, text = preflight({"base_model": str(tiny_sd1), "dataset": str(data), "train_text_encoder": True,
                           "optimizer": "prodigy", "unet_lr": 1e-4, "max_bucket": 256})
     assert not ok

@@ -156,7 +156,7 @@ def measured_rows(text: str) -> dict[str, list[str]]:
 def test_measured_presets_are_estimated_within_15_percent_and_card_presets_state_their_peak():
     """Issue 13.4/13.5: for each shipped preset measured with `trainer memory` as it is now (same settings line
     in BENCHMARKS.md), the pre-flight estimate is within 15% of the measurement; every preset named for a
-    card size is measured, fits the card, and states its measured peak in its description, and there is one for
+    card size is counted, fits the card, and states its projected peak in its description, and there is one for
     each card size: 4, 6, 8, 12 and 24 GB."""
     import re
 
@@ -181,7 +181,7 @@ def test_measured_presets_are_estimated_within_15_percent_and_card_presets_state
         if card:
             size = int(card.group(1) or card.group(2))
             assert cuda <= size, (p.key, cuda)
-            assert f"measured peak {cuda:.1f} GB" in p.description, p.key
+            assert f"projected peak (counted on the CPU) {cuda:.1f} GB" in p.description, p.key
             cards.add(size)
         checked += 1
     assert checked >= 7, checked
@@ -223,3 +223,37 @@ def test_every_engine_process_runs_with_expandable_segments_unless_the_user_chos
                          env={**env, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"})
     assert "ALLOC=max_split_size_mb:128" in out.stdout
     assert engine_command("x")[1:3] == ["-m", "trainer"]  # every worker starts through trainer/__main__.py
+
+
+def test_the_page_says_when_memory_spills_out_of_the_card():
+    """Issue 31.6, from readings a test can feed (the progress events of a CUDA run carry them): reserved memory
+    over the card's dedicated memory, or steps several times slower right after memory rose, give one sentence
+    with what to change; a steady run, a slow step without a memory rise, and a CPU run give none."""
+    import time
+
+    from app.runs import RunView
+    from app.tabs.train import progress_markdown
+    from trainer.measure.spill import spill_warning
+
+    def readings(*rows):
+        return [{"step": i + 1, "s_per_step": s, "reserved_gb": r} for i, (s, r) in enumerate(rows)]
+
+    steady = readings((1.0, 10.0), (1.1, 10.1), (0.9, 10.1), (1.0, 10.1))
+    assert spill_warning(steady, 12.0) is None
+    over = readings((1.0, 10.0), (1.0, 12.4))
+    assert "holds 12.4 GB and the card has 12.0 GB" in spill_warning(over, 12.0)
+    jump = readings((1.0, 10.0), (1.1, 10.1), (0.9, 10.1), (1.0, 10.2), (20.0, 11.5))
+    said = spill_warning(jump, 12.0)
+    assert said.startswith("Steps slowed from 1.00 to 20.00 s right after memory rose to 11.5 GB")
+    assert "nf4" in said and "Sysmem Fallback Policy" in said
+    slow_only = readings((1.0, 10.0), (1.1, 10.1), (0.9, 10.1), (1.0, 10.1), (20.0, 10.1))  # a sample, a save...
+    assert spill_warning(slow_only, 12.0) is None
+    assert spill_warning(jump, None) is None  # no card: a CPU run
+
+    v = RunView()
+    now = time.time()
+    v.fold([{"type": "progress", "time": now, "step": i + 1, "total": 100, "loss": 0.1, "its": 1 / s,
+             "reserved_gb": r, "dedicated_gb": 12.0} for i, (s, r) in enumerate([(1.0, 10.0), (1.1, 10.1), (0.9, 10.1),
+                                                                              (1.0, 10.2), (20.0, 11.5)])])
+    page = progress_markdown({"id": "r1", "dir": ""}, v)
+    assert "**Slow steps:** Steps slowed" in page

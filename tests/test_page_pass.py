@@ -86,9 +86,9 @@ def test_a_resolution_the_family_does_not_train_at_is_refused_first_with_the_ran
     ok, text = preflight({"base_model": "", "dataset": str(tmp_path), "resolution": 100000})
     first = text.split("\n")[1]
     assert not ok and "resolution 100000 is outside what SDXL trains at: choose 64 to 2048" in first
-    assert "Estimated peak VRAM" not in text  # no 76908 GB estimate for it
+    assert "Projected peak VRAM" not in text  # no 76908 GB estimate for it
     ok, text = preflight({"base_model": "", "dataset": str(tmp_path), "resolution": 512})
-    assert "outside what" not in text and "Estimated peak VRAM" in text
+    assert "outside what" not in text and "Projected peak VRAM" in text
 
 
 def test_a_corrupt_file_is_named_as_dropped_not_by_a_temp_path(tmp_path):

@@ -8,6 +8,7 @@ import gradio as gr
 from app.forms import (ADVANCED, BASIC, FIELDS, HIDDEN, NETWORK_ONLY, config_to_values, in_ui_words, label,
                        network_fields, values_to_config)
 from app.ui_util import friendly
+from trainer.measure.spill import spill_warning
 from trainer.recipe.config import TrainConfig
 from trainer.recipe.presets import delete_user_preset, save_user_preset
 from trainer.runfiles import RunFiles
@@ -55,6 +56,9 @@ def progress_markdown(run: dict | None, v) -> str:
     board = RunFiles(run["dir"]).tensorboard if run.get("dir") else None
     if board is not None and board.is_dir():
         lines.append(f"TensorBoard: `tensorboard --logdir \"{board}\"` then open http://localhost:6006")
+    spill = spill_warning(v.memory, v.dedicated_gb) if v.state in MOVING else None
+    if spill:
+        lines.append(f"\n**Slow steps:** {spill}")
     if v.error:
         lines.append(f"\n**What happened:** {v.error}")
     if v.output:

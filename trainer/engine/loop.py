@@ -284,7 +284,8 @@ def report_progress(run: Run, state: State) -> None:
     its = (state.step - state.step0) / elapsed if elapsed > 0 else 0.0
     eta = (run.total_steps - state.step) / its if its > 0 else None
     lr = run.scheduler.get_last_lr()[0]
-    run.ev.emit("progress", step=state.step, total=run.total_steps, epoch=state.epoch, loss=avg, lr=lr, its=its, eta=eta)
+    run.ev.emit("progress", step=state.step, total=run.total_steps, epoch=state.epoch, loss=avg, lr=lr, its=its, eta=eta,
+                **cuda_memory(run.accelerator.device))
     if run.cfg.tensorboard:
         run.accelerator.log({"loss": avg, "lr": lr}, step=state.step)
 
@@ -327,6 +328,15 @@ def validate(run: Run, step: int) -> float | None:
     if cfg.tensorboard:
         run.accelerator.log({"val_loss": mean}, step=step)
     return mean
+
+
+def cuda_memory(device) -> dict:
+    """What the page's spill warning reads (trainer/measure/spill.py): the allocator's reserved memory and the
+    card's own memory, in GB; nothing off CUDA."""
+    if getattr(device, "type", "") != "cuda":
+        return {}
+    return {"reserved_gb": round(torch.cuda.memory_reserved(device) / 2**30, 2),
+            "dedicated_gb": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 2)}
 
 
 def poll_requests(accelerator, run_dir: Path) -> tuple[bool, bool]:

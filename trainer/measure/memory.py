@@ -294,7 +294,7 @@ def table_of(rows: list) -> str:
     machine = f"{platform.machine()}, {torch.get_num_threads()} CPU threads, no GPU"
     lines = [f"\n### `trainer memory` ({time.strftime('%Y-%m-%d')}; {machine}; torch {torch.__version__}, "
              f"diffusers {diffusers.__version__}, peft {peft.__version__})",
-             "GB of tensors that would sit on the GPU, counted on the CPU per phase; *CUDA* adds "
+             "Projected (counted on the CPU): GB of tensors that would sit on the GPU, per phase; *CUDA* adds "
              f"{ALLOCATOR_SLACK:.0%} allocator slack and {CUDA_CONTEXT_GB} GB of context (trainer/measure/memory.py); "
              "*estimate* is what the pre-flight check says (trainer/recipe/estimate.py).", "",
              "| run | " + " | ".join(PHASES) + " | peak | CUDA | estimate |", "|---|" + "---|" * (len(PHASES) + 3)]
