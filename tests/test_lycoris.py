@@ -197,6 +197,13 @@ def test_loha_and_lokr_train_other_files_than_lora_and_resume_exactly(tiny_sd1, 
     assert any(k.endswith(".hada_w1_a") for k in files["loha"]) and not any("lora_down" in k for k in files["loha"])
     assert any(k.startswith("lora_unet_") and ".lokr_w" in k for k in files["lokr"])
     assert any(k.startswith("lora_te_") and ".lokr_w" in k for k in files["lokr"])
+    # the Kronecker split follows lokr_factor: a factor of 2 makes every first factor 2 rows high
+    base_config(tiny_sd1, dataset, tmp_path / "f2", network_type="lokr", lokr_factor=2, max_steps=1).save(tmp_path / "f2.toml")
+    assert cli(["train", str(tmp_path / "f2.toml")]) == 0
+    f2 = load_file(str(tmp_path / "f2" / "lora.safetensors"))
+    w1 = {k: v.shape for k, v in f2.items() if k.endswith(".lokr_w1")}
+    assert w1 and all(s[0] == 2 for s in w1.values())
+    assert {k: v.shape for k, v in files["lokr"].items() if k.endswith(".lokr_w1")} != w1
     # resume: the same run, stopped after step 2 and resumed from that checkpoint
     out = tmp_path / "resumed"
     cfg = base_config(tiny_sd1, dataset, out, network_type="lokr", max_steps=2, save_every_steps=2, unet_lr=1e-2)
