@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 from app.runs import _tail
@@ -15,11 +16,18 @@ from app.workers import engine_command, gpu_busy, kill_tree, pid_alive, start_de
 
 
 class CaptionJobs:
+    """The captioning worker. Asked for while a training run holds the GPU, a job waits in the queue (its job.json
+    says so, so an app restart keeps it waiting) and starts when that run ends, before the next queued run."""
+
     def __init__(self, ws, runs, python: str = sys.executable):
         self.ws, self.runs, self.python = ws, runs, python
         self.root = ws.captioning_dir
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        if runs is not None and hasattr(runs, "gpu_claims"):
+            runs.gpu_claims.append(lambda: self.waiting() or self.running())  # no training run starts before it
+        if self.waiting():
+            threading.Thread(target=self._start_when_free, args=(self.latest(),), daemon=True).start()
 
     # ------------------------------------------------------------------ the newest job
     def latest(self) -> Path | None:
@@ -32,10 +40,15 @@ class CaptionJobs:
         except (OSError, ValueError):
             return {}
 
+    def waiting(self) -> bool:
+        """The newest job waits in the queue for the GPU (not started, not cancelled)."""
+        job = self.latest()
+        return bool(job) and self._info(job).get("waiting") is True
+
     def running(self, events: list[dict] | None = None) -> bool:
         """A worker of the newest job is alive and has not said it ended (`events`: that job's, if read)."""
         job = self.latest()
-        if not job:
+        if not job or self._info(job).get("waiting") is not None and "pid" not in self._info(job):
             return False
         alive = self._proc.poll() is None if self._proc is not None else pid_alive(self._info(job).get("pid"))
         ended = any(e["type"] in ("done", "error") for e in (self._events(job) if events is None else events))
@@ -50,13 +63,12 @@ class CaptionJobs:
               preview: int = 0, device: str = "auto", tags: dict | None = None) -> str:
         """Start a worker; a plain sentence back. Refused while a training run (or another captioning) runs."""
         with self._lock:
-            if self.running():
-                return "Captioning is already running: wait for it or cancel it."
-            if gpu_busy(self.runs, self, asking="captioning"):
-                return ("A training run is using the GPU right now: caption when it has finished (or stop it in "
-                        "the Train tab).")
+            if self.running() or self.waiting():
+                return "Captioning is already running or waiting: wait for it or cancel it."
+            busy = gpu_busy(self.runs, self, asking="captioning")
             folder = self.ws.dataset_path(dataset)
-            job = self.root / (time.strftime("job-%Y%m%d-%H%M%S-") + f"{time.time_ns() % 10**6:06d}")
+            # the name sorts by time (microseconds too): `latest` is the newest job even within one second
+            job = self.root / datetime.now().strftime("job-%Y%m%d-%H%M%S-%f")
             job.mkdir(parents=True)
             cmd = engine_command("caption", str(folder), "--model", model, "--mode", mode, "--trigger", trigger,
                                  "--batch-size", str(int(batch_size)), "--device", device,
@@ -64,14 +76,41 @@ class CaptionJobs:
             if preview:
                 cmd += ["--preview", str(int(preview))]
             cmd += tag_args(tags or {})
-            self._proc = start_detached(cmd, job / "worker.log")
-            (job / "job.json").write_text(json.dumps({"pid": self._proc.pid, "dataset": dataset, "mode": mode,
-                                                      "preview": preview}))
+            info = {"dataset": dataset, "mode": mode, "preview": preview, "cmd": cmd}
+            if busy:  # in line behind the training run; it goes before the next queued run
+                (job / "job.json").write_text(json.dumps({**info, "waiting": True}))
+                threading.Thread(target=self._start_when_free, args=(job,), daemon=True).start()
+            else:
+                self._spawn(job, info)
         self.ws.update_settings(caption_model=model)
+        if busy:
+            return ("Waiting in the queue: a training run is using the GPU, and captioning starts as soon as it has "
+                    "finished (before any run queued after it). Cancel takes it out.")
         return "Previewing the first captions..." if preview else "Captioning started."
+
+    def _spawn(self, job: Path, info: dict) -> None:
+        self._proc = start_detached(info["cmd"], job / "worker.log")
+        (job / "job.json").write_text(json.dumps({**info, "waiting": False, "pid": self._proc.pid}))
+
+    def _start_when_free(self, job: Path, every_s: float = 1.0) -> None:
+        """Start a waiting job when no training run holds the GPU (or drop it when it was cancelled)."""
+        while True:
+            info = self._info(job)
+            if info.get("waiting") is not True:
+                return  # cancelled, or started
+            if not any(r["status"] == "running" for r in self.runs.list()):
+                with self._lock:
+                    if self._info(job).get("waiting") is True:
+                        self._spawn(job, info)
+                return
+            time.sleep(every_s)
 
     def cancel(self) -> str:
         job = self.latest()
+        with self._lock:
+            if job and self.waiting():
+                (job / "job.json").write_text(json.dumps({**self._info(job), "waiting": "cancelled"}))
+                return "Taken out of the queue: it had not started, nothing was written."
         if not job or not self.running():
             return "No captioning is running."
         request(job, "stop")  # the worker stops after the current batch; what it wrote stays
@@ -92,6 +131,12 @@ class CaptionJobs:
         if not job:
             return {"active": False, "job": "", "captions": []}
         info, events = self._info(job), self._events(job)
+        if info.get("waiting") in (True, "cancelled"):
+            waiting = info["waiting"] is True
+            return {"active": waiting, "job": job.name, "dataset": info.get("dataset", ""),
+                    "preview": bool(info.get("preview")), "done": 0, "total": 0, "captions": [],
+                    "status": "Waiting in the queue for the GPU (a training run is using it).", "error": None,
+                    "message": "" if waiting else "Taken out of the queue before it started.", "finished": not waiting}
         prog = next((e for e in reversed(events) if e["type"] == "progress"), {})
         end = next((e for e in reversed(events) if e["type"] in ("done", "error")), None)
         status = next((e["message"] for e in reversed(events) if e["type"] == "status"), "Starting the worker...")

@@ -146,6 +146,7 @@ class RunManager:
         self._lock = threading.RLock()
         self._views: dict[str, RunView] = {}
         self._procs: dict[str, subprocess.Popen] = {}
+        self.gpu_claims: list = []  # other jobs that go before the next queued run (captioning waiting or running)
         with self._db() as db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, name TEXT, dir TEXT, status TEXT, created REAL,"
@@ -324,7 +325,7 @@ class RunManager:
         with self._lock:
             with self._db() as db:
                 running = db.execute("SELECT id, pid FROM runs WHERE status='running'").fetchall()
-                if any(pid_alive(r["pid"]) for r in running) or self.paused():
+                if any(pid_alive(r["pid"]) for r in running) or self.paused() or any(c() for c in self.gpu_claims):
                     return
                 nxt = db.execute("SELECT * FROM runs WHERE status='queued' ORDER BY position, created LIMIT 1").fetchone()
             if nxt:
@@ -392,7 +393,7 @@ class RunManager:
                 continue
             if not pid_alive(r["pid"]):
                 self._finish(r["id"], None)
-        if rows:
+        if rows or self.gpu_claims:  # a claim that ended (captioning done) lets the next queued run go
             self._schedule()
 
 

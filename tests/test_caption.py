@@ -118,7 +118,7 @@ class BusyRuns:
 
 
 @pytest.mark.slow
-def test_the_dataset_tab_captions_through_the_worker_and_refuses_while_training(blip, tmp_path):
+def test_the_dataset_tab_captions_through_the_worker_and_waits_while_training(blip, tmp_path):
     from app.captioning import CaptionJobs
     from app.services import Studio
     from app.tabs.dataset import DatasetTab
@@ -126,8 +126,12 @@ def test_the_dataset_tab_captions_through_the_worker_and_refuses_while_training(
 
     ws = Workspace(tmp_path / "ws")
     make_images(ws.dataset_path("d", create=True), 3, caption=None)
-    busy = DatasetTab(Studio(ws, BusyRuns("running"), CaptionJobs(ws, BusyRuns("running"))))
-    assert "training run is using the GPU" in busy.start_captioning("d", str(blip), "missing", False)
+    waiting = CaptionJobs(ws, BusyRuns("running"))
+    busy = DatasetTab(Studio(ws, BusyRuns("running"), waiting))
+    assert busy.start_captioning("d", str(blip), "missing", False).startswith("Waiting in the queue")
+    assert "Waiting in the queue for the GPU" in busy.captioning()[0]
+    assert waiting.cancel().startswith("Taken out of the queue")  # before it started: nothing written
+    assert not list(ws.dataset_path("d").glob("*.txt"))
     tab = DatasetTab(Studio(ws, BusyRuns("finished"), CaptionJobs(ws, BusyRuns("finished"))))
     assert "tick *Yes, replace existing captions*" in tab.start_captioning("d", str(blip), "overwrite", False)
     assert tab.start_captioning("d", str(blip), "missing", False, trigger="zwx", batch_size=2) == "Captioning started."

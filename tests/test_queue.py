@@ -106,3 +106,69 @@ def test_three_queued_runs_train_in_order_across_an_app_restart(tiny_sd1, tmp_pa
         spans.append((events[0]["time"], events[-1]["time"]))
         assert Path(rm.view(i).output).is_file()
     assert spans[0][1] <= spans[1][0] and spans[1][1] <= spans[2][0]  # one after another, in the queue's order
+
+
+class Runs:
+    """The run manager's answer about the GPU (only `list` is asked by a waiting captioning job)."""
+
+    def __init__(self, status):
+        self.status = status
+
+    def list(self):
+        return [{"id": "r1", "status": self.status}]
+
+
+def test_captioning_asked_for_during_a_run_waits_in_the_queue_and_starts_after_it(tmp_path):
+    from PIL import Image
+
+    from app.captioning import CaptionJobs
+    from captioners import tiny_tagger
+
+    ws = Workspace(tmp_path / "ws")
+    folder = ws.dataset_path("d", create=True)
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(folder / "a.png")
+    tagger = tiny_tagger(tmp_path / "wd-tiny")
+    runs = Runs("running")
+    jobs = CaptionJobs(ws, runs)
+    assert jobs.start("d", str(tagger), "missing").startswith("Waiting in the queue")
+    assert jobs.waiting() and not jobs.running() and jobs.state()["active"]
+    assert "already running or waiting" in jobs.start("d", str(tagger), "missing")
+    assert CaptionJobs(ws, runs).waiting()  # an app restart keeps it in line
+    runs.status = "finished"  # the run ends: the captioning starts by itself
+    wait_for(lambda: jobs.state().get("finished") and not jobs.waiting(), timeout=120)
+    assert "Wrote 1 caption(s) with wd-tiny" in jobs.state()["message"]
+    assert (folder / "a.txt").read_text().startswith("red background")
+
+
+def test_a_waiting_captioning_goes_before_the_next_queued_run(tiny_sd1, tmp_path):
+    """The queue's order across kinds of job: a run queued while a captioning job waits for the GPU waits for it,
+    and starts once the captioning is out of the way."""
+    from app.captioning import CaptionJobs
+
+    ws = Workspace(tmp_path / "ws")
+    data = ws.dataset_path("d", create=True)
+    make_images(data, 2)
+    rm = RunManager(ws)
+    jobs = CaptionJobs(ws, rm)
+    (ws.captioning_dir / "job-1").mkdir(parents=True)  # as start() leaves a job that waits behind a run
+    (ws.captioning_dir / "job-1" / "job.json").write_text(json.dumps({"waiting": True, "dataset": "d", "cmd": []}))
+    run, _ = rm.create(quick_cfg(tiny_sd1, data))
+    assert rm.get(run)["status"] == "queued" and all(r["status"] != "running" for r in rm.list())
+    assert jobs.cancel().startswith("Taken out of the queue")
+    wait_for(lambda: rm.list() and rm.get(run)["status"] == "running", timeout=30)
+    rm.kill(run)
+    wait_for(lambda: rm.get(run)["status"] != "running", timeout=60)
+
+
+def test_the_newest_captioning_job_is_the_last_one_asked_for_even_within_a_second(tmp_path):
+    """Job folders sort by time to the microsecond: with a random suffix, a job asked for in the same second as
+    the one before could sort first, and the page followed (and refused over) the old one."""
+    from app.captioning import CaptionJobs
+
+    ws = Workspace(tmp_path / "ws")
+    ws.dataset_path("d", create=True)
+    jobs = CaptionJobs(ws, Runs("running"))
+    for _ in range(10):
+        assert jobs.start("d", "SmilingWolf/wd-vit-tagger-v3", "missing").startswith("Waiting in the queue")
+        assert jobs.waiting()  # the job just asked for is the newest
+        assert jobs.cancel().startswith("Taken out of the queue")
