@@ -114,6 +114,7 @@ def test_the_block_table_round_trips_through_a_kohya_ss_preset():
     assert {k: again[k] for k in blocks.FIELDS if k in again} == {k: mapped[k] for k in blocks.FIELDS if k in mapped}
 
 
+@pytest.mark.slow  # a training or a worker: the fast tier stays under 3 minutes
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_the_estimate_counts_the_real_per_block_lora_size(family, request):
     from trainer.recipe.config import TrainConfig

@@ -108,6 +108,7 @@ def _bases(m, sd, family, state):
                 yield f"{module_name(part, name, family, {**state, 'up_has_attn': up_attn})}.dora_scale", mod.get_base_layer().weight
 
 
+@pytest.mark.slow  # a training or a worker: the fast tier stays under 3 minutes
 def test_dora_trains_a_different_file_that_diffusers_and_preview_load(tiny_sd1, dataset, tmp_path):
     from diffusers import StableDiffusionPipeline
 

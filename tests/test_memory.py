@@ -203,6 +203,7 @@ def test_the_counter_lets_go_of_the_models_it_counted():
     assert ref() is None
 
 
+@pytest.mark.slow  # a training or a worker: the fast tier stays under 3 minutes
 def test_every_engine_process_runs_with_expandable_segments_unless_the_user_chose(tmp_path):
     """Issue 31: the workers set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (before torch starts CUDA),
     and a value the person set is kept."""

@@ -120,6 +120,7 @@ def test_bad_pairs_and_kohya_names():
     assert 'network_args = ["rank_dropout=0.1", "module_dropout=0.05", "loraplus_lr_ratio=16"]' in toml
 
 
+@pytest.mark.slow  # a training or a worker: the fast tier stays under 3 minutes
 def test_ema_of_the_lora_is_what_the_file_holds_and_changes_nothing_else(tiny_sd1, dataset, tmp_path):
     """The EMA does not change training (the -raw file is the run without EMA, bit for bit), decay 0 follows the
     weights exactly, a real decay gives another file, and the metadata says so."""

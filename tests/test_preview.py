@@ -58,6 +58,7 @@ def engine_for(model_dir):
     return e
 
 
+@pytest.mark.slow  # a training or a worker: the fast tier stays under 3 minutes
 def test_strength_zero_is_base_one_is_trainer_and_effect_grows(tiny_sd1, dataset, tmp_path):
     out = tmp_path / "run"
     base_config(tiny_sd1, dataset, out, max_steps=6, unet_lr=3e-3).save(tmp_path / "c.toml")

@@ -118,6 +118,7 @@ class Runs:
         return [{"id": "r1", "status": self.status}]
 
 
+@pytest.mark.slow  # a training or a worker: the fast tier stays under 3 minutes
 def test_captioning_asked_for_during_a_run_waits_in_the_queue_and_starts_after_it(tmp_path):
     from PIL import Image
 
