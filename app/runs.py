@@ -129,6 +129,11 @@ def explain_crash(log_tail: str, code: int | None, gpu_ids: list[int] | None = N
     return f"The training process ended unexpectedly (exit code {code}). Last log line: {last[0][:300]}. Resume to continue from the last checkpoint."
 
 
+def gpu_ids_of(run: dict) -> list[int]:
+    """The GPUs a run was given on the page ([] = the default device)."""
+    return [int(i) for i in (run.get("gpu_ids") or "").split(",") if i.strip()]
+
+
 def interrupted_message(run_dir: str) -> str:
     from trainer.runfiles import step_of
 
@@ -334,7 +339,7 @@ class RunManager:
     def _spawn(self, run: dict) -> None:
         files = RunFiles(run["dir"])
         args = ["train", str(files.config), "--run-dir", str(files.root)] + (["--resume"] if run["resume"] else [])
-        gpu_ids = [int(i) for i in (run.get("gpu_ids") or "").split(",") if i.strip()]
+        gpu_ids = gpu_ids_of(run)
         if (run.get("processes") or 1) > 1:  # a group of ranks, through accelerate's launcher
             cfg = TrainConfig.load(files.config)
             cmd = group_command(*args, processes=run["processes"], gpu_ids=gpu_ids,
@@ -371,8 +376,7 @@ class RunManager:
             self._set(run_id, status="interrupted", message=interrupted_message(run["dir"]))
         else:
             tail = _tail(RunFiles(run["dir"]).worker_log, 12000)
-            gpu_ids = [int(i) for i in (run.get("gpu_ids") or "").split(",") if i.strip()]
-            self._set(run_id, status="crashed", message=explain_crash(tail, code, gpu_ids))
+            self._set(run_id, status="crashed", message=explain_crash(tail, code, gpu_ids_of(run)))
 
     def _record_timing(self, run: dict, events: list[dict]) -> None:
         """What this attempt measured (s/step, start-up) goes into the workspace's timings, for the next estimate."""
