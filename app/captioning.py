@@ -91,6 +91,13 @@ class CaptionJobs:
     def _spawn(self, job: Path, info: dict) -> None:
         self._proc = start_detached(info["cmd"], job / "worker.log")
         (job / "job.json").write_text(json.dumps({**info, "waiting": False, "pid": self._proc.pid}))
+        threading.Thread(target=self._then_next, args=(self._proc,), daemon=True).start()
+
+    def _then_next(self, proc) -> None:
+        """When the worker ends, the next queued training run may take the GPU (without waiting for a page to ask)."""
+        proc.wait()
+        if hasattr(self.runs, "reconcile"):
+            self.runs.reconcile()
 
     def _start_when_free(self, job: Path, every_s: float = 1.0) -> None:
         """Start a waiting job when no training run holds the GPU (or drop it when it was cancelled)."""

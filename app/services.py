@@ -150,9 +150,6 @@ class Studio:
         Start puts it next in line; `to_queue` (Add to queue) at the end. `gpu_ids`: the GPUs it trains on (two or
         more: one rank each, through accelerate); `processes`: ranks on the CPU (device = 'cpu'), as the tests
         run a group here."""
-        if self.gpu_busy(asking="training") == "captioning":
-            return None, ("Auto-captioning is using the GPU right now (Dataset tab): start the run when it has "
-                          "finished, or cancel it there.")
         try:
             cfg = values_to_config(values, self.ws.datasets_dir)  # once: the check and the run use this config
         except ConfigError as e:
@@ -175,10 +172,13 @@ class Studio:
         if me.get("status") != "queued":
             return "Started."
         queue = [r["id"] for r in self.runs.queue()]
-        ahead = [r["id"] for r in self.runs.list() if r["status"] == "running"] + queue[: queue.index(run_id)]
+        ahead = [f"`{r['id']}`" for r in self.runs.list() if r["status"] == "running"] + [
+            f"`{r}`" for r in queue[: queue.index(run_id)]]
+        if self.captions is not None and (self.captions.running() or self.captions.waiting()):
+            ahead.insert(0, "the auto-captioning of the Dataset tab")
         paused = " The queue is paused: resume it in the queue panel." if self.runs.paused() else ""
-        return ((f"Queued: it starts when {', then '.join(f'`{r}`' for r in ahead)} "
-                 f"{'has' if len(ahead) == 1 else 'have'} finished (one run on the GPU at a time)." if ahead
+        return ((f"Queued: it starts when {', then '.join(ahead)} "
+                 f"{'has' if len(ahead) == 1 else 'have'} finished (one job on the GPU at a time)." if ahead
                  else "Queued: it starts in a moment.") + paused)
 
     def edit_queued(self, run_id: str, values: dict) -> str:

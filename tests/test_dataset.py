@@ -266,8 +266,10 @@ def test_caption_save_is_atomic_and_last_write_wins(tmp_path):
 
 
 def test_batch_sampler_shares_each_epoch_between_ranks_as_accelerate_shards_it(tmp_path):
-    """The sampler yields every rank's batch in turn; accelerate's BatchSamplerShard must hand rank r exactly its
-    own batches, so DDP ranks see disjoint images and a resumed sampler continues the same sequence."""
+    """The sampler yields every rank's share in turn; accelerate's BatchSamplerShard must hand rank r exactly its
+    own shares, so DDP ranks see disjoint images and a resumed sampler continues the same sequence. Two ranks of
+    batch 1 take, slot for slot, the batches one process of batch 2 takes (weighted so that the averaged
+    gradient is that batch's)."""
     from accelerate.data_loader import BatchSamplerShard
 
     from trainer.data.loader import BucketBatchSampler, TrainData
@@ -280,10 +282,18 @@ def test_batch_sampler_shares_each_epoch_between_ranks_as_accelerate_shards_it(t
     whole = list(BucketBatchSampler(data, 2, 0, 3 * per_epoch))
     for rank in (0, 1):
         mine = list(BatchSamplerShard(BucketBatchSampler(data, 2, 0, 3 * per_epoch), 2, rank))
-        assert len(mine) == 3 * per_epoch and all(key[1] == rank for b in mine for key in b)
+        assert len(mine) == 3 * per_epoch and all(key[1] == rank or key[4] == 0 for b in mine for key in b)
         assert mine == whole[rank::2]
     for epoch in range(3):  # within an epoch the ranks never see the same (image, flip) entry twice
-        keys = [(k[3], k[4]) for b in whole[2 * epoch * per_epoch : 2 * (epoch + 1) * per_epoch] for k in b]
-        assert len(keys) == len(set(keys))
-    # a sampler started at micro-step 2 is the tail of the one started at 0
+        keys = [(k[2], k[3]) for b in whole[2 * epoch * per_epoch : 2 * (epoch + 1) * per_epoch] for k in b if k[4]]
+        assert len(keys) == len(set(keys)) == 5
+    one = TrainData(scan_dataset(d).items, base_config(tmp_path / "m", d, tmp_path / "out", flip=True,
+                                                       max_bucket=128, batch_size=2))
+    assert one.micro_per_epoch(1) == per_epoch
+    assert any(k[4] == 0 for b in whole for k in b)  # an odd bucket's last batch: the second rank pads, at weight 0
+    single = list(BucketBatchSampler(one, 1, 0, 3 * per_epoch))
+    for micro, batch in enumerate(single):
+        group = [k for k in whole[2 * micro] + whole[2 * micro + 1] if k[4]]
+        assert [k[:4] for k in group] == [k[:4] for k in batch]
+        assert all(g[4] == 2 * k[4] for g, k in zip(group, batch))  # 2 / size: the two ranks' mean is the batch's
     assert list(BucketBatchSampler(data, 2, 2, 3 * per_epoch)) == whole[4:]

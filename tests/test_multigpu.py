@@ -3,10 +3,12 @@ launcher (two CPU ranks on gloo here: the same command a GPU machine gets with -
 file, and a rank killed with SIGKILL stops the group with one sentence naming it and leaves a resumable run."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import psutil
 import pytest
+from safetensors.torch import load_file
 
 from conftest import make_images, quick_cfg, wait_for
 from app.forms import config_to_values
@@ -15,6 +17,7 @@ from app.runs import RunManager, explain_crash
 from app.services import Studio
 from app.workers import group_command
 from app.workspace import Workspace
+from trainer.engine.loop import train
 
 TORCHRUN_REPORT = """
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
@@ -59,19 +62,27 @@ def test_a_group_of_two_started_from_the_page_and_a_killed_rank(tiny_sd1, tmp_pa
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ws = Workspace(tmp_path / "ws")
     data = ws.dataset_path("d", create=True)
-    make_images(data, 4)
+    # two buckets of 3 and 2 images: batches of 2, 2 and 1 an epoch, so one step has one image for two ranks
+    make_images(data, 5, size=[(64, 64), (64, 64), (64, 64), (128, 64), (128, 64)])
     rm = RunManager(ws)
     studio = Studio(ws, rm)
-    values = config_to_values(quick_cfg(tiny_sd1, data, max_steps=4, batch_size=1, sample_every_steps=0,
-                                        save_every_steps=2))
-    run, msg = studio.start(values, processes=2)
+    cfg = quick_cfg(tiny_sd1, data, max_steps=4, batch_size=1, sample_every_steps=0, save_every_steps=2)
+    run, msg = studio.start(config_to_values(cfg), processes=2)
     assert run and "effective batch 2 (1 per GPU x 2 x 1 accumulation)" in msg, msg
     wait_for(lambda: rm.get(run)["status"] != "running" and rm.get(run)["status"] != "queued", timeout=400)
     assert rm.get(run)["status"] == "finished", rm.get(run)["message"]
     out = Path(rm.get(run)["dir"])
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["lora.safetensors"]  # rank 0 alone exports
     assert sum(1 for e in rm.view(run).log if "done: Finished" in e) == 1  # one event log, from rank 0
-    assert rm.view(run).epoch == 2  # each rank took half of the 4 images: 2 steps an epoch, 4 steps = 2 epochs
+    assert rm.view(run).epoch == 2  # 3 global batches an epoch: 4 steps end in the second
+
+    # the group's file is the file of one process with the same global batch (2), the same seed and data
+    single = train(dataclasses.replace(cfg, batch_size=2), tmp_path / "single", echo=lambda m: None)
+    a, b = load_file(str(out / "lora.safetensors")), load_file(str(single))
+    assert a.keys() == b.keys()
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    size = max(float(b[k].float().abs().max()) for k in b if "lora_up" in k)
+    assert diff < 1e-6 < size, (diff, size)  # summed in another order (gloo's all-reduce), nothing else differs
 
     # a rank killed mid-run: the group stops with a sentence naming it, and Resume finishes the run
     values = config_to_values(quick_cfg(tiny_sd1, data, max_steps=400, batch_size=1, sample_every_steps=0,

@@ -39,12 +39,12 @@ def test_a_fully_masked_image_contributes_no_gradient(tiny_sd1, tmp_path):
     assert len(run.data.items) == 1  # masks/ is not read as training images
     batch = next(batch_iterator(run, 0))
     assert batch["mask"].shape == (1, 1, 8, 8) and float(batch["mask"].max()) == 0.0
-    loss = batch_loss(run, batch, torch.Generator().manual_seed(0))
+    loss = batch_loss(run, batch, [torch.Generator().manual_seed(0)])
     loss.backward()
     assert float(loss) == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads(run))
     # the same image unmasked does push the LoRA
     run.optimizer.zero_grad(set_to_none=True)
-    batch_loss(run, {**batch, "mask": torch.ones_like(batch["mask"])}, torch.Generator().manual_seed(0)).backward()
+    batch_loss(run, {**batch, "mask": torch.ones_like(batch["mask"])}, [torch.Generator().manual_seed(0)]).backward()
     assert any(float(g.abs().max()) > 0 for g in grads(run))
 
 
@@ -99,13 +99,12 @@ def test_class_images_add_their_weighted_gradient_to_every_step(tiny_sd1, tmp_pa
     batches = batch_iterator(run, 0)
     batch = next(batches)
     assert set(batch) == {"train", "reg"} and len(batch["reg"]["caption"]) == 1  # each step sees both
-    from trainer.data.loader import mix
+    from trainer.engine.loop import sample_generators
 
-    g1 = torch.Generator().manual_seed(mix(cfg.seed, 0, 0))
-    batch_loss(run, batch["train"], g1).backward()
+    batch_loss(run, batch["train"], sample_generators(cfg.seed, 0, batch["train"]["slot"])).backward()
     train_only = grads(run)
     run.optimizer.zero_grad(set_to_none=True)
-    batch_loss(run, batch["reg"], torch.Generator().manual_seed(mix(cfg.seed, 0, 0, 7))).backward()
+    batch_loss(run, batch["reg"], sample_generators(cfg.seed, 0, batch["reg"]["slot"], 7)).backward()
     reg_only = grads(run)
     run.optimizer.zero_grad(set_to_none=True)
     micro_step(run, batch, 0)  # the first of two accumulated micro-steps: gradients stay, no optimizer step

@@ -142,8 +142,8 @@ def test_captioning_asked_for_during_a_run_waits_in_the_queue_and_starts_after_i
 
 
 def test_a_waiting_captioning_goes_before_the_next_queued_run(tiny_sd1, tmp_path):
-    """The queue's order across kinds of job: a run queued while a captioning job waits for the GPU waits for it,
-    and starts once the captioning is out of the way."""
+    """The queue's order across kinds of job: a run started (from the page's Start) while a captioning job waits
+    for the GPU, or holds it, waits for it in the queue, and starts once the captioning is out of the way."""
     from app.captioning import CaptionJobs
 
     ws = Workspace(tmp_path / "ws")
@@ -153,7 +153,8 @@ def test_a_waiting_captioning_goes_before_the_next_queued_run(tiny_sd1, tmp_path
     jobs = CaptionJobs(ws, rm)
     (ws.captioning_dir / "job-1").mkdir(parents=True)  # as start() leaves a job that waits behind a run
     (ws.captioning_dir / "job-1" / "job.json").write_text(json.dumps({"waiting": True, "dataset": "d", "cmd": []}))
-    run, _ = rm.create(quick_cfg(tiny_sd1, data))
+    run, said = Studio(ws, rm, jobs).start(config_to_values(quick_cfg(tiny_sd1, data)))
+    assert run and said.startswith("Queued: it starts when the auto-captioning of the Dataset tab has finished"), said
     assert rm.get(run)["status"] == "queued" and all(r["status"] != "running" for r in rm.list())
     assert jobs.cancel().startswith("Taken out of the queue")
     wait_for(lambda: rm.list() and rm.get(run)["status"] == "running", timeout=30)
@@ -173,3 +174,27 @@ def test_the_newest_captioning_job_is_the_last_one_asked_for_even_within_a_secon
         assert jobs.start("d", "SmilingWolf/wd-vit-tagger-v3", "missing").startswith("Waiting in the queue")
         assert jobs.waiting()  # the job just asked for is the newest
         assert jobs.cancel().startswith("Taken out of the queue")
+
+
+@pytest.mark.slow
+def test_a_run_started_while_captioning_runs_starts_by_itself_when_it_ends(tiny_sd1, tmp_path, monkeypatch):
+    """Start during auto-captioning queues the run; the captioning worker's end hands the GPU on, with no page
+    asking (only `get` is read here, which schedules nothing)."""
+    from app.captioning import CaptionJobs
+    from captioners import tiny_tagger
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ws = Workspace(tmp_path / "ws")
+    data = ws.dataset_path("d", create=True)
+    make_images(data, 2)
+    rm = RunManager(ws)
+    jobs = CaptionJobs(ws, rm)
+    assert jobs.start("d", str(tiny_tagger(tmp_path / "wd-tiny")), "overwrite") == "Captioning started."
+    run, said = Studio(ws, rm, jobs).start(config_to_values(quick_cfg(tiny_sd1, data, max_steps=1,
+                                                                      sample_every_steps=0)))
+    assert said.startswith("Queued: it starts when the auto-captioning of the Dataset tab has finished"), said
+    assert rm.get(run)["status"] == "queued"
+    wait_for(lambda: rm.get(run)["status"] != "queued", timeout=120)
+    assert jobs.state().get("finished") and "Wrote 2 caption(s)" in jobs.state()["message"]
+    wait_for(lambda: rm.get(run)["status"] not in ("queued", "running"), timeout=300)
+    assert rm.get(run)["status"] == "finished", rm.get(run)["message"]

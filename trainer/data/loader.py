@@ -1,10 +1,13 @@
 """Batches for training: one bucket per batch, an order fixed by (seed, epoch), through torch's DataLoader.
 
 Everything random here is a function of (seed, position), not of a running RNG, so a resumed run sees
-exactly the batches and captions the uninterrupted run would have seen. `BucketBatchSampler` yields the
-global batches of every process in turn (batch `micro * world + rank`); accelerate's `prepare` hands
-batch number i to process `i % world`, so each rank gets its own share, as kohya and the diffusers
-examples share a DataLoader.
+exactly the batches and captions the uninterrupted run would have seen. The batches are global: a group of
+N processes with batch_size b per process takes the batches one process with batch N x b would take, and
+process r trains on slots [r*b, (r+1)*b) of each. Every sample carries its global slot (its captions and, in
+the loop, its noise and timestep are drawn from it) and its weight (N / the global batch's size), so the
+group's averaged gradient is the one process's gradient. `BucketBatchSampler` yields every process's share
+in turn (micro-step by micro-step); accelerate's `prepare` hands share number i to process `i % world`, as
+kohya and the diffusers examples share a DataLoader.
 """
 from __future__ import annotations
 
@@ -32,9 +35,9 @@ def mix(*xs: int) -> int:
 
 
 class TrainData(Dataset):
-    """The images of a run with their buckets and content hashes. An index is (micro, rank, slot, item, flip),
-    or (..., 1) for a class image of `reg`; a sample is {'latents' or 'pixels', 'caption', 'time_ids'} (+ 'mask'
-    with masked loss, + 'reg' for a class image). `reg` (class images) and `val` (validation images) are
+    """The images of a run with their buckets and content hashes. An index is (micro, slot, item, flip, weight),
+    or (..., 1) for a class image of `reg`; a sample is {'latents' or 'pixels', 'caption', 'time_ids', 'slot',
+    'weight'} (+ 'mask' with masked loss, + 'reg' for a class image). `reg` (class images) and `val` (validation images) are
     TrainData of their own, sharing the latent cache."""
 
     def __init__(self, items: list[ImageItem], cfg, root: str | Path | None = None, triggers: bool = True):
@@ -64,8 +67,9 @@ class TrainData(Dataset):
         self.hashes = [self.hashes[i] for i in keep]
 
     # ------------------------------------------------------------- order
-    def global_batches(self, epoch: int) -> list[list[tuple[int, bool]]]:
-        """All batches of an epoch: lists of (item index, flip), each list within one bucket."""
+    def global_batches(self, epoch: int, world_size: int = 1) -> list[list[tuple[int, bool]]]:
+        """All batches of an epoch for `world_size` processes of batch_size each: lists of (item index, flip),
+        each list within one bucket."""
         rng = random.Random(mix(self.cfg.seed, epoch, 17))
         by_bucket: dict[tuple[int, int], list[tuple[int, bool]]] = {}
         for i, it in enumerate(self.items):
@@ -76,20 +80,20 @@ class TrainData(Dataset):
         for b in sorted(by_bucket):
             entries = by_bucket[b]
             rng.shuffle(entries)
-            bs = self.cfg.batch_size
+            bs = self.cfg.batch_size * world_size
             batches.extend(entries[k : k + bs] for k in range(0, len(entries), bs))
         rng.shuffle(batches)
         return batches
 
     def micro_per_epoch(self, world_size: int = 1) -> int:
         """Batches each process sees per epoch (the same every epoch: bucket sizes do not change)."""
-        n = len(self.global_batches(0))
-        if n // world_size == 0:
+        entries = sum(it.repeats for it in self.items)
+        if entries < world_size:
             raise ValueError(
-                f"The dataset makes {n} batch(es) per epoch, fewer than the {world_size} processes: "
-                "add images or repeats, lower batch_size, or use fewer GPUs."
+                f"The dataset has {entries} image(s) per epoch, fewer than the {world_size} processes: "
+                "add images or repeats, or use fewer GPUs."
             )
-        return n // world_size
+        return len(self.global_batches(0, world_size))
 
     def all_jobs(self) -> list:
         """Every (path, hash, bucket, flip) the run can ask for: what the latent cache must hold."""
@@ -97,8 +101,8 @@ class TrainData(Dataset):
         return [(it.path, self.hashes[i], self.buckets[i], f) for i, it in enumerate(self.items) for f in flips]
 
     # ------------------------------------------------------------- data
-    def caption(self, idx: int, micro: int, slot: int, rank: int) -> str:
-        rng = random.Random(mix(self.cfg.seed, micro, slot, rank, 29)) if self.opts.is_random else None
+    def caption(self, idx: int, micro: int, slot: int) -> str:
+        rng = random.Random(mix(self.cfg.seed, micro, slot, 0, 29)) if self.opts.is_random else None
         return build_caption(self.items[idx].caption, self.opts, rng)
 
     def fixed_captions(self) -> list[str]:
@@ -114,10 +118,10 @@ class TrainData(Dataset):
     def __getitem__(self, index: tuple) -> dict:
         if len(index) == 6:  # a class image, paired with this training batch
             return {**self.reg[index[:5]], "reg": True}
-        micro, rank, slot, i, flip = index
+        micro, slot, i, flip, weight = index
         it, (bw, bh) = self.items[i], self.buckets[i]
         _, _, (left, top, _, _) = resize_crop_box(it.width, it.height, bw, bh)
-        sample = {"caption": self.caption(i, micro, slot, rank),
+        sample = {"caption": self.caption(i, micro, slot), "slot": slot, "weight": torch.tensor(weight),
                   "time_ids": torch.tensor([it.height, it.width, top, left, bh, bw], dtype=torch.float32)}
         if self.cache is not None:
             sample["latents"] = self.cache.get(self.hashes[i], self.buckets[i], flip)
@@ -139,8 +143,18 @@ def collate(samples: list[dict]) -> dict:
             "reg": default_collate([s for s, r in zip(samples, is_reg) if r])}
 
 
+def shares(micro: int, entries: list[tuple[int, bool]], world_size: int, per_rank: int) -> list[list[tuple]]:
+    """Each rank's part of a global batch: slots [r*per_rank, (r+1)*per_rank), weighted world / batch size so
+    the ranks' averaged gradient is the gradient of the batch's mean loss. A rank left without an entry (the
+    last batch of a small bucket) gets the first one at weight 0: every rank must run a step."""
+    weight = world_size / len(entries)
+    parts = [[(micro, slot, i, flip, weight) for slot, (i, flip) in enumerate(entries)
+              if r * per_rank <= slot < (r + 1) * per_rank] for r in range(world_size)]
+    return [part or [(micro, 0, *entries[0], 0.0)] for part in parts]
+
+
 class BucketBatchSampler(Sampler):
-    """The batches of micro-steps [start, end) of every rank, in the order (micro, rank)."""
+    """Every rank's share of the batches of micro-steps [start, end), in the order (micro, rank)."""
 
     drop_last = True  # every process gets exactly end - start batches; accelerate need not pad
 
@@ -159,18 +173,16 @@ class BucketBatchSampler(Sampler):
         for micro in range(self.start, self.end):
             epoch, pos = divmod(micro, self.per_epoch)
             if epoch != cached_epoch:
-                epoch_batches, cached_epoch = self.data.global_batches(epoch), epoch
+                epoch_batches, cached_epoch = self.data.global_batches(epoch, self.world), epoch
             if self.reg_per_epoch:  # the class images run through their own epochs, one batch per step
                 r_epoch, r_pos = divmod(micro, self.reg_per_epoch)
                 if r_epoch != reg_epoch:
-                    reg_batches, reg_epoch = self.data.reg.global_batches(r_epoch), r_epoch
+                    reg_batches, reg_epoch = self.data.reg.global_batches(r_epoch, self.world), r_epoch
+            bs = self.data.cfg.batch_size
+            mine = shares(micro, epoch_batches[pos], self.world, bs)
+            reg = shares(micro, reg_batches[r_pos], self.world, bs) if self.reg_per_epoch else [[]] * self.world
             for rank in range(self.world):
-                entries = epoch_batches[pos * self.world + rank]
-                batch = [(micro, rank, slot, i, flip) for slot, (i, flip) in enumerate(entries)]
-                if self.reg_per_epoch:
-                    batch += [(micro, rank, slot, i, flip, 1)
-                              for slot, (i, flip) in enumerate(reg_batches[r_pos * self.world + rank])]
-                yield batch
+                yield mine[rank] + [key + (1,) for key in reg[rank]]
 
 
 def loader_workers() -> int:

@@ -137,20 +137,18 @@ def micro_step(run: Run, batch: dict, micro: int) -> torch.Tensor:
     """One batch forward and backward (with class images: their loss too, weighted by prior_loss_weight, so
     each step sees both), then the optimizer when the accumulation is complete. Returns the training loss."""
     cfg, acc = run.cfg, run.accelerator
-    g = torch.Generator().manual_seed(mix(cfg.seed, micro, acc.process_index))
     torch.manual_seed(mix(cfg.seed, micro, acc.process_index, 1))  # LoRA dropout
     reg = batch.get("reg") if "train" in batch else None
     batch = batch["train"] if "train" in batch else batch
     with acc.accumulate(*run.trainable):
         placement.phase("forward")
-        loss = batch_loss(run, batch, g)
+        loss = batch_loss(run, batch, sample_generators(cfg.seed, micro, batch["slot"]))
         placement.phase("backward")
         acc.backward(loss)
         if reg is not None and cfg.prior_loss_weight > 0:
             # a second backward adds its gradient to the first: the gradient of loss + w * prior loss, with one
             # batch's activations in memory at a time
-            acc.backward(cfg.prior_loss_weight * batch_loss(run, reg, torch.Generator().manual_seed(
-                mix(cfg.seed, micro, acc.process_index, 7))))
+            acc.backward(cfg.prior_loss_weight * batch_loss(run, reg, sample_generators(cfg.seed, micro, reg["slot"], 7)))
         placement.phase("optimizer")
         if acc.sync_gradients and cfg.max_grad_norm > 0:
             acc.clip_grad_norm_([p for g_ in run.optimizer.param_groups for p in g_["params"]], cfg.max_grad_norm)
@@ -160,22 +158,40 @@ def micro_step(run: Run, batch: dict, micro: int) -> torch.Tensor:
     return loss.detach()
 
 
-def batch_loss(run: Run, batch: dict, g: torch.Generator, timesteps: torch.Tensor | None = None,
+def sample_generators(seed: int, micro: int, slots: torch.Tensor, *salt: int) -> list[torch.Generator]:
+    """One generator per sample, seeded by its global slot in the micro-step's batch: a sample gets the same noise
+    and timestep whichever process trains it and however the batch is shared (the first slot's is the seed a
+    batch of one always had)."""
+    return [torch.Generator().manual_seed(mix(seed, micro, int(s), *salt)) for s in slots]
+
+
+def draw(cfg, sched, latents: torch.Tensor, gens: list[torch.Generator]):
+    """(noise, timesteps, the noise the input is made with) of a batch, each sample from its own generator, in
+    the order noise, timestep, input perturbation."""
+    parts = []
+    for k, g in enumerate(gens):
+        noise = objective.sample_noise(cfg, latents[k : k + 1], g)
+        t = objective.sample_timesteps(cfg, sched, 1, g)
+        parts.append((noise, t, objective.input_noise(cfg, noise, g)))
+    return [torch.cat(p) for p in zip(*parts)]
+
+
+def batch_loss(run: Run, batch: dict, gens: list[torch.Generator] | None, timesteps: torch.Tensor | None = None,
                noise: torch.Tensor | None = None) -> torch.Tensor:
-    """The diffusion loss of a batch: noise at random timesteps in [min_timestep, max_timestep) drawn from `g`
-    (or the given ones, for validation), predicted by the UNet; the loss, its weights per timestep and the noise
-    options are trainer/engine/objective.py's, the masks weigh each latent pixel."""
+    """The diffusion loss of a batch: noise at random timesteps in [min_timestep, max_timestep) drawn from each
+    sample's generator (or the given ones, for validation), predicted by the UNet; the loss, its weights per
+    timestep and the noise options are trainer/engine/objective.py's, the masks weigh each latent pixel. The
+    samples' losses are summed with their weights (1 / batch size in one process; see loader.shares)."""
     cfg, acc, model = run.cfg, run.accelerator, run.model
     dev, sched = acc.device, model.noise_scheduler
     latents = batch["latents"] if "latents" in batch else encode_pixels(model.vae, batch["pixels"])
     latents = latents.to(dev)
-    perturb = noise is None  # validation passes its fixed noise and timesteps, and measures them as they are
     if noise is None:
-        noise = objective.sample_noise(cfg, latents, g)
-    if timesteps is None:
-        timesteps = objective.sample_timesteps(cfg, sched, latents.shape[0], g)
+        noise, timesteps, noise_in = draw(cfg, sched, latents, gens)
+    else:  # validation passes its fixed noise and timesteps, and measures them as they are
+        noise_in = noise
     noise, timesteps = noise.to(dev), timesteps.to(dev)
-    noisy = sched.add_noise(latents, objective.input_noise(cfg, noise, g) if perturb else noise, timesteps)
+    noisy = sched.add_noise(latents, noise_in.to(dev), timesteps)
     v_pred = model.prediction_type == "v_prediction"
     target = sched.get_velocity(latents, noise, timesteps) if v_pred else noise
     hs, pooled = conditioning(run, batch["caption"])
@@ -187,8 +203,8 @@ def batch_loss(run: Run, batch: dict, g: torch.Generator, timesteps: torch.Tenso
     loss = objective.elementwise_loss(cfg, pred.float(), target.float(), timesteps, sched)
     if "mask" in batch:  # kohya's masked loss: weight each latent pixel, then average as before
         loss = loss * batch["mask"].to(dev)
-    loss = loss.mean(dim=[1, 2, 3])
-    return objective.weigh(cfg, loss, timesteps, sched, v_pred).mean()
+    loss = objective.weigh(cfg, loss.mean(dim=[1, 2, 3]), timesteps, sched, v_pred)
+    return (loss * batch["weight"].to(dev)).sum()
 
 
 def conditioning(run: Run, captions: list[str]):
@@ -311,14 +327,14 @@ def validate(run: Run, step: int) -> float | None:
         captions = val.fixed_captions()
         channels, scale = run.model.unet.config.in_channels, run.model.vae_scale_factor
         for i, it in enumerate(val.items):
-            batch = collate([val[(0, 0, 0, i, False)]])
+            batch = collate([val[(0, 0, i, False, 1.0)]])
             batch["caption"] = [captions[i]]
             g = torch.Generator().manual_seed(mix(int(val.hashes[i][:15], 16), 43))
             bw, bh = val.buckets[i]
             for k in range(VALIDATION_TIMESTEPS):
                 t = cfg.min_timestep + int((k + 0.5) * (cfg.max_timestep - cfg.min_timestep) / VALIDATION_TIMESTEPS)
                 noise = torch.randn((1, channels, bh // scale, bw // scale), generator=g)
-                losses.append(float(batch_loss(run, batch, g, torch.tensor([t]), noise)))
+                losses.append(float(batch_loss(run, batch, None, torch.tensor([t]), noise)))
     finally:
         for m, was in zip(run.trainable, modes):
             m.train(was)
