@@ -89,12 +89,24 @@ def config_to_values(cfg: TrainConfig) -> dict[str, Any]:
     return d
 
 
-def planned_steps(cfg: TrainConfig, images_per_epoch: int) -> int:
-    """Optimizer steps of a run (max_steps, or epochs of the dataset at this batch): about, before bucketing."""
+def planned_steps(cfg: TrainConfig, images_per_epoch: int, processes: int = 1) -> int:
+    """Optimizer steps of a run (max_steps, or epochs of the dataset at this batch on `processes` GPUs): about,
+    before bucketing."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    micro = -(-max(1, images_per_epoch) // max(1, cfg.batch_size))
+    micro = -(-max(1, images_per_epoch) // max(1, cfg.batch_size * processes))
     return cfg.epochs * max(1, micro // max(1, cfg.gradient_accumulation))
+
+
+def group_line(cfg: TrainConfig, n: int) -> str:
+    """What a group of n ranks means for the batch, the steps and the memory (the batch size is per GPU, as in
+    kohya)."""
+    eff = cfg.batch_size * n * cfg.gradient_accumulation
+    steps = (f"the same {cfg.max_steps} steps, each on {n} times the images" if cfg.max_steps > 0
+             else f"each epoch takes 1/{n} of the steps")
+    return (f"- Trains on {n} {'CPU processes' if cfg.device == 'cpu' else 'GPUs'}: effective batch {eff} "
+            f"({cfg.batch_size} per GPU x {n} x {cfg.gradient_accumulation} accumulation); {steps}; each GPU "
+            "needs the VRAM above.")
 
 
 def check_extra_folders(cfg: TrainConfig, errors: list[str], notes: list[str]) -> None:
@@ -118,21 +130,23 @@ def check_extra_folders(cfg: TrainConfig, errors: list[str], notes: list[str]) -
             notes.append(f"{extra['image_count']} validation image(s) from {Path(folder).name}")
 
 
-def duration_line(cfg: TrainConfig, family: str, images_per_epoch: int, timings: list[dict], device: str) -> str:
-    """'- Time on this machine (CPU): about 4 min (...)' for the plan."""
+def duration_line(cfg: TrainConfig, family: str, images_per_epoch: int, timings: list[dict], device: str,
+                  processes: int = 1) -> str:
+    """'- Time on this machine (CPU): about 4 min (...)' for the plan (a group's steps take about one GPU's
+    time: each rank trains its own batch)."""
     from trainer.recipe import timing
 
     run_device = device if cfg.device == "auto" else cfg.device
-    steps = planned_steps(cfg, images_per_epoch)
+    steps = planned_steps(cfg, images_per_epoch, processes)
     est = timing.estimate(cfg, family, steps, run_device, timings)
     return f"- Time on this machine ({'GPU' if run_device == 'cuda' else 'CPU'}): " + timing.describe(est, steps)
 
 
 def preflight(values: dict[str, Any] | TrainConfig, datasets_dir: Path | None = None, preset=None,
-              timings: list[dict] | None = None, device: str | None = None) -> tuple[bool, str]:
+              timings: list[dict] | None = None, device: str | None = None, processes: int = 1) -> tuple[bool, str]:
     """(ok to start, plain-language markdown): config errors, conflicts, dataset blockers, VRAM estimate and,
-    given this machine's `device` ('cuda' | 'cpu') and measured `timings`, how long the run will take.
-    `values` are the form's, or the TrainConfig already made of them."""
+    given this machine's `device` ('cuda' | 'cpu') and measured `timings`, how long the run will take on
+    `processes` GPUs. `values` are the form's, or the TrainConfig already made of them."""
     from trainer.models import families
     from trainer.recipe.estimate import estimate_vram_gb
     from trainer.recipe.presets import family_mismatch
@@ -172,8 +186,11 @@ def preflight(values: dict[str, Any] | TrainConfig, datasets_dir: Path | None = 
         lines.append(f"- Projected peak VRAM (counted on the CPU; no GPU has confirmed it yet): about "
                      f"{est['total_gb']} GB, while {est['phase']}; the biggest part is "
                      f"{est['biggest']} ({est['terms_gb'][est['biggest']]:.1f} GB). LoRA: {est['lora_params_m']}M parameters")
+    if processes > 1:
+        lines.append(group_line(cfg, processes))
     if device and in_range:
-        lines.append(duration_line(cfg, family, report["images_with_repeats"] if report else 1, timings or [], device))
+        lines.append(duration_line(cfg, family, report["images_with_repeats"] if report else 1, timings or [], device,
+                                   processes))
     if not errors:
         lines.insert(0, "### Ready to start")
     return not errors, "\n".join(lines)

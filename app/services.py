@@ -24,16 +24,6 @@ def run_metadata(run: dict) -> dict:
             "trigger": cfg.trigger, "steps": cfg.max_steps or f"{cfg.epochs} epochs", "name": cfg.output_name}
 
 
-def group_words(cfg: TrainConfig, n: int) -> str:
-    """What a group of n ranks means for the batch and the time (the batch size is per GPU, as in kohya)."""
-    if n <= 1:
-        return ""
-    eff = cfg.batch_size * n * cfg.gradient_accumulation
-    return (f" It trains on {n} {'CPU processes' if cfg.device == 'cpu' else 'GPUs'}: effective batch {eff} "
-            f"({cfg.batch_size} per GPU x {n} x {cfg.gradient_accumulation} accumulation); each epoch takes 1/{n} "
-            "of the steps, and each GPU needs the memory estimate above.")
-
-
 class Studio:
     def __init__(self, ws, runs, captions=None):
         self.ws, self.runs = ws, runs
@@ -135,14 +125,15 @@ class Studio:
         return run_tool(argv)
 
     # ------------------------------------------------------------------ runs
-    def check(self, values, preset_key: str = "") -> tuple[bool, str]:
-        """The pre-flight check of the form's values (or of the TrainConfig made of them)."""
+    def check(self, values, preset_key: str = "", processes: int = 1) -> tuple[bool, str]:
+        """The pre-flight check of the form's values (or of the TrainConfig made of them), for a run on
+        `processes` GPUs (or CPU ranks)."""
         from app.gpu import gpu_present
         from trainer.recipe import timing
 
         preset = find_preset(preset_key, self.ws.presets_dir) if preset_key else None
         return preflight(values, self.ws.datasets_dir, preset, timing.load(self.ws.timings_path),
-                         "cuda" if gpu_present() else "cpu")
+                         "cuda" if gpu_present() else "cpu", processes)
 
     def start(self, values: dict, preset_key: str = "", to_queue: bool = False, gpu_ids: list[int] | None = None,
               processes: int | None = None) -> tuple[str | None, str]:
@@ -154,15 +145,15 @@ class Studio:
             cfg = values_to_config(values, self.ws.datasets_dir)  # once: the check and the run use this config
         except ConfigError as e:
             return None, cannot_start(e)
-        ok, text = self.check(cfg, preset_key)
-        if not ok:
-            return None, text
-        self.ws.remember_model(cfg.base_model)
         n = int(processes or len(gpu_ids or []) or 1)
         if n > 1 and cfg.device != "cpu" and len(gpu_ids or []) != n:
             return None, "Choose the GPUs the run trains on (two or more for a group), or one for a single GPU."
+        ok, text = self.check(cfg, preset_key, n)
+        if not ok:
+            return None, text
+        self.ws.remember_model(cfg.base_model)
         run_id, created = self.runs.create(cfg, front=not to_queue, gpu_ids=gpu_ids, processes=n)
-        return run_id, self.start_message(run_id, created) + group_words(cfg, n) + "\n\n" + text
+        return run_id, self.start_message(run_id, created) + "\n\n" + text
 
     def start_message(self, run_id: str, created: bool) -> str:
         """What Start did: started, queued behind which runs, or the same run already there."""
@@ -187,7 +178,7 @@ class Studio:
             cfg = values_to_config(values, self.ws.datasets_dir)
         except ConfigError as e:
             return cannot_start(e)
-        ok, text = self.check(cfg)
+        ok, text = self.check(cfg, processes=(self.runs.get(run_id) or {}).get("processes") or 1)
         return self.runs.update_config(run_id, cfg) if ok else text
 
     def queue_rows(self) -> list[list]:

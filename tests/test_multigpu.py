@@ -4,6 +4,7 @@ file, and a rank killed with SIGKILL stops the group with one sentence naming it
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import psutil
@@ -49,6 +50,22 @@ def test_the_gpu_list_the_group_command_and_a_dead_rank_in_words():
     assert cmd[cmd.index("--mixed_precision") + 1] == "bf16" and cmd[-4:] == ["-m", "trainer", "train", "c.toml"]
     said = explain_crash(TORCHRUN_REPORT, 1, [0, 2])
     assert said.startswith("Rank 1 (GPU 2) of the group was killed, so the whole group stopped") and "Resume" in said
+
+
+def test_the_check_counts_a_groups_steps_and_batch(tmp_path):
+    """Before Start, the plan of a group says its effective batch, and an epoch-based run counts 1/N of the steps
+    for the time (each step takes about one GPU's time: every rank trains its own batch)."""
+    from app.forms import preflight
+
+    data = tmp_path / "d"
+    make_images(data, 8)
+    cfg = quick_cfg(tmp_path / "missing-model", data, max_steps=0, epochs=3, batch_size=2)
+    _, alone = preflight(cfg, None, None, [], "cpu")
+    _, group = preflight(cfg, None, None, [], "cpu", processes=2)
+    assert "- Trains on" not in alone
+    assert "effective batch 4 (2 per GPU x 2 x 1 accumulation); each epoch takes 1/2 of the steps" in group
+    steps = [int(re.search(r"Time on this machine.*?\((\d+) steps ×", t).group(1)) for t in (alone, group)]
+    assert steps == [12, 6]  # 8 images / batch 2 x 3 epochs; on two GPUs the global batch is 4
 
 
 def workers_of(pid: int) -> list[psutil.Process]:

@@ -385,12 +385,16 @@ class TrainTab:
         timer = gr.Timer(1.0)
         seen = gr.State({})  # what the page shows now: run list and the run's state, to update only on change
 
+        def chosen_gpus(data) -> list[int] | None:
+            return sorted(int(i) for i in data[gpu_pick] or []) if len(gpus) > 1 else None
+
         @friendly
         def on_check(data):
-            return in_ui_words(self.studio.check(self.values_of(data), data[preset])[1])
+            n = len(chosen_gpus(data) or []) or 1
+            return in_ui_words(self.studio.check(self.values_of(data), data[preset], n)[1])
 
         def on_start(data, to_queue=False):
-            chosen = sorted(int(i) for i in data[gpu_pick] or []) if len(gpus) > 1 else None
+            chosen = chosen_gpus(data)
             run_id, text = self.studio.start(self.values_of(data), data[preset], to_queue=to_queue, gpu_ids=chosen)
             text = in_ui_words(text)
             if run_id is None:
@@ -405,7 +409,7 @@ class TrainTab:
             form = [gr.Dropdown(choices=lists[n], value=vals[n]) if n in lists else vals[n] for n in self.order]
             return [*form, text]
 
-        check.click(on_check, self.inputs | {preset}, preflight_md)
+        check.click(on_check, self.inputs | {preset, gpu_pick}, preflight_md)
         tiny.click(on_tiny, self.inputs, self.outputs + [preflight_md]).then(self.remember, self.inputs | {preset})
         start.click(friendly(on_start), self.inputs | {preset, gpu_pick}, [self.run_pick, preflight_md])
         add_queue.click(friendly(lambda data: on_start(data, to_queue=True)), self.inputs | {preset, gpu_pick},
