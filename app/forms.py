@@ -10,7 +10,8 @@ BASIC = ["base_model", "dataset", "trigger", "network_type", "rank", "alpha", "u
          "max_steps", "epochs", "batch_size", "resolution", "optimizer", "mixed_precision", "output_name"]
 HIDDEN = ["output_dir", "config_version"]  # set by the app, not by the person
 FIELDS = {f["name"]: f for f in field_help()}
-ADVANCED = [n for n in FIELDS if n not in BASIC and n not in HIDDEN]
+SWEEP = ["variants"]  # the Compare settings panel's own field
+ADVANCED = [n for n in FIELDS if n not in BASIC and n not in HIDDEN and n not in SWEEP]
 
 
 # Fields that belong to some network types only: hidden on the page for the others (the config refuses them there).
@@ -77,14 +78,50 @@ def values_to_config(values: dict[str, Any], datasets_dir: Path | None = None, s
     return TrainConfig.from_dict(data, source="the form")
 
 
+def compare_grid(first: str, first_values: str, second: str = "", second_values: str = "") -> str:
+    """The variants box's lines for every combination of one or two settings' values (Compare settings): values
+    comma-separated, each read as the config reads it."""
+    from trainer.recipe import sweep
+
+    picked = []
+    for name, text in ((first, first_values), (second, second_values)):
+        if not name:
+            continue
+        if name not in sweep.FIELDS:
+            raise ConfigError(f"{name} is not a setting a variant can change. Pick one of: {', '.join(sweep.FIELDS)}.")
+        values = [sweep.parse_value(x) for x in sweep.split_commas(text or "") if x.strip()]
+        if not values:
+            raise ConfigError(f"Give the values of {name} to compare, comma-separated (e.g. 8, 16, 32).")
+        picked.append((name, values))
+    if not picked:
+        raise ConfigError("Pick a setting to compare and give its values.")
+    rows = sweep.grid(*picked)
+    if len(rows) > sweep.MAX_VARIANTS:
+        raise ConfigError(f"{len(rows)} combinations: a sweep trains at most {sweep.MAX_VARIANTS}. Give fewer values.")
+    return sweep.format_lines(rows)
+
+
+def sweep_line(cfg: TrainConfig) -> str:
+    """The plan's line for a sweep: how many variants, their names, where their files go."""
+    from trainer.recipe.sweep import variant_name
+
+    names = [variant_name(v) for v in cfg.variants if isinstance(v, dict)]
+    return (f"- Compares {len(names)} variants in one run, on one loaded base and one set of caches, with the same "
+            f"batches and noise: {', '.join(names)}. Each is written as {cfg.output_name}-<variant>.safetensors.")
+
+
 def cannot_start(e: ConfigError) -> str:
     return "### Cannot start\n" + "\n".join(f"- {line}" for line in str(e).splitlines())
 
 
 def config_to_values(cfg: TrainConfig) -> dict[str, Any]:
+    from trainer.recipe.sweep import format_lines
+
     d = cfg.to_dict()
     for k, f in FIELDS.items():
-        if f["type"] == "list":
+        if k == "variants":
+            d[k] = format_lines(d[k])
+        elif f["type"] == "list":
             d[k] = "\n".join(d[k])
     return d
 
@@ -186,6 +223,8 @@ def preflight(values: dict[str, Any] | TrainConfig, datasets_dir: Path | None = 
         lines.append(f"- Projected peak VRAM (counted on the CPU; no GPU has confirmed it yet): about "
                      f"{est['total_gb']} GB, while {est['phase']}; the biggest part is "
                      f"{est['biggest']} ({est['terms_gb'][est['biggest']]:.1f} GB). LoRA: {est['lora_params_m']}M parameters")
+    if cfg.variants:
+        lines.append(sweep_line(cfg))
     if processes > 1:
         lines.append(group_line(cfg, processes))
     if device and in_range:

@@ -47,6 +47,8 @@ class RunView:
     stopping: bool = False  # a stop was asked for and the run has not stopped yet
     memory: list = field(default_factory=list)  # CUDA readings of the progress events, for the spill warning
     dedicated_gb: float | None = None
+    variant_losses: dict = field(default_factory=dict)  # a sweep: each variant's last training loss
+    variant_val: list = field(default_factory=list)  # a sweep: (step, variant, validation loss)
 
     def fold(self, events: list[dict]) -> None:
         for e in events:
@@ -65,10 +67,13 @@ class RunView:
                 self.step, self.total, self.epoch = e["step"], e["total"], e.get("epoch", 0)
                 self.its, self.eta = e.get("its", 0.0), e.get("eta")
                 self.losses.append((e["step"], e["loss"]))
+                self.variant_losses = e.get("losses", self.variant_losses)
                 if "reserved_gb" in e:
                     self.dedicated_gb = e.get("dedicated_gb")
                     self.memory = (self.memory + [{"step": e["step"], "reserved_gb": e["reserved_gb"],
                                                    "s_per_step": 1 / e["its"] if e.get("its") else None}])[-50:]
+            elif t == "validation" and e.get("variant"):
+                self.variant_val.append((e["step"], e["variant"], e["loss"]))
             elif t == "validation":
                 self.val_losses.append((e["step"], e["loss"]))
             elif t == "sample":
@@ -93,6 +98,19 @@ class RunView:
         saved = {step_of(Path(p)) for p in self.checkpoints if Path(p).is_dir()}  # pruned ones are gone
         scored = [(loss, step) for step, loss in self.val_losses if step in saved]
         return (min(scored)[1], min(scored)[0]) if scored else None
+
+
+    def comparison(self) -> tuple[list[str], list[list], tuple[str, int, float] | None]:
+        """A sweep's validation losses side by side: (headers, one row per measured step with each variant's loss,
+        ★ on each variant's lowest, the best (variant, step, loss) overall)."""
+        names = list(dict.fromkeys(n for _, n, _ in self.variant_val))
+        steps = sorted({s for s, _, _ in self.variant_val})
+        loss = {(s, n): v for s, n, v in self.variant_val}
+        low = {n: min((loss[s, n], s) for s in steps if (s, n) in loss) for n in names}
+        rows = [[s] + [f"{loss[s, n]:.4f}" + (" ★" if low[n][1] == s else "") if (s, n) in loss else "" for n in names]
+                for s in steps]
+        best = min(((v, s, n) for n, (v, s) in low.items()), default=None)
+        return ["step"] + names, rows, (best[2], best[1], best[0]) if best else None
 
 
 def config_hash(cfg: TrainConfig) -> str:

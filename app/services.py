@@ -148,6 +148,9 @@ class Studio:
         n = int(processes or len(gpu_ids or []) or 1)
         if n > 1 and cfg.device != "cpu" and len(gpu_ids or []) != n:
             return None, "Choose the GPUs the run trains on (two or more for a group), or one for a single GPU."
+        if n > 1 and cfg.variants:
+            return None, ("A sweep (Compare settings) trains its variants on one GPU: pick one GPU in Train on, or "
+                          "empty the variants to train one LoRA on several.")
         ok, text = self.check(cfg, preset_key, n)
         if not ok:
             return None, text
@@ -262,11 +265,28 @@ class Studio:
         out += [(f"imported · {f.name}", str(f)) for f in sorted(self.ws.loras_dir.glob("*.safetensors"))]
         return out
 
-    def checkpoint_series(self, path: str) -> tuple[list[str], list[str]]:
-        """All files of the run a LoRA file belongs to: checkpoints oldest first, then the final one."""
+    def variant_series(self, path: str) -> tuple[list[str], list[str]]:
+        """(final files, variant names) of the sweep a LoRA file belongs to (Preview's Variant grid): each variant
+        folder of its run with its `<output_name>-<variant>.safetensors`."""
         files = RunFiles.of_lora(self.ws.resolve_file(path))
-        ckpts = files.checkpoint_loras()
         finals = files.final_loras()
+        found = []
+        for name in (d.name for d in files.variant_dirs()):
+            mine = [f for f in finals if f.name.endswith(f"-{name}.safetensors")]
+            if mine:
+                found.append((str(mine[0]), name))
+        if not found:
+            raise ValueError("That LoRA is not one of a finished sweep's (Compare settings on the Train tab): pick a "
+                             "file of such a run as the first enabled LoRA.")
+        return [f for f, _ in found], [n for _, n in found]
+
+    def checkpoint_series(self, path: str) -> tuple[list[str], list[str]]:
+        """The files of the run a LoRA file belongs to, under its name (a sweep: its variant's): checkpoints oldest
+        first, then the final one."""
+        src = Path(self.ws.resolve_file(path))
+        files = RunFiles.of_lora(src)
+        ckpts = [(s, f) for s, f in files.checkpoint_loras() if f.name == src.name]
+        finals = [f for f in files.final_loras() if f.name == src.name]
         if not ckpts and not finals:
             raise ValueError("That LoRA is not part of a run with checkpoints.")
         return ([str(f) for _, f in ckpts] + [str(f) for f in finals],

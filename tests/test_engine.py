@@ -259,7 +259,7 @@ while state.step < run.total_steps:
     after_step(run, state)
 weights = {n: p.detach().clone() for m in run.trainable for n, p in run.accelerator.unwrap_model(m).named_parameters() if "lora_" in n}
 torch.save({"weights": weights, "micro_per_epoch": run.micro_per_epoch}, f"{cfg.output_dir}/rank{run.accelerator.process_index}.pt")
-finish(run, state)
+finish(run, [run], [state])
 """
 
 

@@ -8,6 +8,8 @@
     <run>/<output_name>.safetensors       the final LoRA
     <run>/worker.log, <run>/error.log     the worker's output; an engine bug's traceback
     <run>/tensorboard/                    TensorBoard event files (tensorboard = true)
+    <run>/variants/<name>/                a sweep's variant: its checkpoints/ and samples/ (its final file is
+                                          <run>/<output_name>-<name>.safetensors)
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ SAMPLES = "samples"
 WORKER_LOG = "worker.log"
 ERROR_LOG = "error.log"
 TENSORBOARD = "tensorboard"
+VARIANTS = "variants"
 # inside a checkpoint folder
 LORA_STATE = "lora_state.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -96,14 +99,21 @@ class RunFiles:
     def final_loras(self) -> list[Path]:
         return sorted(p for p in self.root.glob("*.safetensors") if not p.name.startswith("."))
 
+    def variant_dirs(self) -> list[Path]:
+        """A sweep's variant folders (none for a run of one LoRA)."""
+        folder = self.root / VARIANTS
+        return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
     def checkpoint_loras(self) -> list[tuple[int, Path]]:
-        """(step, kohya file) of every checkpoint, oldest first."""
+        """(step, kohya file) of every checkpoint, oldest first (a sweep: every variant's)."""
         out = []
         for d in self.checkpoint_dirs():
             for f in sorted(d.glob("*.safetensors")):
                 if f.name != LORA_STATE:
                     out.append((step_of(d), f))
-        return out
+        for v in self.variant_dirs():
+            out += RunFiles(v).checkpoint_loras()
+        return sorted(out, key=lambda sf: sf[0])
 
     def lora_files(self) -> list[Path]:
         """Final LoRA first, then each checkpoint's, newest first."""
@@ -118,7 +128,8 @@ class RunFiles:
     def of_lora(path) -> "RunFiles":
         """The run a LoRA file belongs to (a final file or a checkpoint's)."""
         p = Path(path)
-        return RunFiles(p.parents[2] if _STEP.match(p.parent.name) else p.parent)
+        root = p.parents[2] if _STEP.match(p.parent.name) else p.parent
+        return RunFiles(root.parents[1] if root.parent.name == VARIANTS else root)  # a variant's: the sweep's run
 
 
 def step_of(checkpoint_dir) -> int | None:

@@ -15,7 +15,7 @@ from trainer.models.sniff import trigger_words
 from trainer.engine.samplers import DEFAULTS as D
 from trainer.engine.samplers import SAMPLERS
 
-MODES = ["Single image", "Base vs LoRA", "Strength grid", "Checkpoint grid"]
+MODES = ["Single image", "Base vs LoRA", "Strength grid", "Checkpoint grid", "Variant grid"]
 ROWS = 4
 
 
@@ -94,12 +94,15 @@ class PreviewTab:
 
         try:
             side = max(64, int((int(v["width"]) * int(v["height"])) ** 0.5) // 8 * 8)
-            images = {"Base vs LoRA": 2, "Strength grid": len(str(v.get("strengths", "")).split(","))}.get(
+            grid_cells = len(str(v.get("strengths", "")).split(","))
+            if v.get("mode") == "Variant grid":
+                grid_cells *= len(self.studio.variant_series(next(row[0] for row in v["loras"] if row[0] and row[1]))[0])
+            images = {"Base vs LoRA": 2, "Strength grid": grid_cells, "Variant grid": grid_cells}.get(
                 v.get("mode"), int(v.get("batch") or 1))
             cfg = TrainConfig(base_model=v.get("base_model") or "", resolution=side, batch_size=1)
             device = "cuda" if gpu_present() else "cpu"
             est = timing.estimate(cfg, "auto", 1, device, timing.load(self.ws.timings_path))
-        except (TypeError, ValueError, KeyError):
+        except (TypeError, ValueError, KeyError, StopIteration, OSError):
             return ""
         seconds = est["step_s"] * 2 / 3 * int(v.get("steps") or 1) * images  # a step with guidance, as samples
         if seconds < 60:
@@ -131,15 +134,21 @@ class PreviewTab:
             return [], "Enable at least one LoRA for this mode."
         if mode == "Base vs LoRA":
             req["mode"] = "compare"
-        elif mode == "Strength grid":
-            req["mode"] = "strength_grid"
-            req["lora_index"] = loras.index(active[0])
+        elif mode in ("Strength grid", "Variant grid"):
             try:
                 req["strengths"] = [float(x) for x in str(v.get("strengths", "")).replace(";", ",").split(",") if x.strip()]
             except ValueError:
                 return [], "Strengths must be numbers separated by commas, e.g. 0, 0.25, 0.5, 0.75, 1"
             if not req["strengths"]:
                 return [], "Give the strengths for the grid, e.g. 0, 0.25, 0.5, 0.75, 1"
+            if mode == "Strength grid":
+                req.update(mode="strength_grid", lora_index=loras.index(active[0]))
+            else:
+                try:
+                    files, labels = self.studio.variant_series(active[0]["path"])
+                except ValueError as e:
+                    return [], str(e)
+                req.update(mode="variant_grid", files=files, labels=labels)
         elif mode == "Checkpoint grid":
             files, labels = self.studio.checkpoint_series(active[0]["path"])
             req.update(mode="checkpoint_grid", files=files, labels=labels, strength=active[0]["strength"])

@@ -47,7 +47,12 @@ def progress_markdown(run: dict | None, v) -> str:
     if v.state in MOVING and not v.stopping:
         line += f" · {v.its:.2f} it/s · ETA {fmt_eta(v.eta)}"
     lines.append(line)
-    if v.losses:
+    if v.variant_losses:  # a sweep: each variant's loss (the plot draws the first's)
+        lines.append("loss by variant (the plot draws the first): " + " · ".join(f"{n} {x:.4f}" for n, x in v.variant_losses.items()))
+        best = v.comparison()[2]
+        if best:
+            lines.append(f"lowest validation loss so far: **{best[0]}** at step {best[1]} ({best[2]:.4f})")
+    elif v.losses:
         lines.append(f"loss {v.losses[-1][1]:.4f}" + (f" · validation loss {v.val_losses[-1][1]:.4f} at step "
                                                       f"{v.val_losses[-1][0]}" if v.val_losses else ""))
     best = v.best_checkpoint() if v.val_losses else None
@@ -98,11 +103,13 @@ class TrainTab:
         """Progress text, loss curve, samples and log of a run, from its event log."""
         run = self.runs.get(run_id) if run_id else None
         if not run:
-            return "No run selected.", None, gr.LinePlot(value=None, visible=False), [], ""
+            return ("No run selected.", None, gr.LinePlot(value=None, visible=False), gr.update(visible=False), [], "")
         v = self.runs.view(run_id)
         # the validation plot takes room only when the run measures a validation loss
         val = gr.LinePlot(value=loss_frame(v.val_losses, "validation loss"), visible=bool(v.val_losses))
-        return (progress_markdown(run, v), loss_frame(v.losses, "loss"), val, list(v.samples[-12:]),
+        headers, rows, _ = v.comparison()  # a sweep's validation losses: a table, a column per variant
+        table = gr.update(value={"headers": headers, "data": rows}, visible=True) if rows else gr.update(visible=False)
+        return (progress_markdown(run, v), loss_frame(v.losses, "loss"), val, table, list(v.samples[-12:]),
                 "\n".join(v.log[-30:]))
 
     def follow(self, run_id: str | None, shown: dict) -> tuple[dict, str | None, dict]:
@@ -144,6 +151,8 @@ class TrainTab:
             return gr.Checkbox(**kw)
         if f["type"] in ("int", "float"):
             return gr.Number(precision=0 if f["type"] == "int" else None, **kw)
+        if name == "variants":
+            return gr.Textbox(lines=4, placeholder="one variant per line, e.g. rank = 8, unet_lr = 2e-4", **kw)
         if f["type"] == "list":
             return gr.Textbox(lines=3, placeholder="one prompt per line; {trigger} = your trigger words", **kw)
         return gr.Textbox(**kw)
@@ -168,7 +177,9 @@ class TrainTab:
                     with gr.Row():
                         for n in names[i : i + 4]:
                             comps[n] = self.field(n)
+        comps["variants"] = self.build_compare()
         self.comps, self.order, self.inputs = comps, list(comps), set(comps.values())
+        self.variants_made.then(self.remember, self.inputs | {self.preset_dd})  # kept like any edit of the form
         self.outputs = [comps[n] for n in self.order]
         shown = list(NETWORK_ONLY)
         # a network type's own fields appear with it (also when a preset, a restored form or a run sets it)
@@ -192,6 +203,42 @@ class TrainTab:
         gr.on([c.input for c in comps.values()], self.remember, self.inputs | {self.preset_dd}, show_progress="hidden",
               trigger_mode="always_last")  # the last edit is always saved: "once" dropped keystrokes typed meanwhile
         return comps
+
+    def build_compare(self):
+        """Compare settings: a sweep made of one or two settings' values (every combination, up to 8), trained in
+        one run on one loaded base; returns the variants field (one variant per line, editable by hand)."""
+        from app.forms import compare_grid
+        from trainer.recipe.sweep import FIELDS as SWEEP_FIELDS, MAX_VARIANTS
+
+        with gr.Accordion("Compare settings (several LoRAs in one run)", open=False, elem_id="compare"):
+            gr.Markdown(f"Train up to {MAX_VARIANTS} variants of this form at once: the base model is loaded and the "
+                        "latents cached once, and every variant sees the same images and noise, so the only "
+                        "difference between them is the setting. Each is written as its own file, "
+                        "`<output name>-<variant>.safetensors`; the run shows their validation losses side by side "
+                        "(set a validation split under Advanced › Quality) and Preview's *Variant grid* draws them.")
+            with gr.Row():
+                first = gr.Dropdown(list(SWEEP_FIELDS), value="rank", label="Compare", elem_id="cmp-first")
+                first_values = gr.Textbox(label="Values (comma-separated)", placeholder="8, 16, 32",
+                                          elem_id="cmp-first-values")
+                second = gr.Dropdown([""] + list(SWEEP_FIELDS), value="", label="And (optional)", elem_id="cmp-second")
+                second_values = gr.Textbox(label="Values", placeholder="1e-4, 2e-4", elem_id="cmp-second-values")
+            make = gr.Button("Make the variants", elem_id="cmp-make")
+            variants = self.field("variants")
+            note = gr.Markdown(elem_id="cmp-note")
+
+        @friendly
+        def on_make(a, av, b, bv):
+            from trainer.recipe.config import ConfigError
+
+            try:
+                lines = compare_grid(a, av, b, bv)
+            except ConfigError as e:
+                return gr.update(), in_ui_words(str(e))
+            return lines, (f"{len(lines.splitlines())} variants. **Check setup** shows what they need together "
+                           "(the base once, each variant's network and optimizer state, one pass at a time).")
+
+        self.variants_made = make.click(on_make, [first, first_values, second, second_values], [variants, note])
+        return variants
 
     def dataset_choices(self):
         """The Dataset field offers the workspace's datasets as they are now, and keeps the one it holds."""
@@ -380,6 +427,8 @@ class TrainTab:
             val_plot = gr.LinePlot(x="step", y="validation loss", height=260, elem_id="val-plot",
                                    title="Validation loss (Advanced › Quality)", visible=False)
             samples = gr.Gallery(label="Samples", columns=3, height=300, object_fit="contain", elem_id="samples")
+        compare_table = gr.Dataframe(label="Validation loss by variant (★ each variant's lowest)", visible=False,
+                                     interactive=False, elem_id="compare-table")
         logs = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="log", autoscroll=True)
         queue = self.build_queue(run_msg)
         timer = gr.Timer(1.0)
@@ -419,7 +468,7 @@ class TrainTab:
                        show_progress="hidden")
         resume.click(friendly(lambda r: runs.resume(r) if r else "Pick a run."), self.run_pick, run_msg,
                      show_progress="hidden")
-        live_out = [progress, loss_plot, val_plot, samples, logs]
+        live_out = [progress, loss_plot, val_plot, compare_table, samples, logs]
         self.run_pick.change(friendly(self.live), self.run_pick, live_out)
 
         @friendly

@@ -31,6 +31,7 @@ from trainer.models.load import LoadedModel
 from trainer.models.prompts import encode_prompts
 from trainer.recipe import optimizers
 from trainer.recipe.config import TrainConfig
+from trainer.runfiles import step_of
 
 log = logging.getLogger(__name__)
 
@@ -49,32 +50,44 @@ class State:
 
 def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False, echo=print,
           model: LoadedModel | None = None, on_setup=None) -> Path:
-    """Train a LoRA; return the exported file (the run folder when stopped). Raise TrainingError on failure.
-    `model` skips loading (the benchmark passes random-weight full-size models built in memory); `on_setup(run)`
-    sees the set-up run (the measurements read what it built)."""
-    run = setup(cfg, Path(run_dir or cfg.output_dir), echo, model)
+    """Train a LoRA; return the exported file (a sweep: the run folder, holding one file per variant; the run
+    folder when stopped). Raise TrainingError on failure. `model` skips loading (the benchmark passes random-weight
+    full-size models built in memory); `on_setup(run)` sees the set-up run (a sweep: its first variant; the
+    measurements read what it built)."""
+    run_dir = Path(run_dir or cfg.output_dir)
+    if cfg.variants:  # several networks on one base: trainer/engine/sweep.py
+        from trainer.engine.sweep import setup_sweep
+
+        lead, runs = setup_sweep(cfg, run_dir, echo, model)
+    else:
+        run = setup(cfg, run_dir, echo, model)
+        lead, runs = run, [run]
     if on_setup:
-        on_setup(run)
-    state = restore(run) if resume else State()
-    out = run.files.final(cfg.output_name)
-    if resume and state.step >= run.total_steps and out.is_file():  # nothing left: its file stays as it was
-        run.ev.emit("done", path=str(out), step=state.step, message=f"This run had already finished: {out}")
-        run.accelerator.end_training()
-        return out
-    batches = batch_iterator(run, state.step)
-    run.ev.emit("status", state="training", message=f"Training {run.total_steps} steps ({run.steps_per_epoch} per epoch)",
-                total=run.total_steps, device=run.accelerator.device.type, precision=run.accelerator.mixed_precision,
-                family=run.model.family)  # what the app's duration estimates are keyed by (trainer/recipe/timing.py)
+        on_setup(runs[0])
+    states = restore_all(runs) if resume else [State() for _ in runs]
+    outs = [lead.files.final(r.cfg.output_name) for r in runs]
+    result = outs[0] if len(runs) == 1 else lead.files.root
+    total = runs[0].total_steps
+    if resume and states[0].step >= total and all(o.is_file() for o in outs):  # nothing left: files stay as they were
+        lead.ev.emit("done", path=str(outs[0]), paths=[str(o) for o in outs], step=states[0].step,
+                     message=f"This run had already finished: {result}")
+        lead.accelerator.end_training()
+        return result
+    batches = batch_iterator(runs[0], states[0].step)
+    what = f"{len(runs)} variants x {total} steps" if len(runs) > 1 else f"{total} steps"
+    lead.ev.emit("status", state="training", message=f"Training {what} ({runs[0].steps_per_epoch} per epoch)",
+                 total=total, device=lead.accelerator.device.type, precision=lead.accelerator.mixed_precision,
+                 family=runs[0].model.family, variants=len(runs))  # what the app's duration estimates are keyed by
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=run.total_steps, initial=state.step, disable=not run.main, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=states[0].step, disable=not runs[0].main, desc="train", dynamic_ncols=True)
     try:
-        while state.step < run.total_steps:
-            train_step(run, state, batches)
+        while states[0].step < total:
+            train_steps(runs, states, batches)
             bar.update(1)
-            if after_step(run, state):
-                run.accelerator.end_training()  # flushes the TensorBoard writer
-                return run.files.root
+            if after_steps(lead, runs, states):
+                lead.accelerator.end_training()  # flushes the TensorBoard writer
+                return lead.files.root
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(
             "The GPU ran out of memory. Lower batch_size or resolution, turn on gradient_checkpointing, use "
@@ -82,12 +95,30 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
         ) from None
     finally:
         bar.close()  # ends the progress line, so an error message starts on a line of its own
-    return finish(run, state)
+    finish(lead, runs, states)
+    return result
 
 
-def restore(run: Run) -> State:
-    """The state of the last checkpoint (weights, optimizer, schedule, step), or step 0 if there is none."""
-    last = run.files.latest_checkpoint()
+def restore_all(runs: list[Run]) -> list[State]:
+    """Each network's state at the last step that all of them saved (a sweep interrupted while saving has some
+    variants one checkpoint ahead: they go back to the common one)."""
+    if len(runs) == 1:
+        return [restore(runs[0])]
+    steps = [{step_of(d): d for d in r.files.checkpoint_dirs()} for r in runs]
+    common = set.intersection(*(set(s) for s in steps))
+    if not common:
+        return [restore(r, None) for r in runs]
+    return [restore(r, s[max(common)]) for r, s in zip(runs, steps)]
+
+
+_LATEST = object()
+
+
+def restore(run: Run, last: Path | None = _LATEST) -> State:
+    """The state of the last checkpoint, or of the checkpoint folder `last` (weights, optimizer, schedule, step), or
+    step 0 if there is none."""
+    if last is _LATEST:
+        last = run.files.latest_checkpoint()
     if last is None:
         run.ev.emit("warning", message="--resume given but no checkpoint found: starting from step 0.")
         return State()
@@ -120,41 +151,60 @@ def batch_iterator(run: Run, step: int):
 
 def train_step(run: Run, state: State, batches) -> None:
     """One optimizer step: `gradient_accumulation` batches through noise, conditioning, loss and backward."""
-    ga = run.cfg.gradient_accumulation
-    maybe_inject(state.step + 1, "step")
-    for micro in range(state.step * ga, (state.step + 1) * ga):
-        loss = micro_step(run, next(batches), micro)
-        state.nonfinite |= ~torch.isfinite(loss)
-        state.loss_sum += loss
-        state.loss_n += 1
-    state.epoch = run.epoch_of(micro)
-    state.step += 1
-    if run.ema is not None:
-        run.ema.update(state.step)
+    train_steps([run], [state], batches)
+
+
+def train_steps(runs: list[Run], states: list[State], batches) -> None:
+    """One optimizer step of each network (a sweep's variants) on the same batches."""
+    ga, step = runs[0].cfg.gradient_accumulation, states[0].step
+    maybe_inject(step + 1, "step")
+    for micro in range(step * ga, (step + 1) * ga):
+        for state, loss in zip(states, micro_steps(runs, next(batches), micro)):
+            state.nonfinite |= ~torch.isfinite(loss)
+            state.loss_sum += loss
+            state.loss_n += 1
+    for run, state in zip(runs, states):
+        state.epoch = run.epoch_of(micro)
+        state.step += 1
+        if run.ema is not None:
+            run.ema.update(state.step)
 
 
 def micro_step(run: Run, batch: dict, micro: int) -> torch.Tensor:
-    """One batch forward and backward (with class images: their loss too, weighted by prior_loss_weight, so
-    each step sees both), then the optimizer when the accumulation is complete. Returns the training loss."""
-    cfg, acc = run.cfg, run.accelerator
-    torch.manual_seed(mix(cfg.seed, micro, acc.process_index, 1))  # LoRA dropout
+    """One batch forward and backward, then the optimizer when the accumulation is complete. Returns the loss."""
+    return micro_steps([run], batch, micro)[0]
+
+
+def micro_steps(runs: list[Run], batch: dict, micro: int) -> list[torch.Tensor]:
+    """One batch through each network in turn (one network's activations in memory at a time), inside one
+    accumulation window: accelerate counts the micro-step once, whatever the number of networks."""
+    acc = runs[0].accelerator
     reg = batch.get("reg") if "train" in batch else None
     batch = batch["train"] if "train" in batch else batch
-    with acc.accumulate(*run.trainable):
-        placement.phase("forward")
-        loss = batch_loss(run, batch, sample_generators(cfg.seed, micro, batch["slot"]))
-        placement.phase("backward")
-        acc.backward(loss)
-        if reg is not None and cfg.prior_loss_weight > 0:
-            # a second backward adds its gradient to the first: the gradient of loss + w * prior loss, with one
-            # batch's activations in memory at a time
-            acc.backward(cfg.prior_loss_weight * batch_loss(run, reg, sample_generators(cfg.seed, micro, reg["slot"], 7)))
-        placement.phase("optimizer")
-        if acc.sync_gradients and cfg.max_grad_norm > 0:
-            acc.clip_grad_norm_([p for g_ in run.optimizer.param_groups for p in g_["params"]], cfg.max_grad_norm)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+    with acc.accumulate(*[m for run in runs for m in run.trainable]):
+        return [network_step(run, batch, reg, micro) for run in runs]
+
+
+def network_step(run: Run, batch: dict, reg: dict | None, micro: int) -> torch.Tensor:
+    """One network's forward and backward of a batch (with class images: their loss too, weighted by
+    prior_loss_weight, so each step sees both), then its optimizer when the accumulation is complete. Returns the
+    training loss. Every draw is seeded by (seed, micro-step): each network of a sweep draws what it would alone."""
+    cfg, acc = run.cfg, run.accelerator
+    torch.manual_seed(mix(cfg.seed, micro, acc.process_index, 1))  # LoRA dropout
+    placement.phase("forward")
+    loss = batch_loss(run, batch, sample_generators(cfg.seed, micro, batch["slot"]))
+    placement.phase("backward")
+    acc.backward(loss)
+    if reg is not None and cfg.prior_loss_weight > 0:
+        # a second backward adds its gradient to the first: the gradient of loss + w * prior loss, with one
+        # batch's activations in memory at a time
+        acc.backward(cfg.prior_loss_weight * batch_loss(run, reg, sample_generators(cfg.seed, micro, reg["slot"], 7)))
+    placement.phase("optimizer")
+    if acc.sync_gradients and cfg.max_grad_norm > 0:
+        acc.clip_grad_norm_([p for g_ in run.optimizer.param_groups for p in g_["params"]], cfg.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
@@ -239,16 +289,23 @@ def report_due(every_n: int, state: State, total: int) -> bool:
 
 def after_step(run: Run, state: State) -> bool:
     """Log, sample, save and poll the user's requests. True when the run should stop now."""
-    cfg, step, total = run.cfg, state.step, run.total_steps
-    if report_due(cfg.log_every_steps, state, total):
-        report_progress(run, state)
-    if due(cfg.sample_every_steps, state, total):
-        with averaged_weights(run), ema_weights(run):
-            render_samples(run, step)
-    want_save, want_stop = poll_requests(run.accelerator, run.files.root)
-    saving = want_save or want_stop or due(cfg.save_every_steps, state, total)
-    validating = due(cfg.validation_every_steps, state, total) or (saving and not cfg.validation_every_steps)
-    if validating or saving:
+    return after_steps(run, [run], [state])
+
+
+def after_steps(lead, runs: list[Run], states: list[State]) -> bool:
+    """after_step for the networks of a run (a sweep's variants, all at the same step): `lead` is the run's own
+    event log, files and accelerator (the run itself, or a sweep's Base)."""
+    cfg, step, total = lead.cfg, states[0].step, runs[0].total_steps
+    if report_due(cfg.log_every_steps, states[0], total):
+        report_progress(lead, runs, states)
+    if due(cfg.sample_every_steps, states[0], total):
+        for run in runs:
+            with averaged_weights(run), ema_weights(run):
+                render_samples(run, step)
+    want_save, want_stop = poll_requests(lead.accelerator, lead.files.root)
+    saving = want_save or want_stop or due(cfg.save_every_steps, states[0], total)
+    validating = due(cfg.validation_every_steps, states[0], total) or (saving and not cfg.validation_every_steps)
+    for run in runs if validating or saving else ():
         with averaged_weights(run):
             if validating:
                 with ema_weights(run):
@@ -256,7 +313,7 @@ def after_step(run: Run, state: State) -> bool:
             if saving:
                 ckpt.save(run, step)  # the training weights to resume from, the EMA ones in the file
     if want_stop:
-        run.ev.emit("stopped", step=step, message=f"Stopped at step {step}; resume to continue.")
+        lead.ev.emit("stopped", step=step, message=f"Stopped at step {step}; resume to continue.")
     return want_stop
 
 
@@ -287,23 +344,31 @@ def averaged_weights(run: Run):
         opt.train()
 
 
-def report_progress(run: Run, state: State) -> None:
-    if bool(state.nonfinite):  # the only host sync: at log intervals
-        raise TrainingError(
-            f"The loss became NaN/inf at step {state.step}. Likely causes: learning rate too high "
-            f"(unet_lr={run.cfg.unet_lr:g}), fp16 overflow (try bf16 or fp32), or a broken base model. "
-            "Lower the learning rate and resume from the last checkpoint."
-        )
-    avg = float(state.loss_sum) / max(1, state.loss_n)
-    state.loss_sum, state.loss_n, state.reported = 0.0, 0, time.time()
+def report_progress(lead, runs: list[Run], states: list[State]) -> None:
+    """One progress event: the mean loss since the last report (a sweep: each variant's, by name, and the first's
+    as `loss`), the speed and the time left."""
+    losses = {}
+    for run, state in zip(runs, states):
+        if bool(state.nonfinite):  # the only host sync: at log intervals
+            who = f" (variant {run.info['variant']})" if run.info.get("variant") else ""
+            raise TrainingError(
+                f"The loss became NaN/inf at step {state.step}{who}. Likely causes: learning rate too high "
+                f"(unet_lr={run.cfg.unet_lr:g}), fp16 overflow (try bf16 or fp32), or a broken base model. "
+                "Lower the learning rate and resume from the last checkpoint."
+            )
+        losses[run.info.get("variant", "")] = float(state.loss_sum) / max(1, state.loss_n)
+        state.loss_sum, state.loss_n, state.reported = 0.0, 0, time.time()
+    state, run = states[0], runs[0]
     elapsed = time.time() - state.t0
     its = (state.step - state.step0) / elapsed if elapsed > 0 else 0.0
     eta = (run.total_steps - state.step) / its if its > 0 else None
     lr = run.scheduler.get_last_lr()[0]
-    run.ev.emit("progress", step=state.step, total=run.total_steps, epoch=state.epoch, loss=avg, lr=lr, its=its, eta=eta,
-                **cuda_memory(run.accelerator.device))
-    if run.cfg.tensorboard:
-        run.accelerator.log({"loss": avg, "lr": lr}, step=state.step)
+    avg = next(iter(losses.values()))
+    more = {"losses": losses} if len(runs) > 1 else {}
+    lead.ev.emit("progress", step=state.step, total=run.total_steps, epoch=state.epoch, loss=avg, lr=lr, its=its,
+                 eta=eta, **more, **cuda_memory(lead.accelerator.device))
+    if lead.cfg.tensorboard:
+        lead.accelerator.log({"lr": lr, **{f"loss/{k}" if k else "loss": v for k, v in losses.items()}}, step=state.step)
 
 
 VALIDATION_TIMESTEPS = 4  # per image, spread evenly over [min_timestep, max_timestep)
@@ -367,22 +432,28 @@ def poll_requests(accelerator, run_dir: Path) -> tuple[bool, bool]:
     return bool(flags[0]), bool(flags[1])
 
 
-def finish(run: Run, state: State) -> Path:
-    """Final checkpoint, final samples, the exported file in the run folder, the done event."""
-    with averaged_weights(run):
-        with ema_weights(run):
-            validate(run, run.total_steps)
-        final = ckpt.save(run, run.total_steps)
-        with ema_weights(run):
-            render_samples(run, run.total_steps)
-    out = run.files.final(run.cfg.output_name)
-    if run.main:
-        run.ev.emit("status", state="exporting", message=f"Writing {out.name}")
-        for f in [out] + ([ckpt.raw_file(run)] if ckpt.raw_file(run) else []):
-            tmp = f.with_suffix(".tmp")
-            shutil.copyfile(final / f.name, tmp)
-            os.replace(tmp, f)
-        run.ev.emit("done", path=str(out), step=run.total_steps, message=f"Finished: {out}")
-    run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
-    return out
+def finish(lead, runs: list[Run], states: list[State]) -> list[Path]:
+    """Final checkpoint, final samples, the exported file of each network in the run folder, the done event."""
+    outs = []
+    for run in runs:
+        with averaged_weights(run):
+            with ema_weights(run):
+                validate(run, run.total_steps)
+            final = ckpt.save(run, run.total_steps)
+            with ema_weights(run):
+                render_samples(run, run.total_steps)
+        out = lead.files.final(run.cfg.output_name)
+        if run.main:
+            run.ev.emit("status", state="exporting", message=f"Writing {out.name}")
+            raw = ckpt.raw_file(run)
+            for f in [out] + ([lead.files.final(raw.stem)] if raw else []):
+                tmp = f.with_suffix(".tmp")
+                shutil.copyfile(final / f.name, tmp)
+                os.replace(tmp, f)
+        outs.append(out)
+    if runs[0].main:
+        lead.ev.emit("done", path=str(outs[0]), paths=[str(o) for o in outs], step=runs[0].total_steps,
+                     message=f"Finished: {', '.join(str(o) for o in outs)}")
+    lead.accelerator.wait_for_everyone()
+    lead.accelerator.end_training()
+    return outs

@@ -321,6 +321,16 @@ class PreviewEngine:
             cells.append(self._gen(p, p.seed))
         return grid(cells, labels, min(len(cells), 5), f"checkpoints at strength {strength:g}"), cells
 
+    def variant_grid(self, p: GenParams, files: list[str], labels: list[str], strengths: list[float]):
+        """A sweep's variants (rows) at several strengths (columns), one prompt and one seed."""
+        cells, names = [], []
+        for f, label in zip(files, labels):
+            for s in strengths:
+                self.apply([LoraSpec(f, s)])
+                cells.append(self._gen(p, p.seed))
+                names.append(f"{label} · {s:g}")
+        return grid(cells, names, len(strengths), "variants at several strengths"), cells
+
 
 # ---------------------------------------------------------------------------------- worker protocol
 def handle(engine: PreviewEngine, req: dict, out_dir: Path) -> dict:
@@ -344,6 +354,8 @@ def handle(engine: PreviewEngine, req: dict, out_dir: Path) -> dict:
             img, _ = engine.strength_grid(p, int(req.get("lora_index", 0)), [float(s) for s in req["strengths"]])
         elif mode == "checkpoint_grid":
             img, _ = engine.checkpoint_grid(p, req["files"], req["labels"], float(req.get("strength", 1.0)))
+        elif mode == "variant_grid":
+            img, _ = engine.variant_grid(p, req["files"], req["labels"], [float(s) for s in req["strengths"]])
         else:
             return {"ok": False, "error": f"Unknown preview mode '{mode}'."}
         path = save_png(img, out_dir / f"{stamp}-{mode}-{p.seed}.png", a1111_parameters(p, Path(engine.base).name, p.seed, p.loras))
@@ -371,6 +383,8 @@ def images_of(req: dict, p: GenParams) -> int:
         return len(req.get("strengths", []))
     if mode == "checkpoint_grid":
         return len(req.get("files", []))
+    if mode == "variant_grid":
+        return len(req.get("files", [])) * len(req.get("strengths", []))
     return int(p.batch)
 
 

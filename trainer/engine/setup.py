@@ -91,8 +91,31 @@ def fresh_accelerate_state() -> None:
     GradientState._reset_state()
 
 
+@dataclass
+class Base:
+    """What set-up makes once for a run, before any LoRA: a sweep's variants share all of it (the loaded base with
+    its caches on one accelerator)."""
+    cfg: TrainConfig
+    files: RunFiles
+    accelerator: object
+    ev: EventLog
+    model: LoadedModel
+    data: TrainData
+    text_cache: dict | None
+    sample_cond: dict | None
+    weight_dtype: torch.dtype
+    device: str
+    info: dict
+
+
 def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel | None = None) -> Run:
     """Accelerator, model with LoRA, data and caches, optimizer and schedule: everything the steps need."""
+    base = setup_base(cfg, run_dir, echo, model)
+    return add_network(base, cfg, base.model, base.files, base.ev)
+
+
+def setup_base(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel | None = None) -> Base:
+    """Accelerator, model, data and caches, the base frozen and stored (quantised when asked): all but the LoRA."""
     from accelerate import Accelerator
 
     run_dir = Path(run_dir)
@@ -126,14 +149,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel 
     # while latents are cached, the text encoders alone while their outputs are cached, then the UNet
     data = prepare_data(cfg, sets, model, accelerator, ev)
     text_cache, sample_cond = cache_text(cfg, model, data, accelerator.device, weight_dtype)
-    alphas = add_lora(cfg, model, accelerator.device, weight_dtype, ev, parked_text_encoders=text_cache is not None)
-    micro_per_epoch = data.micro_per_epoch(accelerator.num_processes)
-
-    optimizer, scheduler, total_steps, steps_per_epoch = make_schedule(cfg, model, accelerator, micro_per_epoch, device)
-    trainable = [model.unet] + (list(model.text_encoders) if cfg.train_text_encoder else [])
-    prepared = accelerator.prepare(*trainable, optimizer, scheduler)
-    for m in prepared[:-2]:
-        m.train()  # LoRA dropout is active in train mode only
+    store_frozen_base(cfg, model, accelerator.device, weight_dtype, parked_text_encoders=text_cache is not None)
     info = {
         "started_at": started_at,
         "num_train_images": sum(it.repeats for it in data.items),
@@ -144,8 +160,25 @@ def setup(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedModel 
         "prediction_type": model.prediction_type,
         "zero_terminal_snr": model.zero_terminal_snr,
     }
-    return Run(cfg, files, accelerator, ev, model, alphas, data, text_cache, list(prepared[:-2]), prepared[-2],
-               prepared[-1], total_steps, steps_per_epoch, micro_per_epoch, weight_dtype, info, sample_cond,
+    return Base(cfg, files, accelerator, ev, model, data, text_cache, sample_cond, weight_dtype, device, info)
+
+
+def add_network(base: Base, cfg: TrainConfig, model: LoadedModel, files: RunFiles, ev) -> Run:
+    """The LoRA of `cfg` on `model` (the base's, or a sweep variant's copy sharing its weights), with its optimizer,
+    schedule and EMA, prepared by the base's accelerator: one trainable network of a run."""
+    accelerator = base.accelerator
+    alphas = add_lora(cfg, model, accelerator.device, base.weight_dtype, ev,
+                      parked_text_encoders=base.text_cache is not None)
+    micro_per_epoch = base.data.micro_per_epoch(accelerator.num_processes)
+    optimizer, scheduler, total_steps, steps_per_epoch = make_schedule(cfg, model, accelerator, micro_per_epoch,
+                                                                       base.device)
+    trainable = [model.unet] + (list(model.text_encoders) if cfg.train_text_encoder else [])
+    prepared = accelerator.prepare(*trainable, optimizer, scheduler)
+    for m in prepared[:-2]:
+        m.train()  # LoRA dropout is active in train mode only
+    return Run(cfg, files, accelerator, ev, model, alphas, base.data, base.text_cache, list(prepared[:-2]),
+               prepared[-2], prepared[-1], total_steps, steps_per_epoch, micro_per_epoch, base.weight_dtype,
+               dict(base.info), base.sample_cond,
                make_ema(cfg, [accelerator.unwrap_model(m) for m in prepared[:-2]], accelerator.device, ev))
 
 
@@ -249,18 +282,29 @@ def split_sets(cfg: TrainConfig, scan: ScanResult, ev: EventLog) -> tuple[list, 
     return training, reg, val
 
 
-def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventLog,
-             parked_text_encoders: bool = False) -> dict:
-    """Freeze the base, inject LoRA with peft (fp32 weights), move the networks to the device (text encoders
-    whose outputs are cached stay parked on the CPU; so does the VAE when latents are cached)."""
+def resident_and_frozen(cfg: TrainConfig, model: LoadedModel, parked_text_encoders: bool) -> tuple[list, list]:
+    """(the parts that live on the device while training, the parts that are not trained)."""
+    resident = [model.unet] + ([] if parked_text_encoders else list(model.text_encoders))
+    frozen = [model.unet] + ([] if cfg.train_text_encoder else list(model.text_encoders))
+    return resident, frozen
+
+
+def store_frozen_base(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, parked_text_encoders: bool = False) -> None:
+    """Freeze the base and store it as it will train (cast, or quantised to int8 / nf4), before any LoRA goes in;
+    the VAE to the device when it encodes every batch."""
     placement.phase("load")
     for m in [model.unet, model.vae, *model.text_encoders]:
         m.requires_grad_(False)
     if not cfg.cache_latents:  # the VAE encodes every batch; it stays fp32 (an fp16 SDXL VAE makes NaNs)
         placement.to_device(model.vae, dev, torch.float32)
-    resident = [model.unet] + ([] if parked_text_encoders else list(model.text_encoders))
-    frozen = [model.unet] + ([] if cfg.train_text_encoder else list(model.text_encoders))
-    quantize.store_base(cfg.base_quantization, resident, frozen, weight_dtype, dev)
+    quantize.store_base(cfg.base_quantization, *resident_and_frozen(cfg, model, parked_text_encoders), weight_dtype, dev)
+
+
+def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventLog,
+             parked_text_encoders: bool = False) -> dict:
+    """Inject LoRA with peft (fp32 weights) into the stored base, move the networks to the device (text encoders
+    whose outputs are cached stay parked on the CPU; so does the VAE when latents are cached)."""
+    resident, frozen = resident_and_frozen(cfg, model, parked_text_encoders)
     torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same starting weights
     try:
         alphas = lora.inject_for_config(model, cfg)

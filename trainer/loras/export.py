@@ -134,6 +134,9 @@ def build_metadata(cfg, family: str, info: dict) -> dict[str, str]:
         "ss_prediction_type": info.get("prediction_type", "epsilon"),
         "ss_v_parameterization": str(info.get("prediction_type") == "v_prediction"),
         "ss_zero_terminal_snr": str(bool(info.get("zero_terminal_snr", False))),
+        # a sweep's variant: its name and the settings that set it apart from the run's others
+        "ss_lora_studio_variant": json.dumps({"name": info["variant"], **info.get("variant_settings", {})})
+        if info.get("variant") else None,
         "ss_ema": "True" if info.get("ema") else None,  # the EMA of the trained weights (OneTrainer's term)
         "ss_ema_decay": num(cfg.ema_decay) if info.get("ema") else None,
         **objective_metadata(cfg),

@@ -166,6 +166,7 @@ class TrainConfig:
     validation_dataset: str = _f("", "A separate folder of validation images (instead of, or besides, validation_split).", None, "quality")
     validation_every_steps: int = _f(0, "Measure the validation loss every N steps (0 = with each checkpoint and at the end).", None, "quality")
     tensorboard: bool = _f(False, "Log loss, validation loss, learning rate and samples for TensorBoard, in the run's tensorboard/ folder.", None, "quality")
+    variants: list = _f([], "A sweep: train several LoRAs in one run, on one loaded base and one set of caches, each with its own settings ([[variants]] tables of LoRA-side fields such as rank, alpha, network_type, unet_lr, optimizer, dropout, block_dims; up to 8; an optional name). Every variant sees the same batches and noise and is written as <output_name>-<variant>.safetensors. Empty = one LoRA.", None, "quality")
     # --- output
     output_dir: str = _f("output", "Folder for the run: checkpoints, samples, events and the final LoRA.")
     output_name: str = _f("lora", "File name of the exported LoRA (without .safetensors).")
@@ -316,6 +317,10 @@ class TrainConfig:
                           "the base weights in full). Use base_quantization = 'fp8' or 'none', or turn DoRA off.")
         errors += self.block_problems()
         errors += self.network_problems()
+        if self.variants:
+            from trainer.recipe import sweep
+
+            errors += sweep.problems(self)
         return errors, warns
 
     def network_problems(self) -> list[str]:
@@ -507,11 +512,19 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if f.name == "variants":  # tables of settings (or the page's lines), each checked by recipe/sweep.py
+            if isinstance(value, str):
+                from trainer.recipe.sweep import parse_lines
+
+                return parse_lines(value)
+            return [dict(v) if isinstance(v, dict) else v for v in value]
         if typ == "list":
             if isinstance(value, str):
                 return [line.strip() for line in value.splitlines() if line.strip()]
             return [str(v) for v in value]
         return str(value)
+    except ConfigError:  # already in words (a variants line)
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: {f.name} = {value!r} is not a valid {typ}.") from None
 

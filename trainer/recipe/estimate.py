@@ -124,18 +124,14 @@ def estimate_vram_gb(cfg, family: str) -> dict:
     q = getattr(cfg, "base_quantization", "none")
     unet_w = unet * base_bytes(q, wbytes, cal.linear_share)
     te_w = te * (wbytes if cfg.train_text_encoder else base_bytes(q, wbytes, TE_LINEAR_SHARE))
-    try:
-        lora = lora_param_count(cfg, spec.key)
-    except ValueError:  # per-block values for another family: the pre-flight check says so
-        lora = 0
-    opt_bytes = optimizers.get(cfg.optimizer).state_bytes
+    lora, lora_state = network_state(cfg, spec.key)
     pixels = cfg.resolution * cfg.resolution
     scale = pixels / group.native_resolution ** 2
     act = cal.act_gb[1 if cfg.gradient_checkpointing else 0] * scale * cfg.batch_size * GB
     if cfg.mixed_precision == "no":
         act *= 2
-    ema_bytes = 4 if getattr(cfg, "ema", False) and cfg.ema_device == "device" else 0  # 'auto' parks it on small cards
-    steps = {"UNet weights": unet_w, "LoRA weights, gradients and optimizer state": lora * (4 + 4 + opt_bytes + ema_bytes),
+    nets = f" ({len(cfg.variants)} variants)" if getattr(cfg, "variants", None) else ""
+    steps = {"UNet weights": unet_w, f"LoRA weights, gradients and optimizer state{nets}": lora_state,
              "activations": act}
     if not cfg.caches_text:
         steps["text encoders"] = te_w
@@ -164,6 +160,28 @@ def estimate_vram_gb(cfg, family: str) -> dict:
             "terms_gb": {k: round(v / GB, 2) for k, v in terms.items()},
             "weights_gb": round((unet_w + (te_w if not cfg.caches_text else 0)) / GB, 1),
             "activations_gb": round(act / GB, 1), "lora_params_m": round(lora / 1e6, 1)}
+
+
+def network_state(cfg, family_key: str) -> tuple[int, float]:
+    """(LoRA parameters, bytes of their weights, gradients, optimizer state and EMA on the device). A sweep holds
+    every variant's (the base, and one pass's activations at a time, are shared)."""
+    from trainer.recipe.config import ConfigError
+    from trainer.recipe.sweep import variant_configs
+
+    try:
+        nets = [v for _, v in variant_configs(cfg)] if getattr(cfg, "variants", None) else [cfg]
+    except ConfigError:  # a variant's bad value: the pre-flight check says so
+        nets = [cfg]
+    params, state = 0, 0.0
+    for net in nets:
+        try:
+            n = lora_param_count(net, family_key)
+        except ValueError:  # per-block values for another family: the pre-flight check says so
+            n = 0
+        ema_bytes = 4 if getattr(net, "ema", False) and net.ema_device == "device" else 0  # 'auto' parks it on small cards
+        params += n
+        state += n * (4 + 4 + optimizers.get(net.optimizer).state_bytes + ema_bytes)
+    return params, state
 
 
 def with_cuda_terms(counted_bytes: float) -> float:

@@ -33,6 +33,7 @@ def measure(events: list[dict]) -> dict | None:
         return None
     step_s = (prog[-1]["time"] - prog[0]["time"]) / (prog[-1]["step"] - prog[0]["step"])
     startup = max(0.0, prog[0]["time"] - start["time"] - step_s * prog[0]["step"])
+    step_s /= max(1, info.get("variants", 1))  # a sweep's step trains each variant: one network's is what others reuse
     return {"step_s": round(step_s, 4), "startup_s": round(startup, 1), "device": info["device"],
             "precision": info.get("precision", ""), "family": info.get("family", "")}
 
@@ -83,6 +84,7 @@ def estimate(cfg, family: str, total_steps: int, device: str, measurements: list
         step_s = spec.calibration.prior_step_s[device] * work / _work(spec.native_resolution, 1, 1)
         startup = PRIOR_STARTUP_S[device]
         source = "a rough figure for this kind of machine, until a run here has measured it"
+    step_s *= max(1, len(getattr(cfg, "variants", None) or []))  # a sweep's step trains (and samples) each variant
     rounds = (total_steps // cfg.sample_every_steps if cfg.sample_every_steps else 0) + 1
     images = rounds * len(cfg.sample_prompts)
     # a sampling step is ~2 forward passes (guidance) of one image: ~2/3 of a training step's work per image
