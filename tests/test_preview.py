@@ -133,6 +133,34 @@ def test_same_seed_same_image_and_grids_equal_their_singles(tiny_sd1, tmp_path):
         assert e.generate(GenParams(**{**P, "sampler": sampler}))[0][0].size == (64, 64)
 
 
+@pytest.mark.slow  # many generations: the fast tier stays under 3 minutes
+def test_a_grid_drawn_as_one_batch_with_an_adapter_per_image_equals_one_at_a_time(tiny_sd1, tmp_path):
+    """Variant and checkpoint grids run their cells as batches (peft's adapter_names, an adapter per sample), each
+    image with its own generator at the seed: the same images as one generation per cell, up to the order of the
+    batch's sums (at most one level of 255, seen with an ancestral sampler), and fewer passes."""
+    files = []
+    for i in range(2):
+        files.append(str(tmp_path / f"l{i}.safetensors"))
+        hand_made_kohya(tiny_sd1, "sd1", files[-1], seed=i)
+    e = engine_for(tiny_sd1)
+    calls = []
+    e.pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    for sampler in ("Euler", "Euler a"):
+        p = GenParams(**{**P, "sampler": sampler})
+        start = len(calls)
+        _, alone = e.variant_grid(p, files, ["a", "b"], [0.0, 1.0], batched=False)
+        one_each = len(calls) - start
+        _, together = e.variant_grid(p, files, ["a", "b"], [0.0, 1.0], batched=True)
+        assert 2 * (len(calls) - start - one_each) == one_each  # two cells a batch: half the UNet passes
+        for x, y in zip(alone, together):
+            assert np.abs(arr(x) - arr(y)).max() <= 1.0
+        assert not np.array_equal(arr(together[1]), arr(together[3]))  # each cell its own adapter
+        assert np.array_equal(arr(together[0]), arr(together[2]))  # strength 0: both the base
+    _, ckpts = e.checkpoint_grid(GenParams(**P), files, ["1", "2"], 0.5)
+    _, single = e.checkpoint_grid(GenParams(**P), files, ["1", "2"], 0.5, batched=False)
+    assert all(np.abs(arr(x) - arr(y)).max() <= 1.0 for x, y in zip(ckpts, single))
+
+
 def test_sdxl_kohya_file_with_sgm_names_loads_and_mixes(tiny_sdxl, tmp_path):
     f = tmp_path / "xl.safetensors"
     deltas = hand_made_kohya(tiny_sdxl, "sdxl", f, every=2)

@@ -52,7 +52,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
           model: LoadedModel | None = None, on_setup=None) -> Path:
     """Train a LoRA; return the exported file (a sweep: the run folder, holding one file per variant; the run
     folder when stopped). Raise TrainingError on failure. `model` skips loading (the benchmark passes random-weight
-    full-size models built in memory); `on_setup(run)` sees the set-up run (a sweep: its first variant; the
+    full-size models built in memory); `on_setup(run)` sees the set-up run (a sweep: each variant's; the
     measurements read what it built)."""
     run_dir = Path(run_dir or cfg.output_dir)
     if cfg.variants:  # several networks on one base: trainer/engine/sweep.py
@@ -62,8 +62,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = Fa
     else:
         run = setup(cfg, run_dir, echo, model)
         lead, runs = run, [run]
-    if on_setup:
-        on_setup(runs[0])
+    for run in runs if on_setup else ():
+        on_setup(run)
     states = restore_all(runs) if resume else [State() for _ in runs]
     outs = [lead.files.final(r.cfg.output_name) for r in runs]
     result = outs[0] if len(runs) == 1 else lead.files.root

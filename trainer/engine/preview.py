@@ -7,6 +7,8 @@ touches the GPU and the pipeline stays loaded between generations.
 """
 from __future__ import annotations
 
+import itertools
+
 import json
 import sys
 import time
@@ -151,12 +153,14 @@ class PreviewEngine:
         from trainer.models.load import load_model
 
         self.unload()  # free the old model before loading the new one
-        m = load_model(base_model, "auto", model_config, dtype=self.dtype)
-        fam = families.group(m.family)
+        self.use_model(load_model(base_model, "auto", model_config, dtype=self.dtype), base_model)
+
+    def use_model(self, m, name: str) -> None:
+        """Generate with a loaded model (trainer.models.load.LoadedModel) known as `name`."""
         pipe = m.pipeline()
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        self.pipe, self.base, self.family = pipe, base_model, fam
+        self.pipe, self.base, self.family = pipe, name, families.group(m.family)
 
     def unload(self) -> None:
         self.pipe, self.base, self.family, self.loaded = None, None, None, {}
@@ -268,8 +272,10 @@ class PreviewEngine:
         """A request that makes `images` images of `steps` steps each starts: count its steps from zero."""
         self._done, self._total = 0, max(1, int(images) * int(steps))
 
+    _images_per_step = 1  # a batch of cells counts each of its images' steps
+
     def _step(self, pipe, i, t, kwargs):
-        self._done += 1
+        self._done += self._images_per_step
         if self.on_step:
             self.on_step(self._done, self._total)
         if self.cancel_file is not None and self.cancel_file.exists():
@@ -283,6 +289,62 @@ class PreviewEngine:
             return self.pipe(p.prompt, negative_prompt=p.negative or None, num_inference_steps=int(p.steps),
                              guidance_scale=float(p.cfg), width=int(p.width), height=int(p.height), generator=g,
                              callback_on_step_end=self._step).images[0]
+
+    def _gen_cells(self, p: GenParams, seed: int, adapters: list[str]) -> list[Image.Image]:
+        """Images of one prompt and seed, each through its own LoRA adapter, in one batch: peft's LoRA layers take
+        the adapter of each sample (`adapter_names`), passed to every layer by a forward pre-hook while the batch
+        runs. Each image has its own generator at `seed`, so it is the image one generation of that adapter
+        alone makes (up to the order of the batch's sums)."""
+        from peft.tuners.lora import LoraLayer
+
+        n = len(adapters)
+
+        def pass_names(_module, args, kwargs):
+            return args, {**kwargs, "adapter_names": adapters * (args[0].shape[0] // n)}  # guidance: [uncond, cond]
+
+        layers = [m for _, part in self.parts() for m in part.modules() if isinstance(m, LoraLayer)]
+        hooks = [m.register_forward_pre_hook(pass_names, with_kwargs=True) for m in layers]
+        self.pipe.scheduler = make_scheduler(p.sampler, self.pipe.scheduler.config)
+        self._images_per_step = n
+        try:
+            with torch.no_grad():
+                return self.pipe([p.prompt] * n, negative_prompt=[p.negative] * n if p.negative else None,
+                                 num_inference_steps=int(p.steps), guidance_scale=float(p.cfg), width=int(p.width),
+                                 height=int(p.height), callback_on_step_end=self._step,
+                                 generator=[torch.Generator(device="cpu").manual_seed(int(seed)) for _ in range(n)]).images
+        finally:
+            self._images_per_step = 1
+            for h in hooks:
+                h.remove()
+
+    def _batchable(self, adapters: list[str]) -> bool:
+        """Whether cells of these adapters can share a batch: peft's per-sample path has no DoRA magnitude of
+        ours (use_column_dora), so a DoRA LoRA is drawn cell by cell."""
+        from peft.tuners.lora import LoraLayer
+
+        return not any(a in getattr(m, "lora_magnitude_vector", {}) for _, part in self.parts()
+                       for m in part.modules() if isinstance(m, LoraLayer) for a in adapters)
+
+    def cells(self, p: GenParams, specs: list[LoraSpec], batch: int = 8, batched: bool = True) -> list[Image.Image]:
+        """One image per LoRA spec (one LoRA at one strength each), same prompt and seed: in batches of up to
+        `batch` cells of one strength, or one at a time (`batched=False`, and for DoRA)."""
+        names = [self.ensure_lora(s.path) for s in specs]
+        if not (batched and self._batchable(names)):
+            out = []
+            for spec in specs:
+                self.apply([spec])
+                out.append(self._gen(p, p.seed))
+            return out
+        images: list[Image.Image | None] = [None] * len(specs)
+        order = sorted(range(len(specs)), key=lambda i: specs[i].strength)
+        for _, group in itertools.groupby(order, key=lambda i: specs[i].strength):
+            group = list(group)
+            for k in range(0, len(group), batch):
+                part = group[k : k + batch]
+                self.apply([specs[i] for i in part])
+                for i, img in zip(part, self._gen_cells(p, p.seed, [names[i] for i in part])):
+                    images[i] = img
+        return images
 
     def generate(self, p: GenParams) -> list[tuple[Image.Image, str, int]]:
         """`batch` images with seeds seed, seed+1, ...; each with its A1111 parameters text."""
@@ -313,22 +375,19 @@ class PreviewEngine:
         name = p.loras[lora_index].display
         return grid(cells, [f"strength {s:g}" for s in strengths], len(cells), f"{name} at several strengths"), cells
 
-    def checkpoint_grid(self, p: GenParams, files: list[str], labels: list[str], strength: float = 1.0):
-        """The same prompt and seed through each checkpoint's LoRA file."""
-        cells = []
-        for f in files:
-            self.apply([LoraSpec(f, strength)])
-            cells.append(self._gen(p, p.seed))
+    def checkpoint_grid(self, p: GenParams, files: list[str], labels: list[str], strength: float = 1.0,
+                        batched: bool = True):
+        """The same prompt and seed through each checkpoint's LoRA file (several cells a batch)."""
+        cells = self.cells(p, [LoraSpec(f, strength) for f in files], batched=batched)
         return grid(cells, labels, min(len(cells), 5), f"checkpoints at strength {strength:g}"), cells
 
-    def variant_grid(self, p: GenParams, files: list[str], labels: list[str], strengths: list[float]):
-        """A sweep's variants (rows) at several strengths (columns), one prompt and one seed."""
-        cells, names = [], []
-        for f, label in zip(files, labels):
-            for s in strengths:
-                self.apply([LoraSpec(f, s)])
-                cells.append(self._gen(p, p.seed))
-                names.append(f"{label} · {s:g}")
+    def variant_grid(self, p: GenParams, files: list[str], labels: list[str], strengths: list[float],
+                     batched: bool = True):
+        """A sweep's variants (rows) at several strengths (columns), one prompt and one seed (each strength's
+        variants a batch)."""
+        specs = [LoraSpec(f, s) for f in files for s in strengths]
+        cells = self.cells(p, specs, batched=batched)
+        names = [f"{label} · {s:g}" for label in labels for s in strengths]
         return grid(cells, names, len(strengths), "variants at several strengths"), cells
 
 

@@ -33,6 +33,9 @@ def add_command(sub) -> None:
     b.add_argument("--repeats", type=int, default=5,
                    help="measure every variant this many times, interleaved (A B C A B C ...); report median and range")
     b.add_argument("--out", default="", help="also append the table to this file (e.g. BENCHMARKS.md); default: print only")
+    b.add_argument("--sweep", type=int, default=0, metavar="K",
+                   help="instead: a sweep of K variants in one run against K runs one after another (wall time with "
+                        "the model build and caching) and the memory K runs side by side would need")
     b.set_defaults(fn=run_bench)
 
 
@@ -219,6 +222,82 @@ def ours(model, data_dir: Path, cfg, steps: int, warmup: int, work: Path) -> dic
     return {"step_s": (t_end - t_w) / steps, "first_step_s": first}
 
 
+def timed_run(arch: str, cfg, device: str, dtype, work: Path) -> dict:
+    """One whole run as a person starts it: the model built (random weights: the load), caching, the steps and
+    the export, timed by the wall clock; with its peak memory (CUDA: max allocated; CPU: peak RSS)."""
+    from trainer.engine.loop import train
+    from trainer.engine.setup import fresh_accelerate_state
+
+    run = Path(tempfile.mkdtemp(dir=work))
+    t0 = time.time()
+    with _mem_block(device) as rss:
+        model = build_model(arch, device, dtype)
+        fresh_accelerate_state()
+        train(cfg.replace(output_dir=str(run)), run, echo=lambda m: None, model=model)
+    del model
+    return {"seconds": time.time() - t0, "peak_gb": _peak_gb(device, rss), "dir": run}
+
+
+def grid_times(arch: str, files: list[Path], device: str, dtype, res: int, steps: int = 4) -> dict:
+    """Seconds per cell of Preview's Variant grid (every file at strength 1, one seed): one generation per cell,
+    against the cells in one batch with an adapter per sample."""
+    from trainer.engine.preview import GenParams, PreviewEngine
+
+    engine = PreviewEngine(device, dtype)
+    engine.use_model(build_model(arch, device, dtype), "(random weights)")
+    p = GenParams(prompt="zwx, a photo", seed=1, steps=steps, cfg=5.0, width=res, height=res, sampler="Euler")
+    out = {}
+    for batched in (False, True, False, True):  # each way twice, the second counted: the first loads the files
+        t0 = time.time()
+        engine.variant_grid(p, [str(f) for f in files], [f.stem for f in files], [1.0], batched=batched)
+        out["batched" if batched else "one_at_a_time"] = (time.time() - t0) / len(files)
+    return out
+
+
+def sweep_bench(args, base, device: str, dtype, work: Path) -> list[str]:
+    """K variants (the same network at K learning rates) in one sweep against the K runs one after another,
+    each mode from an empty latent cache; memory: measured on CUDA, the estimate's projection on the CPU."""
+    import shutil
+
+    from trainer.recipe.estimate import estimate_vram_gb
+
+    k = args.sweep
+    variants = [{"name": f"lr{i + 1}", "unet_lr": 1e-4 * (i + 1)} for i in range(k)]
+    cfg = base.replace(cache_latents=True, max_steps=args.steps, save_every_steps=0, sample_every_steps=0,
+                       log_every_steps=1, network_target="kohya")
+    cache = Path(os.environ["LORA_STUDIO_CACHE"])
+    shutil.rmtree(cache, ignore_errors=True)
+    sweep = timed_run(args.model, cfg.replace(variants=variants), device, dtype, work)
+    shutil.rmtree(cache, ignore_errors=True)
+    alone = [timed_run(args.model, cfg.replace(unet_lr=v["unet_lr"]), device, dtype, work) for v in variants]
+    each = [r["seconds"] for r in alone]
+    in_a_row = sum(each)
+    if device == "cuda":
+        mem_sweep, mem_one, how = sweep["peak_gb"], max(r["peak_gb"] for r in alone), "max allocated, measured"
+    elif args.model != "tiny":
+        family = family_of(args.model)
+        mem_sweep = estimate_vram_gb(cfg.replace(variants=variants, mixed_precision="bf16"), family)["total_gb"]
+        mem_one = estimate_vram_gb(cfg.replace(mixed_precision="bf16"), family)["total_gb"]
+        how = "projected for a CUDA card in bf16 by the pre-flight estimate (no GPU here)"
+    else:  # the estimate knows the real architectures' sizes, not the tiny model's
+        mem_sweep, mem_one, how = sweep["peak_gb"], max(r["peak_gb"] for r in alone), "peak RSS of the process"
+    files = sorted(sweep["dir"].glob("*.safetensors"))
+    cells = grid_times(args.model, files, device, dtype, cfg.resolution)
+    return ["| what | wall time s | memory GB |", "|---|---|---|",
+            f"| sweep of {k} variants, one run | {sweep['seconds']:.1f} | {mem_sweep:.2f} |",
+            f"| {k} runs one after another | {in_a_row:.1f} ({', '.join(f'{s:.0f}' for s in each)}) | "
+            f"{mem_one:.2f} each |",
+            f"| {k} runs side by side | - | {k * mem_one:.2f} |",
+            "", f"The sweep takes {sweep['seconds'] / in_a_row:.0%} of the time of {k} runs in a row and "
+            f"{mem_sweep / (k * mem_one):.0%} of the memory of {k} runs side by side (memory: {how}; wall time: "
+            f"each from the model's build through caching, {args.steps} steps and the export, from an empty latent "
+            "cache for the sweep and for the first run in a row; the later runs reuse the disk cache as they would "
+            "on this machine).", "",
+            f"Preview's Variant grid of the {k} files ({cfg.resolution} px, 4 Euler steps, guidance 5): "
+            f"{cells['one_at_a_time']:.2f} s per cell one generation at a time, {cells['batched']:.2f} s per cell in "
+            f"one batch with an adapter per image ({cells['one_at_a_time'] / cells['batched']:.1f}x)."]
+
+
 # ------------------------------------------------------------------------------------ main
 def run_bench(args) -> int:
     import torch
@@ -238,6 +317,10 @@ def run_bench(args) -> int:
     base = TrainConfig(base_model="(in memory)", dataset=str(data), resolution=res, rank=args.rank, alpha=args.rank, batch_size=batch,
                        mixed_precision=prec, device=device, train_text_encoder=False, cache_latents=False,
                        optimizer="adamw", seed=0)
+    if args.sweep:
+        lines = sweep_bench(args, base.replace(max_steps=args.steps), device, dtype, work)
+        return report(args, device, batch, res, prec, lines, f"sweep of {args.sweep}: one network (kohya's module set, "
+                      f"rank {args.rank}) at {args.sweep} learning rates, cached latents, text encoder frozen\n")
     variants = {
         "ours": base.replace(network_target="attention"),
         "ours_cached": base.replace(network_target="attention", cache_latents=True),
@@ -299,21 +382,29 @@ def run_bench(args) -> int:
             lines.append(f"Dataset stage ({r['images']} images): scan+report+buckets {r['scan_s']:.2f}s; latent caching "
                          f"{r['cache_ips']:.1f} images/s (tiny VAE, {r['cache_device']}); second caching run: "
                          f"{r['second_encoded']} VAE encodes in {r['second_s']:.2f}s")
-    import diffusers
-    import peft
-    import transformers
-
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    head = (f"\n## {time.strftime('%Y-%m-%d %H:%M')} · {args.model} · {dev_name}\n"
-            f"batch {batch}, resolution {res}, rank {args.rank}, precision {prec}, {args.steps} steps after {args.warmup} warm-up; "
-            f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, peft {peft.__version__}\n"
+    return report(args, device, batch, res, prec, lines, (
             "reference = diffusers train_text_to_image_lora.py loop (VAE in the loop, UNet attention LoRA, AdamW); "
             "ours = our loop, same work (attention-only UNet LoRA, VAE in the loop); ours_cached = + cached latents; "
             "kohya_cached = kohya's module set (adds proj_in/out, ff); default = kohya set + text-encoder LoRA, cached; "
             "lowvram = cached latents and TE outputs, gradient checkpointing, 8-bit AdamW on CUDA.\n"
             + (f"FLOPs per step (UNet forward + backward to the activations, frozen weights get no gradient; "
                f"counted with torch's FlopCounterMode outside the timed window): {flops / 1e9:.2f} GFLOP\n" if flops else "")
-            + f"Each variant measured {max(1, args.repeats)} time(s), interleaved; peak memory from after the model build.\n")
+            + f"Each variant measured {max(1, args.repeats)} time(s), interleaved; peak memory from after the model build.\n"))
+
+
+def report(args, device: str, batch: int, res: int, prec: str, lines: list[str], what: str) -> int:
+    """Print the table under a heading with the machine, the settings and the versions; append it to --out."""
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    head = (f"\n## {time.strftime('%Y-%m-%d %H:%M')} · {args.model} · {dev_name}\n"
+            f"batch {batch}, resolution {res}, rank {args.rank}, precision {prec}, {args.steps} steps"
+            + ("" if args.sweep else f" after {args.warmup} warm-up") + "; "
+            f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, peft {peft.__version__}\n"
+            + what)
     text = head + "\n" + "\n".join(lines) + "\n"
     print(text)
     if args.out:

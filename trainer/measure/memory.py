@@ -166,11 +166,12 @@ def measure(cfg, model, steps: int = 2, work: Path | None = None, say=None) -> d
     counter = DeviceMemory(say)
     seen = {}
     with counter:
-        train(cfg, work / "run", echo=lambda m: None, model=model, on_setup=lambda r: seen.setdefault("run", r))
-    run = seen["run"]
+        train(cfg, work / "run", echo=lambda m: None, model=model, on_setup=lambda r: seen.setdefault("runs", []).append(r))
+    run = seen["runs"][0]
     from trainer.models import lora
 
-    lora_params = sum(p.numel() for m in [run.model.unet, *run.model.text_encoders] for p in lora.lora_parameters(m))
+    lora_params = sum(p.numel() for r in seen["runs"] for m in [r.model.unet, *r.model.text_encoders]
+                      for p in lora.lora_parameters(m))  # a sweep: every variant's network
     phases = {p: counter.peaks[p] for p in PHASES if p in counter.peaks}
     top = max(phases, key=phases.get)
     return {"phases": phases, "peak_bytes": phases[top], "peak_phase": top, "lora_params": lora_params,
@@ -190,7 +191,7 @@ def summary(cfg, arch: str, key: str | None = None) -> str:
     return (f"{arch} {cfg.resolution}px b{cfg.batch_size} {cfg.mixed_precision}, rank {cfg.rank}, {cfg.optimizer}, "
             f"base {cfg.base_quantization}, ckpt {'on' if cfg.gradient_checkpointing else 'off'}, TE "
             f"{'trained' if cfg.train_text_encoder else ('cached' if cfg.caches_text else 'frozen')}"
-            + (f" ({key})" if key else ""))
+            + (f", sweep of {len(cfg.variants)}" if cfg.variants else "") + (f" ({key})" if key else ""))
 
 
 def config_for(args):
@@ -210,6 +211,8 @@ def config_for(args):
         changes["batch_size"] = args.batch_size
     if args.quantization:
         changes["base_quantization"] = args.quantization
+    if getattr(args, "sweep", 0):
+        changes["variants"] = [{"name": f"lr{i + 1}", "unet_lr": cfg.unet_lr * (i + 1)} for i in range(args.sweep)]
     cfg = cfg.replace(**changes)
     if cfg.bucket_range[1] < cfg.resolution or cfg.bucket_range[0] > cfg.resolution:
         cfg = cfg.replace(min_bucket=0, max_bucket=0)
@@ -217,7 +220,7 @@ def config_for(args):
 
 
 def measure_preset(key: str | None, arch: str, steps: int, resolution=None, batch_size=None, quantization=None,
-                   config=None) -> tuple[str, dict, dict]:
+                   config=None, sweep: int = 0) -> tuple[str, dict, dict]:
     """One measurement: (settings line, measure()'s result, the estimate), printed as it goes."""
     import argparse
 
@@ -225,7 +228,7 @@ def measure_preset(key: str | None, arch: str, steps: int, resolution=None, batc
     from trainer.recipe.estimate import estimate_vram_gb
 
     args = argparse.Namespace(preset=key, config=config, resolution=resolution, batch_size=batch_size,
-                              quantization=quantization)
+                              quantization=quantization, sweep=sweep)
     cfg = config_for(args)
     torch.manual_seed(0)
     model = build_model(arch, "cpu", torch.float32)
@@ -270,7 +273,7 @@ def run_memory(args) -> int:
             proc.join()
     else:
         rows = [measure_preset(args.preset, args.model, args.steps, args.resolution, args.batch_size,
-                               args.quantization, args.config)]
+                               args.quantization, args.config, args.sweep)]
     table = table_of(rows)
     print(table)
     if args.out:
@@ -314,5 +317,7 @@ def add_command(sub) -> None:
     m.add_argument("--batch-size", type=int)
     m.add_argument("--quantization", choices=["none", "fp8", "int8", "nf4"], help="override base_quantization")
     m.add_argument("--steps", type=int, default=2, help="training steps to count (the optimizer state appears at the first)")
+    m.add_argument("--sweep", type=int, default=0, metavar="K",
+                   help="count a sweep of K variants of the config (the same network at K learning rates) in one run")
     m.add_argument("--out", default="", help="also append the table to this file (e.g. BENCHMARKS.md); default: print only")
     m.set_defaults(fn=run_memory)
