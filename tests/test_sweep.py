@@ -76,6 +76,20 @@ def check_the_page_side(out, names, model, tmp_path):
     assert best == (lowest[2], lowest[1], pytest.approx(lowest[0], abs=1e-4))
     assert set(view.variant_losses) == set(names)
 
+    from app.tabs.train import TrainTab
+
+    class Runs:  # the run manager's answer for this run: its folder, and its events folded
+        def get(self, run_id):
+            return {"id": "s", "name": "sweep", "status": "finished", "dir": str(out)}
+
+        def view(self, run_id):
+            return view
+
+    progress, _, single_val, by_variant, table, _, _ = TrainTab(Studio(Workspace(tmp_path), Runs())).live("s")
+    assert single_val.visible is False and by_variant.visible is True and table["visible"] is True
+    assert f"lowest validation loss so far: **{best[0]}** at step {best[1]}" in progress
+    assert "loss by variant (the plot draws the first): " + names[0] in progress
+
     studio = Studio(Workspace(tmp_path), None)  # the runs are inside the workspace, as the page makes them
     files, labels = studio.variant_series(str(out / f"lora-{names[0]}.safetensors"))
     assert labels == sorted(names) and files == [str(out / f"lora-{n}.safetensors") for n in labels]

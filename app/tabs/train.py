@@ -95,6 +95,14 @@ def loss_frame(points: list, name: str):
     return pd.DataFrame(points, columns=["step", name]).astype({"step": "int64", name: "float64"})
 
 
+def variant_frame(points: list):
+    """A sweep's (step, variant, validation loss) points as the frame of a LinePlot coloured by variant."""
+    import pandas as pd
+
+    return pd.DataFrame([(s, loss, n) for s, n, loss in points], columns=["step", "validation loss", "variant"]).astype(
+        {"step": "int64", "validation loss": "float64"})
+
+
 class TrainTab:
     def __init__(self, studio):
         self.studio, self.ws, self.runs = studio, studio.ws, studio.runs
@@ -103,14 +111,18 @@ class TrainTab:
         """Progress text, loss curve, samples and log of a run, from its event log."""
         run = self.runs.get(run_id) if run_id else None
         if not run:
-            return ("No run selected.", None, gr.LinePlot(value=None, visible=False), gr.update(visible=False), [], "")
+            return ("No run selected.", None, gr.LinePlot(value=None, visible=False), gr.LinePlot(visible=False),
+                    gr.update(visible=False), [], "")
         v = self.runs.view(run_id)
         # the validation plot takes room only when the run measures a validation loss
         val = gr.LinePlot(value=loss_frame(v.val_losses, "validation loss"), visible=bool(v.val_losses))
-        headers, rows, _ = v.comparison()  # a sweep's validation losses: a table, a column per variant
+        # a sweep's validation losses: a line per variant, and a table with each variant's lowest marked
+        by_variant = gr.LinePlot(value=variant_frame(v.variant_val), visible=True) if v.variant_val else gr.LinePlot(
+            visible=False)
+        headers, rows, _ = v.comparison()
         table = gr.update(value={"headers": headers, "data": rows}, visible=True) if rows else gr.update(visible=False)
-        return (progress_markdown(run, v), loss_frame(v.losses, "loss"), val, table, list(v.samples[-12:]),
-                "\n".join(v.log[-30:]))
+        return (progress_markdown(run, v), loss_frame(v.losses, "loss"), val, by_variant, table,
+                list(v.samples[-12:]), "\n".join(v.log[-30:]))
 
     def follow(self, run_id: str | None, shown: dict) -> tuple[dict, str | None, dict]:
         """Keep the run picker and the run's status true to the event log, with no Refresh button: the picker's
@@ -427,6 +439,9 @@ class TrainTab:
             val_plot = gr.LinePlot(x="step", y="validation loss", height=260, elem_id="val-plot",
                                    title="Validation loss (Advanced › Quality)", visible=False)
             samples = gr.Gallery(label="Samples", columns=3, height=300, object_fit="contain", elem_id="samples")
+        # starts hidden, then shown with its lines (a coloured plot shown empty first never drew in Gradio 6.31)
+        variant_plot = gr.LinePlot(x="step", y="validation loss", color="variant", height=260, visible=False,
+                                   title="Validation loss by variant", elem_id="variant-plot")
         compare_table = gr.Dataframe(label="Validation loss by variant (★ each variant's lowest)", visible=False,
                                      interactive=False, elem_id="compare-table")
         logs = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="log", autoscroll=True)
@@ -468,7 +483,7 @@ class TrainTab:
                        show_progress="hidden")
         resume.click(friendly(lambda r: runs.resume(r) if r else "Pick a run."), self.run_pick, run_msg,
                      show_progress="hidden")
-        live_out = [progress, loss_plot, val_plot, compare_table, samples, logs]
+        live_out = [progress, loss_plot, val_plot, variant_plot, compare_table, samples, logs]
         self.run_pick.change(friendly(self.live), self.run_pick, live_out)
 
         @friendly
