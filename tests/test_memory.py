@@ -258,3 +258,54 @@ def test_the_page_says_when_memory_spills_out_of_the_card():
                                                                               (1.0, 10.2), (20.0, 11.5)])])
     page = progress_markdown({"id": "r1", "dir": ""}, v)
     assert "**Slow steps:** Steps slowed" in page
+
+
+@pytest.mark.slow  # a training and a worker: the fast tier stays under 3 minutes
+def test_the_cuda_check_reads_each_phase_and_compares_reserved_plus_context_to_the_projection(tiny_model, tmp_path):
+    """`memory --cuda-check` can only run on a GPU. What runs here: its readings are taken at the engine's real phase
+    changes (a reader that counts calls stands in for torch.cuda's), a phase met again keeps its highest, and the
+    report compares reserved memory plus the context outside the allocator (never allocated memory alone) with the
+    projection. Without a GPU the command says so and exits 2; every card preset states its card size."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from trainer.engine.loop import train
+    from trainer.measure.bench import synthetic_dataset
+    from trainer.measure.cuda_check import GB, PhaseReadings, card_size, report
+    from trainer.recipe.presets import find_preset, list_presets
+
+    calls = []
+
+    def reader():
+        calls.append(len(calls))
+        n = len(calls)  # every reading higher than the last: a repeated phase must keep the highest
+        return {"allocated": n * GB, "reserved": (n + 0.5) * GB, "reserved_now": (n + 0.25) * GB,
+                "card_used": (n + 0.75) * GB}
+
+    readings = PhaseReadings(read=reader)
+    cfg = TrainConfig(base_model="x", dataset=str(synthetic_dataset(tmp_path / "d", 2, 64)), resolution=64,
+                      min_bucket=64, max_bucket=64, rank=4, alpha=4, max_steps=2, mixed_precision="no",
+                      train_text_encoder=False, output_dir=str(tmp_path / "run"), device="cpu")
+    with placement.watching(readings):
+        train(cfg, tmp_path / "run", echo=lambda m: None, model=tiny_model())
+    readings.close()
+    assert {"load", "cache latents", "forward", "backward", "optimizer", "save"} <= set(readings.rows)
+    assert len(calls) > len(readings.rows)  # forward, backward and optimizer came round twice: one row each
+    assert readings.rows["save"]["allocated"] == len(calls) * GB  # the last reading (the final save's)
+    top = max(readings.rows.values(), key=lambda r: r["reserved"])
+    table, need = report(readings.rows, projected_gb=need_gb(top), card_gb=4)
+    assert need == pytest.approx((top["reserved"] + 0.5 * GB) / GB)  # context = card used - reserved now
+    assert "(ratio 1.00)" in table and "the 4 GB the preset promises" in table
+
+    r = subprocess.run([sys.executable, "-m", "trainer", "memory", "--cuda-check", "--preset", "sdxl_4gb"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "none is visible here" in r.stdout
+    assert card_size(find_preset("sdxl_4gb")) == 4 and card_size(find_preset("sdxl_12gb")) == 12
+    assert all(card_size(p) for p in list_presets(None) if p.shipped and "GB card" in p.name)
+
+
+def need_gb(reading: dict) -> float:
+    from trainer.measure.cuda_check import GB
+
+    return (reading["reserved"] + reading["card_used"] - reading["reserved_now"]) / GB

@@ -1,6 +1,6 @@
 """`python -m trainer bench`: our training step against the plain diffusers+peft reference loop, in one process.
 
-Measures steps/s, images/s, peak memory (CUDA max allocated, or peak RSS on CPU), time to first step, and
+Measures steps/s, images/s, peak memory (CUDA max reserved, or peak RSS on CPU), time to first step, and
 achieved TFLOP/s from a FLOP count of one step (MFU against the GPU's bf16 peak where known). Appends the
 table, with device, versions and config, to BENCHMARKS.md. Never used for timed assertions in tests.
 """
@@ -78,8 +78,8 @@ def _mem_block(device):
 def _peak_gb(device, rss: PeakRSS) -> float:
     import torch
 
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
+    if device == "cuda":  # what the allocator held (a card needs that, plus its context), not what tensors used
+        return torch.cuda.max_memory_reserved() / 2**30
     return rss.peak / 2**30
 
 
@@ -224,7 +224,7 @@ def ours(model, data_dir: Path, cfg, steps: int, warmup: int, work: Path) -> dic
 
 def timed_run(arch: str, cfg, device: str, dtype, work: Path) -> dict:
     """One whole run as a person starts it: the model built (random weights: the load), caching, the steps and
-    the export, timed by the wall clock; with its peak memory (CUDA: max allocated; CPU: peak RSS)."""
+    the export, timed by the wall clock; with its peak memory (CUDA: max reserved; CPU: peak RSS)."""
     from trainer.engine.loop import train
     from trainer.engine.setup import fresh_accelerate_state
 
@@ -273,7 +273,7 @@ def sweep_bench(args, base, device: str, dtype, work: Path) -> list[str]:
     each = [r["seconds"] for r in alone]
     in_a_row = sum(each)
     if device == "cuda":
-        mem_sweep, mem_one, how = sweep["peak_gb"], max(r["peak_gb"] for r in alone), "max allocated, measured"
+        mem_sweep, mem_one, how = sweep["peak_gb"], max(r["peak_gb"] for r in alone), "max reserved, measured"
     elif args.model != "tiny":
         family = family_of(args.model)
         mem_sweep = estimate_vram_gb(cfg.replace(variants=variants, mixed_precision="bf16"), family)["total_gb"]

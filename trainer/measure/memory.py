@@ -251,6 +251,11 @@ def _child(job, conn) -> None:
 def run_memory(args) -> int:
     from trainer.recipe.presets import list_presets
 
+    if getattr(args, "cuda_check", False):
+        from trainer.measure.cuda_check import run_cuda_check
+
+        return run_cuda_check(args)
+
     if args.preset and (args.preset == "all" or "," in args.preset):
         # several presets, each on its family's architecture and in a fresh process (a full-size SDXL build
         # after others would not fit in this machine's memory)
@@ -317,6 +322,10 @@ def add_command(sub) -> None:
     m.add_argument("--batch-size", type=int)
     m.add_argument("--quantization", choices=["none", "fp8", "int8", "nf4"], help="override base_quantization")
     m.add_argument("--steps", type=int, default=2, help="training steps to count (the optimizer state appears at the first)")
+    m.add_argument("--cuda-check", action="store_true",
+                   help="on a CUDA GPU: run the preset with the allocator capped at the card size it promises and "
+                        "print what the card used per phase beside the projection (trainer/measure/cuda_check.py)")
+    m.add_argument("--card-gb", type=float, help="with --cuda-check: the card size to cap at (default: the preset's)")
     m.add_argument("--sweep", type=int, default=0, metavar="K",
                    help="count a sweep of K variants of the config (the same network at K learning rates) in one run")
     m.add_argument("--out", default="", help="also append the table to this file (e.g. BENCHMARKS.md); default: print only")

@@ -12,9 +12,13 @@ from trainer.recipe import optimizers
 GB = 1024**3
 # Activation, sampling and linear-share figures are each family's own (trainer/models/families/, `calibration`).
 VAE_ENCODE_GB_PER_MPIX = 2.5  # the fp32 VAE encoder's activations while caching latents, per megapixel
-# What a CUDA card needs beyond its tensors (trainer/measure/memory.py says how these were chosen):
-CUDA_CONTEXT_GB = 0.4  # the CUDA context, cuBLAS / cuDNN handles and kernels, outside torch's allocator
-ALLOCATOR_SLACK = 0.08  # the caching allocator's block rounding and fragmentation, as a share of the peak
+# What a CUDA card needs beyond its tensors (trainer/measure/memory.py says how these were chosen). Both are
+# assumptions, not measurements: `python -m trainer memory --cuda-check` (trainer/measure/cuda_check.py) reads them
+# on a GPU, and no GPU has yet.
+CUDA_CONTEXT_GB = 0.4  # the CUDA context, cuBLAS / cuDNN handles and kernels, outside torch's allocator: a floor
+# (reports of 0.45-0.8 GB with cuDNN and bitsandbytes kernels loaded, issue 31)
+ALLOCATOR_SLACK = 0.08  # the caching allocator's block rounding and fragmentation, as a share of the peak: no source;
+# with expandable segments (set in every engine process) fragmentation should be lower, which the check will show
 
 
 def _modules(unet: dict, te_configs: list[dict], attention_only: bool):
