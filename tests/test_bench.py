@@ -27,3 +27,13 @@ def test_the_sdxl_reference_loop_runs(tmp_path, monkeypatch):
     assert cli(["bench", "--model", "sdxl", "--resolution", "64", "--batch", "1", "--steps", "1", "--warmup", "1",
                 "--which", "reference,ours", "--repeats", "1", "--out", str(out)]) == 0
     assert "| reference |" in out.read_text()
+
+
+@pytest.mark.slow
+def test_the_sweep_bench_compares_one_run_with_runs_in_a_row_and_side_by_side(tmp_path):
+    out = tmp_path / "B.md"
+    assert cli(["bench", "--model", "tiny", "--sweep", "2", "--steps", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| sweep of 2 variants, one run |" in text and "| 2 runs one after another |" in text
+    assert "| 2 runs side by side | - |" in text and "of the memory of 2 runs side by side" in text
+    assert "s per cell one generation at a time" in text and "in one batch with an adapter per image" in text
