@@ -163,12 +163,13 @@ def setup_base(cfg: TrainConfig, run_dir: str | Path, echo=print, model: LoadedM
     return Base(cfg, files, accelerator, ev, model, data, text_cache, sample_cond, weight_dtype, device, info)
 
 
-def add_network(base: Base, cfg: TrainConfig, model: LoadedModel, files: RunFiles, ev) -> Run:
-    """The LoRA of `cfg` on `model` (the base's, or a sweep variant's copy sharing its weights), with its optimizer,
-    schedule and EMA, prepared by the base's accelerator: one trainable network of a run."""
+def add_network(base: Base, cfg: TrainConfig, model: LoadedModel, files: RunFiles, ev, alphas: dict | None = None) -> Run:
+    """The LoRA of `cfg` on `model` (the base's, or a sweep variant's copy sharing its weights; `alphas` when it
+    was injected already), with its optimizer, schedule and EMA, prepared by the base's accelerator: one trainable
+    network of a run."""
     accelerator = base.accelerator
-    alphas = add_lora(cfg, model, accelerator.device, base.weight_dtype, ev,
-                      parked_text_encoders=base.text_cache is not None)
+    alphas = place_lora(cfg, model, accelerator.device, base.weight_dtype, ev, alphas or inject_lora(cfg, model),
+                        parked_text_encoders=base.text_cache is not None)
     micro_per_epoch = base.data.micro_per_epoch(accelerator.num_processes)
     optimizer, scheduler, total_steps, steps_per_epoch = make_schedule(cfg, model, accelerator, micro_per_epoch,
                                                                        base.device)
@@ -304,7 +305,12 @@ def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventL
              parked_text_encoders: bool = False) -> dict:
     """Inject LoRA with peft (fp32 weights) into the stored base, move the networks to the device (text encoders
     whose outputs are cached stay parked on the CPU; so does the VAE when latents are cached)."""
-    resident, frozen = resident_and_frozen(cfg, model, parked_text_encoders)
+    return place_lora(cfg, model, dev, weight_dtype, ev, inject_lora(cfg, model), parked_text_encoders)
+
+
+def inject_lora(cfg: TrainConfig, model: LoadedModel) -> dict:
+    """The network of `cfg` into `model`, from the run's seed; returns part -> {module: alpha}. (Before the base
+    is stored in fp8: peft's DoRA reads the base weights as it goes in.)"""
     torch.manual_seed(cfg.seed)  # LoRA init draws from the global RNG: same seed, same starting weights
     try:
         alphas = lora.inject_for_config(model, cfg)
@@ -313,6 +319,13 @@ def add_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventL
     if not any(alphas.values()):
         raise TrainingError("No module gets a LoRA: every block has rank 0 (or a learning-rate weight at or below "
                             "block_lr_zero_threshold). Give some blocks a rank.")
+    return alphas
+
+
+def place_lora(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, ev: EventLog, alphas: dict,
+               parked_text_encoders: bool = False) -> dict:
+    """After injection: the base stored (fp8 when asked) and placed, the LoRA in fp32, checkpointing on, a log line."""
+    resident, frozen = resident_and_frozen(cfg, model, parked_text_encoders)
     stored = quantize.place_base(cfg.base_quantization, [model.unet, *model.text_encoders], resident, frozen,
                                  weight_dtype, dev)
     if weight_dtype != torch.float32 and not cfg.use_dora:  # under autocast: two casts per LoRA layer saved

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from trainer.engine import checkpoint as ckpt
-from trainer.engine.setup import Base, Run, TrainingError, add_network, setup_base
+from trainer.engine.setup import Base, Run, TrainingError, add_network, inject_lora, setup_base
 from trainer.models.load import LoadedModel
 from trainer.recipe import sweep
 from trainer.runfiles import VARIANTS, RunFiles
@@ -56,13 +56,16 @@ def setup_sweep(cfg, run_dir: str | Path, echo=print, model: LoadedModel | None 
     variants = sweep.variant_configs(cfg)
     copies = [variant_model(base.model) for _ in variants]  # all taken from the base before any network goes in
     base.ev.emit("log", message=f"Sweep: {len(variants)} variants on one base ({', '.join(n for n, _ in variants)})")
+    # every network goes in before any is placed: placing stores an fp8 base, and peft's DoRA reads the base's
+    # weights as it goes in (in a lone run, too, the network goes in before the base is stored)
+    alphas = [inject_lora(vcfg, vmodel) for (_, vcfg), vmodel in zip(variants, copies)]
     runs = []
-    for (name, vcfg), vmodel, settings in zip(variants, copies, cfg.variants):
+    for (name, vcfg), vmodel, settings, injected in zip(variants, copies, cfg.variants, alphas):
         files = RunFiles(base.files.root / VARIANTS / name)
         if base.accelerator.is_main_process:
             files.root.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temp(files.root)
-        run = add_network(base, vcfg, vmodel, files, VariantLog(base.ev, name))
+        run = add_network(base, vcfg, vmodel, files, VariantLog(base.ev, name), injected)
         run.info.update(variant=name, variant_settings={k: v for k, v in settings.items() if k != "name"})
         runs.append(run)
     return base, runs
