@@ -204,6 +204,7 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         ui.click("cmp-make")
         ui.until(lambda: page.locator("#f-variants textarea").input_value() == "rank = 4\nrank = 8",
                  "the variants box holds one line per rank")
+        ui.wait_text("cmp-note", r"2 variants in one run: about [\d.]+ GB projected for the card", timeout=30)
         ui.click("check")
         ui.wait_text("preflight", r"Compares 2 variants in one run")
         ui.text("f-variants", "")

@@ -232,3 +232,22 @@ def test_a_sweep_on_a_stored_base_equals_its_lone_runs_dora_after_fp8_too(tiny_s
             alone = train(base_config(tiny_sd1, data, tmp_path / f"{quant}-{name}", **{**kw, **v}), echo=lambda m: None)
             a, b = tensors(out / f"lora-{name}.safetensors"), tensors(alone)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (quant, name)
+
+
+def test_the_compare_panel_says_the_count_and_what_the_variants_need_together(tiny_sd1, tmp_path):
+    from app.forms import config_to_values
+    from app.services import Studio
+    from app.tabs.train import TrainTab
+    from app.workspace import Workspace
+    from trainer.recipe.estimate import estimate_vram_gb
+
+    tab = TrainTab(Studio(Workspace(tmp_path / "ws"), None))
+    cfg = TrainConfig(base_model=str(tiny_sd1), dataset=str(tmp_path), variants=[{"rank": 8}, {"rank": 32}])
+    said = tab.sweep_plan(config_to_values(cfg))
+    both, one = estimate_vram_gb(cfg, "sd1")["total_gb"], estimate_vram_gb(cfg.replace(variants=[]), "sd1")["total_gb"]
+    assert said.startswith(f"2 variants in one run: about {both} GB projected") and f"against {one} GB for one" in said
+    assert both > one
+    bad = tab.sweep_plan(config_to_values(cfg.replace(variants=[{"rank": 8}, {"rank": 0}])))
+    assert bad == "Cannot start yet: variant 'rank0': rank must be a positive whole number (got 0); 16 is a good start."
+    unknown = tab.sweep_plan(config_to_values(cfg.replace(base_model=str(tmp_path / "nothing.safetensors"))))
+    assert unknown == "2 variants in one run. Pick the base model to see what they need together."

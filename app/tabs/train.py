@@ -192,6 +192,7 @@ class TrainTab:
         comps["variants"] = self.build_compare()
         self.comps, self.order, self.inputs = comps, list(comps), set(comps.values())
         self.variants_made.then(self.remember, self.inputs | {self.preset_dd})  # kept like any edit of the form
+        self.variants_made.then(lambda data: self.sweep_plan(self.values_of(data)), self.inputs, self.compare_note)
         self.outputs = [comps[n] for n in self.order]
         shown = list(NETWORK_ONLY)
         # a network type's own fields appear with it (also when a preset, a restored form or a run sets it)
@@ -246,11 +247,37 @@ class TrainTab:
                 lines = compare_grid(a, av, b, bv)
             except ConfigError as e:
                 return gr.update(), in_ui_words(str(e))
-            return lines, (f"{len(lines.splitlines())} variants. **Check setup** shows what they need together "
-                           "(the base once, each variant's network and optimizer state, one pass at a time).")
+            return lines, ""
 
         self.variants_made = make.click(on_make, [first, first_values, second, second_values], [variants, note])
+        self.compare_note = note
         return variants
+
+    def sweep_plan(self, values: dict) -> str:
+        """The Compare panel's count and memory: the base once, each variant's network and optimizer state, one
+        pass's activations at a time, beside one LoRA alone."""
+        from trainer.models.sniff import sniff_family
+        from trainer.recipe.config import ConfigError
+        from trainer.recipe.estimate import estimate_vram_gb
+
+        try:
+            cfg = values_to_config(values, self.ws.datasets_dir)
+        except ConfigError as e:
+            return in_ui_words(str(e))
+        if not cfg.variants:
+            return ""
+        errors = cfg.problems()[0]
+        if errors:
+            return in_ui_words("Cannot start yet: " + " ".join(errors))
+        family = sniff_family(cfg.base_model) if cfg.model_family == "auto" else cfg.model_family
+        if family == "auto":
+            return f"{len(cfg.variants)} variants in one run. Pick the base model to see what they need together."
+        both, one = estimate_vram_gb(cfg, family), estimate_vram_gb(cfg.replace(variants=[]), family)
+        return (f"{len(cfg.variants)} variants in one run: about {both['total_gb']} GB projected for the card (the "
+                f"base once, {both['lora_params_m']}M LoRA parameters with their optimizer state, one pass at a "
+                f"time), against {one['total_gb']} GB for one LoRA alone and {len(cfg.variants)} x that side by "
+                "side. Each step trains every variant, so a step takes about that many times longer; **Check "
+                "setup** gives the time.")
 
     def dataset_choices(self):
         """The Dataset field offers the workspace's datasets as they are now, and keeps the one it holds."""
