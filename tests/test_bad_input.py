@@ -109,6 +109,7 @@ def test_cli_process_prints_one_line_no_traceback(dataset, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: Base model not found")
 
 
+@pytest.mark.slow  # trains: the fast tier stays under 3 minutes (the full suite runs it)
 def test_nan_loss_stops_with_a_cause(tiny_sd1, dataset, tmp_path, capsys):
     # an absurd learning rate blows the loss up; the message names the likely cause
     cfg = base_config(tiny_sd1, dataset, tmp_path / "run", unet_lr=1e12, text_encoder_lr=1e12, max_steps=30, max_grad_norm=0.0)

@@ -152,6 +152,7 @@ def test_suggested_ranks_follow_where_a_trained_lora_keeps_its_update():
     assert rows["OUT05"][2] == 2 and rows["IN00"][1] == 0  # alpha keeps the ratio; no modules there, no rank
 
 
+@pytest.mark.slow  # trains: the fast tier stays under 3 minutes (the full suite runs it)
 def test_the_train_tab_block_table_writes_the_block_fields(tmp_path):
     import gradio as gr
 

@@ -198,6 +198,7 @@ def test_training_learns_the_concept(tiny_sd1, tmp_path):
     assert trained < 0.8 * untrained, (trained, untrained)
 
 
+@pytest.mark.slow  # trains: the fast tier stays under 3 minutes (the full suite runs it)
 def test_resume_matches_an_uninterrupted_run(tiny_sd1, dataset, tmp_path):
     kw = dict(max_steps=6, lr_scheduler="cosine", warmup_steps=2, shuffle_tags=True, caption_dropout=0.2, dropout=0.1)
     a = tmp_path / "a"
@@ -228,12 +229,14 @@ def test_export_command_reexports_at_another_precision(tiny_sd1, dataset, tmp_pa
     assert all(torch.allclose(a[k].float(), b[k], atol=1e-2, rtol=1e-2) for k in a)
 
 
+@pytest.mark.slow  # trains: the fast tier stays under 3 minutes (the full suite runs it)
 def test_keep_last_prunes_old_checkpoints(tiny_sd1, dataset, tmp_path):
     out = tmp_path / "run"
     assert run_cli(base_config(tiny_sd1, dataset, out, max_steps=5, save_every_steps=1, keep_last=2), tmp_path) == 0
     assert [p.name for p in ckpt.checkpoint_dirs(out)] == ["step-000004", "step-000005"]
 
 
+@pytest.mark.slow  # trains: the fast tier stays under 3 minutes (the full suite runs it)
 def test_v_prediction_model_trains_with_v_target(tiny_sd2v, dataset, tmp_path):
     out = tmp_path / "run"
     assert run_cli(base_config(tiny_sd2v, dataset, out, max_steps=2), tmp_path) == 0

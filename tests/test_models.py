@@ -30,6 +30,7 @@ def test_single_file_checkpoint_loads_the_same_weights_as_the_folder(family, suf
         assert all(torch.equal(sx[k], sy[k]) for k in sx)
 
 
+@pytest.mark.slow  # trains: the fast tier stays under 3 minutes (the full suite runs it)
 def test_training_from_a_single_file_exports_the_same_lora(tiny_sd1, dataset, tmp_path):
     f = tmp_path / "model.safetensors"
     save_single_file(tiny_sd1, f, "sd1")
