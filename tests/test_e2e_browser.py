@@ -198,16 +198,6 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         ui.choose("f-network_type", "lora")
         expect(page.locator("#f-use_dora")).to_be_visible()
         expect(page.locator("#f-lokr_factor")).to_be_hidden()
-        # Compare settings: two ranks make two variants, and the check plans the sweep; then back to one LoRA
-        page.locator("#compare").get_by_text("Compare settings").click()
-        ui.text("cmp-first-values", "4, 8")
-        ui.click("cmp-make")
-        ui.until(lambda: page.locator("#f-variants textarea").input_value() == "rank = 4\nrank = 8",
-                 "the variants box holds one line per rank")
-        ui.wait_text("cmp-note", r"2 variants in one run: about [\d.]+ GB projected for the card", timeout=30)
-        ui.click("check")
-        ui.wait_text("preflight", r"Compares 2 variants in one run")
-        ui.text("f-variants", "")
         ui.text("f-min_bucket", 64)
         ui.text("f-save_every_steps", 4)
         ui.click("check")
@@ -316,6 +306,16 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         ui.shot("5-reattached")
         ui.click("stop")
         ui.wait_text("progress", "stopped", timeout=120)
+
+        # 6. Compare settings: two ranks make two variants, the panel says what they need, the check plans the sweep
+        page.locator("#compare").get_by_text("Compare settings").click()
+        ui.text("cmp-first-values", "4, 8")
+        ui.click("cmp-make")
+        ui.until(lambda: page.locator("#f-variants textarea").input_value() == "rank = 4\nrank = 8",
+                 "the variants box holds one line per rank")
+        ui.wait_text("cmp-note", r"2 variants in one run: about [\d.]+ GB projected for the card", timeout=30)
+        ui.click("check")
+        ui.wait_text("preflight", r"Compares 2 variants in one run")
         browser.close()
 
     docs = ROOT / "docs" / "screenshots"

@@ -190,7 +190,7 @@ def test_a_waiting_run_says_it_is_queued_behind_which_run(tiny_sd1, tmp_path):
     first, _ = rm.create(quick_cfg(tiny_sd1, data, max_steps=3, sample_every_steps=0, seed=1))
     second, _ = rm.create(quick_cfg(tiny_sd1, data, max_steps=3, sample_every_steps=0, seed=2))
     assert rm.get(second)["status"] == "queued"
-    assert studio.start_message(second, True) == (f"Queued: it starts when `{first}` has finished (one run on the "
+    assert studio.start_message(second, True) == (f"Queued: it starts when `{first}` has finished (one job on the "
                                                   "GPU at a time).")
     assert studio.start_message(first, True) == "Started." and "already" in studio.start_message(first, False)
     wait_for(lambda: rm.get(second)["status"] == "finished", timeout=300)
