@@ -309,3 +309,99 @@ def need_gb(reading: dict) -> float:
     from trainer.measure.cuda_check import GB
 
     return (reading["reserved"] + reading["card_used"] - reading["reserved_now"]) / GB
+
+
+# ------------------------------------------------------------------------------------------ issue 31.1: CUDA's casts
+def _count(fn, cuda_policy: bool) -> tuple[int, object]:
+    """The peak bytes the counter sees while fn() runs under the CPU's bf16 autocast, with or without CUDA's policy."""
+    import contextlib
+
+    from trainer.measure.cuda_autocast import CudaAutocast
+
+    with torch.autocast("cpu", torch.bfloat16), DeviceMemory() as c, \
+            (CudaAutocast() if cuda_policy else contextlib.nullcontext()):
+        out = fn()
+    return c.peaks["load"], out
+
+
+def test_the_counter_casts_as_cuda_autocast_does_read_from_torch():
+    """Issue 31.1: CUDA's autocast runs group_norm, layer_norm and softmax in fp32 where the CPU's keeps bf16; the
+    counter applies CUDA's policy, read from torch's own AutocastCUDA kernels, so a norm's input is copied to fp32
+    and its output is fp32. Matmuls stay bf16, gradients flow, and the CPU's own policy is back afterwards."""
+    import torch.nn.functional as F
+
+    from trainer.measure.cuda_autocast import CudaAutocast
+
+    x = torch.randn(1, 32, 64, 64).bfloat16()  # made before counting: not counted
+    n = x.numel()
+    cpu_peak, cpu_out = _count(lambda: F.group_norm(x, 8), False)
+    cuda_peak, cuda_out = _count(lambda: F.group_norm(x, 8), True)
+    assert cpu_out.dtype == torch.bfloat16 and cuda_out.dtype == torch.float32
+    assert cpu_peak < 3 * n  # a bf16 output (and the small statistics)
+    assert cuda_peak >= 8 * n  # an fp32 copy of the input and an fp32 output
+    # the policy is torch's: every op torch registers a CUDA autocast kernel for gets the emulation
+    assert "aten::group_norm" in CudaAutocast.ops() and "aten::layer_norm" in CudaAutocast.ops()
+    assert set(torch._C._dispatch_get_registrations_for_dispatch_key("AutocastCUDA")) <= set(CudaAutocast.ops())
+
+    lin = torch.nn.Linear(32, 16)
+    inp = torch.randn(4, 32, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16), CudaAutocast():
+        h = lin(inp)
+        y = torch.softmax(h, -1)
+        z = F.layer_norm(h, (16,))
+        assert (h.dtype, y.dtype, z.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+        (y.sum() + z.sum()).backward()
+    assert inp.grad.dtype == torch.float32 and lin.weight.grad is not None and torch.isfinite(inp.grad).all()
+    with torch.autocast("cpu", torch.bfloat16):  # the CPU's own kernels are back
+        assert F.group_norm(x, 8).dtype == torch.bfloat16 and torch.softmax(lin(inp), -1).dtype == torch.bfloat16
+
+
+def test_the_nf4_matmul_counts_the_weight_cuda_dequantises_inside_it():
+    """Issue 31.3: bitsandbytes' nf4 matmul on CUDA dequantises the weight into a buffer of the input's dtype for
+    more than a few rows; the CPU kernel hides that buffer, so the counter adds it while the op runs."""
+    import bitsandbytes as bnb
+
+    lin = bnb.nn.Linear4bit(512, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(torch.randn(1024, 512), requires_grad=False, quant_type="nf4")
+    lin = lin.to("cpu")
+    weight_bf16 = 1024 * 512 * 2
+    for rows, inside in ((64, True), (2, False)):
+        x = torch.randn(rows, 512, dtype=torch.bfloat16, requires_grad=True)
+        with DeviceMemory() as c:
+            y = lin(x)
+        out = rows * 1024 * 2
+        assert y.shape == (rows, 1024)
+        if inside:
+            assert c.peaks["load"] >= weight_bf16 + out, c.peaks
+        else:
+            assert c.peaks["load"] < weight_bf16, c.peaks
+
+
+@pytest.mark.slow  # two trainings
+def test_a_bf16_vae_encodes_its_own_latents_within_three_percent_of_fp32(tiny_sd1, tmp_path, monkeypatch):
+    """Issue 31.2: vae_precision = bf16 halves the VAE's memory while caching latents. Its latents go to their own
+    cache entries (an fp32 run's are never reused for it, nor the other way round), they are within 3% (RMS) of
+    the fp32 ones, and the run trains and samples with the bf16 VAE."""
+    from safetensors.torch import load_file
+
+    from conftest import base_config, make_images
+    from trainer.engine.loop import train
+
+    data = tmp_path / "data"
+    make_images(data, 2, concept=True)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORA_STUDIO_CACHE", str(cache))
+    latents = {}
+    for precision in ("fp32", "bf16"):
+        cfg = base_config(tiny_sd1, data, tmp_path / precision, max_steps=1, vae_precision=precision,
+                          sample_prompts=["zwx"], sample_steps=1)
+        assert train(cfg, tmp_path / precision, echo=lambda m: None).is_file()
+        assert list((tmp_path / precision).rglob("*.png"))  # a sample, decoded by the bf16 VAE
+        latents[precision] = {p.name: load_file(p)["latent"] for p in cache.rglob("*.safetensors")
+                              if p.parent.parent.name.endswith("-bf16") == (precision == "bf16")}
+    assert len(latents["fp32"]) == len(latents["bf16"]) == 2  # encoded again, not reused
+    for name, a in latents["fp32"].items():
+        b = latents["bf16"][name]
+        assert a.dtype == b.dtype == torch.float32
+        rel = (a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt()
+        assert 0 < rel < 0.03, rel

@@ -49,7 +49,7 @@ def render_samples(run: Run, step: int) -> None:
         return kwargs
 
     with on_device(([] if lean else [model.vae]) + ([] if cond else text_encoders), acc.device), \
-            tiled_decode(model.vae, cfg.resolution):
+            tiled_decode(model.vae, cfg.resolution), latents_in_vae_dtype(model.vae):
         model.unet, model.text_encoders = unet, text_encoders
         pipe = model.pipeline()
         pipe.set_progress_bar_config(disable=True)
@@ -87,6 +87,23 @@ def render_samples(run: Run, step: int) -> None:
 
 TILE_PX = 512
 
+
+
+@contextmanager
+def latents_in_vae_dtype(vae):
+    """A bf16 VAE (TrainConfig.vae_precision) decodes the pipeline's latents, which are fp32 outside autocast:
+    they are cast to the VAE's dtype where they enter it."""
+    def cast(module, args):
+        dtype = next(module.parameters()).dtype
+        return (args[0].to(dtype), *args[1:]) if args[0].is_floating_point() else None
+
+    hooks = [m.register_forward_pre_hook(cast) for m in (getattr(vae, "post_quant_conv", None), vae.decoder)
+             if m is not None]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @contextmanager

@@ -283,6 +283,11 @@ def split_sets(cfg: TrainConfig, scan: ScanResult, ev: EventLog) -> tuple[list, 
     return training, reg, val
 
 
+def vae_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The VAE's dtype on the device (TrainConfig.vae_precision): it keeps it for the samples too."""
+    return {"bf16": torch.bfloat16}.get(cfg.vae_precision, torch.float32)
+
+
 def resident_and_frozen(cfg: TrainConfig, model: LoadedModel, parked_text_encoders: bool) -> tuple[list, list]:
     """(the parts that live on the device while training, the parts that are not trained)."""
     resident = [model.unet] + ([] if parked_text_encoders else list(model.text_encoders))
@@ -296,8 +301,8 @@ def store_frozen_base(cfg: TrainConfig, model: LoadedModel, dev, weight_dtype, p
     placement.phase("load")
     for m in [model.unet, model.vae, *model.text_encoders]:
         m.requires_grad_(False)
-    if not cfg.cache_latents:  # the VAE encodes every batch; it stays fp32 (an fp16 SDXL VAE makes NaNs)
-        placement.to_device(model.vae, dev, torch.float32)
+    if not cfg.cache_latents:  # the VAE encodes every batch (never fp16: an fp16 SDXL VAE makes NaNs)
+        placement.to_device(model.vae, dev, vae_dtype(cfg))
     quantize.store_base(cfg.base_quantization, *resident_and_frozen(cfg, model, parked_text_encoders), weight_dtype, dev)
 
 
@@ -360,10 +365,10 @@ def prepare_data(cfg: TrainConfig, sets: tuple[list, list, list], model: LoadedM
         return data
     from trainer.data.cache import LatentCache, MemoryLatentCache, default_cache_dir, vae_fingerprint
 
-    vae_id = vae_fingerprint(model.vae)
+    vae_id = vae_fingerprint(model.vae) + ("" if cfg.vae_precision == "fp32" else f"-{cfg.vae_precision}")
     cache = LatentCache(default_cache_dir(), vae_id) if cfg.cache_latents_to_disk else MemoryLatentCache(vae_id)
     placement.phase("cache latents")
-    placement.to_device(model.vae, accelerator.device, torch.float32)  # alone on the device: nothing else is there yet
+    placement.to_device(model.vae, accelerator.device, vae_dtype(cfg))  # alone on the device: nothing else is there yet
     with accelerator.main_process_first():
         t0 = time.time()
         jobs = [j for part in data.parts() for j in part.all_jobs()]

@@ -9,9 +9,15 @@ counts the bytes of the tensors that would sit on the GPU:
 - the weights of the modules the loop put on the device (trainer/placement.py is where it says so).
 The model's build and the batch inputs are not counted (they are on the host, or a few MB).
 
+Where the CPU would hold other dtypes or buffers than CUDA, the count follows CUDA:
+- autocast casts as CUDA's autocast does (fp32 norms and softmax, bf16 matmuls), its policy read from torch's own
+  AutocastCUDA kernels (trainer/measure/cuda_autocast.py);
+- bitsandbytes' nf4 matmul holds the weight it dequantises while it runs, as its CUDA kernel does (`inside_op`).
+
 A CUDA run needs more than its tensors; those terms are added explicitly (constants in trainer/recipe/estimate.py):
 - CUDA_CONTEXT_GB (0.4): the CUDA context, cuBLAS / cuDNN handles and kernels, outside torch's allocator:
   about 300-500 MB on current drivers with lazy module loading;
+- CUBLAS_WORKSPACE_GB (0.024): cuBLAS and cuBLASLt workspaces, in the allocator but made by no op;
 - ALLOCATOR_SLACK (8%): the caching allocator's block rounding and fragmentation, as a share of the peak;
 - attention workspace: none added; PyTorch's SDPA on the CPU runs a flash kernel that allocates what the CUDA
   flash kernel does (output and log-sum-exp), and those are counted.
@@ -31,8 +37,12 @@ from torch.utils._pytree import tree_leaves
 
 from trainer import placement
 from trainer.measure import ARCHITECTURES, arch_of, family_of
-from trainer.recipe.estimate import ALLOCATOR_SLACK, CUDA_CONTEXT_GB, GB, with_cuda_terms  # noqa: F401 (one owner)
+from trainer.measure.cuda_autocast import CudaAutocast
+from trainer.recipe.estimate import (ALLOCATOR_SLACK, CUBLAS_WORKSPACE_GB, CUDA_CONTEXT_GB, GB,  # noqa: F401 (one owner)
+                                     with_cuda_terms)
 
+# what a table of counts says of itself: rows counted before these rules were in do not say it
+COUNTED_AS = "CUDA's autocast casts"
 PHASES = ("load", "cache latents", "cache text encoders", "forward", "backward", "optimizer", "validate",
           "sample", "save")
 
@@ -112,8 +122,8 @@ class DeviceMemory(TorchDispatchMode):
             self.extra -= n
         self.host.discard(ptr)
 
-    def _peak(self) -> None:
-        now = self.resident_bytes + self.extra
+    def _peak(self, inside: int = 0) -> None:
+        now = self.resident_bytes + self.extra + inside
         if now > self.peaks.get(self.current, -1):
             self.peaks[self.current] = now
 
@@ -122,7 +132,7 @@ class DeviceMemory(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 self._track(t)
-        self._peak()
+        self._peak(inside_op(func, args))
         return out
 
     def __enter__(self):
@@ -135,6 +145,20 @@ class DeviceMemory(TorchDispatchMode):
             f.detach()
         self._finalizers, self.modules, self.created = [], {}, {}
         return super().__exit__(*exc)
+
+
+def inside_op(func, args) -> int:
+    """Bytes an op holds while it runs, beyond its inputs and outputs, where CUDA's kernel differs from the CPU's
+    and the difference is big: bitsandbytes' nf4 matmul (`bitsandbytes::gemm_4bit`). On CUDA it dequantises the
+    weight into a buffer of the input's dtype and runs F.linear for more than a few rows (bitsandbytes 0.50,
+    backends/cuda/ops.py: past 1536 rows on every card, and from 5 rows on most), which the CPU kernel does not
+    show; training batches always have more rows. (Its backward dequantises through a separate op: counted.)"""
+    if getattr(func, "_schema", None) is None or func._schema.name != "bitsandbytes::gemm_4bit":
+        return 0
+    a, shape = args[0], args[2]
+    if a.numel() // a.shape[-1] <= 4:
+        return 0
+    return int(shape[0]) * int(shape[1]) * a.element_size()
 
 
 def _tensors(m: torch.nn.Module):
@@ -165,7 +189,7 @@ def measure(cfg, model, steps: int = 2, work: Path | None = None, say=None) -> d
     t0 = time.time()
     counter = DeviceMemory(say)
     seen = {}
-    with counter:
+    with counter, CudaAutocast():  # autocast casts what CUDA's would (trainer/measure/cuda_autocast.py)
         train(cfg, work / "run", echo=lambda m: None, model=model, on_setup=lambda r: seen.setdefault("runs", []).append(r))
     run = seen["runs"][0]
     from trainer.models import lora
@@ -181,8 +205,8 @@ def measure(cfg, model, steps: int = 2, work: Path | None = None, say=None) -> d
 def describe(r: dict) -> list[str]:
     lines = [f"  {p:<20} {n / GB:7.2f} GB" for p, n in r["phases"].items()]
     lines.append(f"  peak: {r['peak_bytes'] / GB:.2f} GB of tensors ({r['peak_phase']}); on a CUDA card about "
-                 f"{with_cuda_terms(r['peak_bytes']):.2f} GB with the allocator's slack ({ALLOCATOR_SLACK:.0%}) and "
-                 f"the CUDA context ({CUDA_CONTEXT_GB} GB)")
+                 f"{with_cuda_terms(r['peak_bytes']):.2f} GB with the allocator's slack ({ALLOCATOR_SLACK:.0%}), "
+                 f"the CUDA context ({CUDA_CONTEXT_GB} GB) and cuBLAS' workspaces ({CUBLAS_WORKSPACE_GB * 1024:.0f} MB)")
     return lines
 
 
@@ -191,6 +215,7 @@ def summary(cfg, arch: str, key: str | None = None) -> str:
     return (f"{arch} {cfg.resolution}px b{cfg.batch_size} {cfg.mixed_precision}, rank {cfg.rank}, {cfg.optimizer}, "
             f"base {cfg.base_quantization}, ckpt {'on' if cfg.gradient_checkpointing else 'off'}, TE "
             f"{'trained' if cfg.train_text_encoder else ('cached' if cfg.caches_text else 'frozen')}"
+            + (", VAE bf16" if cfg.vae_precision == "bf16" else "")
             + (f", sweep of {len(cfg.variants)}" if cfg.variants else "") + (f" ({key})" if key else ""))
 
 
@@ -302,8 +327,9 @@ def table_of(rows: list) -> str:
     machine = f"{platform.machine()}, {torch.get_num_threads()} CPU threads, no GPU"
     lines = [f"\n### `trainer memory` ({time.strftime('%Y-%m-%d')}; {machine}; torch {torch.__version__}, "
              f"diffusers {diffusers.__version__}, peft {peft.__version__})",
-             "Projected (counted on the CPU): GB of tensors that would sit on the GPU, per phase; *CUDA* adds "
-             f"{ALLOCATOR_SLACK:.0%} allocator slack and {CUDA_CONTEXT_GB} GB of context (trainer/measure/memory.py); "
+             f"Projected (counted on the CPU, {COUNTED_AS}): GB of tensors that would sit on the GPU, per phase; "
+             f"*CUDA* adds {ALLOCATOR_SLACK:.0%} allocator slack, {CUDA_CONTEXT_GB} GB of context and "
+             f"{CUBLAS_WORKSPACE_GB * 1024:.0f} MB of cuBLAS workspaces (trainer/measure/memory.py); "
              "*estimate* is what the pre-flight check says (trainer/recipe/estimate.py).", "",
              "| run | " + " | ".join(PHASES) + " | peak | CUDA | estimate |", "|---|" + "---|" * (len(PHASES) + 3)]
     for what, r, est in rows:

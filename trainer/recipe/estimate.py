@@ -11,12 +11,17 @@ from trainer.recipe import optimizers
 
 GB = 1024**3
 # Activation, sampling and linear-share figures are each family's own (trainer/models/families/, `calibration`).
-VAE_ENCODE_GB_PER_MPIX = 2.5  # the fp32 VAE encoder's activations while caching latents, per megapixel
+VAE_ENCODE_GB_PER_MPIX = 2.5  # the fp32 VAE encoder's activations while caching latents, per megapixel (bf16: half)
 # What a CUDA card needs beyond its tensors (trainer/measure/memory.py says how these were chosen). Both are
 # assumptions, not measurements: `python -m trainer memory --cuda-check` (trainer/measure/cuda_check.py) reads them
 # on a GPU, and no GPU has yet.
 CUDA_CONTEXT_GB = 0.4  # the CUDA context, cuBLAS / cuDNN handles and kernels, outside torch's allocator: a floor
 # (reports of 0.45-0.8 GB with cuDNN and bitsandbytes kernels loaded, issue 31)
+# cuBLAS workspaces, in torch's allocator but made by no op the counter sees: one per (handle, stream), and a run
+# has two handles (its own thread and autograd's backward thread). Each is cuBLAS's 8.125 MiB (PyTorch's
+# default ":4096:2:16:8") plus cuBLASLt's 1-4 MiB (PyTorch #120925: 4 MiB on 24 GB Ampere cards; 32 MiB each on
+# Hopper, whose cards are not this estimate's audience).
+CUBLAS_WORKSPACE_GB = 2 * (8.125 + 4) / 1024
 ALLOCATOR_SLACK = 0.08  # the caching allocator's block rounding and fragmentation, as a share of the peak: no source;
 # with expandable segments (set in every engine process) fragmentation should be lower, which the check will show
 
@@ -135,24 +140,26 @@ def estimate_vram_gb(cfg, family: str) -> dict:
     if cfg.mixed_precision == "no":
         act *= 2
     nets = f" ({len(cfg.variants)} variants)" if getattr(cfg, "variants", None) else ""
+    vae_bytes = 2 if getattr(cfg, "vae_precision", "fp32") == "bf16" else 4
+    vae_w, vae_term = vae * vae_bytes, f"VAE ({'bf16' if vae_bytes == 2 else 'fp32'})"
     steps = {"UNet weights": unet_w, f"LoRA weights, gradients and optimizer state{nets}": lora_state,
              "activations": act}
     if not cfg.caches_text:
         steps["text encoders"] = te_w
     if not cfg.cache_latents:
-        steps["VAE (fp32)"] = vae * 4
+        steps[vae_term] = vae_w
     phases = {"training steps": steps}
     if cfg.cache_latents:
-        phases["caching latents"] = {"VAE (fp32)": vae * 4, "VAE activations": VAE_ENCODE_GB_PER_MPIX * GB
+        phases["caching latents"] = {vae_term: vae_w, "VAE activations": VAE_ENCODE_GB_PER_MPIX * vae_bytes / 4 * GB
                                      * encode_batch(cfg.resolution, cfg.resolution) * pixels / 1e6}
     if cfg.sample_prompts:  # frozen encoders whose outputs are cached stay parked (prompts encoded at set-up)
         if cfg.samples_lean:  # the UNet and the VAE take turns (a VAE of uncached latents stays all run)
             sampling = {"UNet weights": unet_w, "activations": cal.sample_denoise_act_gb * scale * GB}
             if not cfg.cache_latents:
-                sampling["VAE (fp32)"] = vae * 4
-            phases["decoding a sample"] = {"VAE (fp32)": vae * 4, "activations": cal.sample_decode_act_gb * scale * GB}
+                sampling[vae_term] = vae_w
+            phases["decoding a sample"] = {vae_term: vae_w, "activations": cal.sample_decode_act_gb * scale * GB}
         else:
-            sampling = {"UNet weights": unet_w, "VAE (fp32)": vae * 4, "activations": cal.sample_act_gb * scale * GB}
+            sampling = {"UNet weights": unet_w, vae_term: vae_w, "activations": cal.sample_act_gb * scale * GB}
         if not cfg.caches_text:
             sampling["text encoders"] = te_w
         phases["sampling"] = sampling
@@ -189,5 +196,6 @@ def network_state(cfg, family_key: str) -> tuple[int, float]:
 
 
 def with_cuda_terms(counted_bytes: float) -> float:
-    """GB a CUDA card needs for this many bytes of tensors: the allocator's slack and the context added."""
-    return counted_bytes * (1 + ALLOCATOR_SLACK) / GB + CUDA_CONTEXT_GB
+    """GB a CUDA card needs for this many bytes of tensors: the allocator's slack, the context and the cuBLAS
+    workspaces added."""
+    return counted_bytes * (1 + ALLOCATOR_SLACK) / GB + CUDA_CONTEXT_GB + CUBLAS_WORKSPACE_GB

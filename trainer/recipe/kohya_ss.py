@@ -323,6 +323,8 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
         d["reg_data_dir"] = cfg.reg_dataset
     if cfg.base_quantization == "fp8":
         d["fp8_base"] = True
+    if cfg.mixed_precision != "no":  # sd-scripts' VAE takes the run's precision unless told otherwise
+        d["no_half_vae"] = cfg.vae_precision == "fp32"
     if cfg.tensorboard:
         d["log_with"], d["logging_dir"] = "tensorboard", str(RunFiles(cfg.output_dir).tensorboard)
     header = "# sd-scripts config exported by LoRA Studio. Run: accelerate launch "
