@@ -39,3 +39,12 @@ def friendly(fn):
         except Exception as e:
             raise plain_error(fn, e) from None
     return wrapper
+
+
+def keep_edits(components, remember, inputs) -> None:
+    """Call remember(inputs) after every change of these components' values, the last one always.
+
+    `.change`, not `.input`: Gradio's Textbox fires `input` for typed characters only, not for Backspace or Delete,
+    a paste or an input method, so emptying a field or pasting into it would not be kept. `change` also fires when
+    a handler sets the value, which is kept too (restoring the form on load writes back what was read)."""
+    gr.on([c.change for c in components], remember, inputs, show_progress="hidden", trigger_mode="always_last")

@@ -200,18 +200,30 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
         expect(page.locator("#f-lokr_factor")).to_be_hidden()
         ui.text("f-min_bucket", 64)
         ui.text("f-save_every_steps", 4)
+        # a field emptied with the keyboard and one pasted into are kept as well (Gradio's `input` event misses both)
+        suffix = page.locator("#f-caption_suffix textarea, #f-caption_suffix input").first
+        suffix.press_sequentially("abc", delay=0)
+        suffix.press("Control+a")
+        suffix.press("Backspace")
+        suffix.press("Tab")
+        page.locator("#f-class_caption textarea, #f-class_caption input").first.click()
+        page.keyboard.insert_text("a photo")
+        page.keyboard.press("Tab")
         ui.click("check")
         ui.wait_text("preflight", "Ready to start")
         ui.wait_text("preflight", r"Time on this machine \(CPU\): about")
 
         # 2b. A reload keeps the filled form (preset, model, dataset, trigger, steps, an Advanced field)
         saved = lambda: json.loads((ws / "ui_state.json").read_text())["train"]  # noqa: E731
-        ui.until(lambda: saved()["save_every_steps"] == 4 and saved()["trigger"] == "zwx, ohwx",
-                 "the form's every keystroke and last edit were saved")
+        ui.until(lambda: saved()["save_every_steps"] == 4 and saved()["trigger"] == "zwx, ohwx"
+                 and saved()["caption_suffix"] == "" and saved()["class_caption"] == "a photo",
+                 "the form's every keystroke and last edit were saved, a deletion and a paste too")
         page.reload()
         ui.tab("Train")
         expect(page.locator("#f-max_steps input").first).to_have_value("12", timeout=30_000)
         assert page.locator("#f-trigger textarea, #f-trigger input").first.input_value() == "zwx, ohwx"
+        assert page.locator("#f-class_caption textarea, #f-class_caption input").first.input_value() == "a photo"
+        assert page.locator("#f-caption_suffix textarea, #f-caption_suffix input").first.input_value() == ""
         assert page.locator("#f-dataset input[role=combobox]").input_value() == "mychar"
         assert page.locator("#f-base_model input[role=combobox]").input_value() == str(tiny_sd1)
         assert page.locator("#preset input[role=combobox]").input_value() == "Quick test"

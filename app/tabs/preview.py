@@ -9,7 +9,7 @@ import gradio as gr
 
 from app.gpu import gpu_present
 from app.preview_client import PreviewClient
-from app.ui_util import friendly
+from app.ui_util import friendly, keep_edits
 from trainer.fsutil import safe_name, unique_path
 from trainer.models.sniff import trigger_words
 from trainer.engine.samplers import DEFAULTS as D
@@ -237,7 +237,7 @@ class PreviewTab:
             self.kept |= {f"lora-{i}": f, f"on-{i}": en, f"strength-{i}": st}
             self.kept |= {f"block-{i}-{b}": x for b, x in zip(("IN", "MID", "OUT"), bw)}
         kept = set(self.kept.values())
-        gr.on([c.input for c in kept], self.remember, kept, show_progress="hidden", trigger_mode="always_last")
+        keep_edits(kept, self.remember, kept)
         refresh.click(lambda: [gr.Dropdown(choices=self.studio.lora_choices()) for _ in rows], None, files)
         for f, en, st, trig, ins in rows:
             f.change(lambda p: ", ".join(trigger_words(p)) and f"trigger: `{', '.join(trigger_words(p))}`" if p else "", f, trig)

@@ -7,7 +7,7 @@ import gradio as gr
 
 from app.forms import (ADVANCED, BASIC, FIELDS, HIDDEN, NETWORK_ONLY, config_to_values, in_ui_words, label,
                        network_fields, values_to_config)
-from app.ui_util import friendly
+from app.ui_util import friendly, keep_edits
 from trainer.measure.spill import spill_warning
 from trainer.recipe.config import TrainConfig
 from trainer.recipe.presets import delete_user_preset, save_user_preset
@@ -213,8 +213,7 @@ class TrainTab:
         if dataset_dropdown is not None:  # a dataset made or removed there is offered here; the choice here stays
             dataset_dropdown.change(self.dataset_choices, None, comps["dataset"])
         # every edit of the form is kept in the workspace; a reload puts it back (register_load)
-        gr.on([c.input for c in comps.values()], self.remember, self.inputs | {self.preset_dd}, show_progress="hidden",
-              trigger_mode="always_last")  # the last edit is always saved: "once" dropped keystrokes typed meanwhile
+        keep_edits(comps.values(), self.remember, self.inputs | {self.preset_dd})
         return comps
 
     def build_compare(self):
