@@ -189,7 +189,8 @@ def measure(cfg, model, steps: int = 2, work: Path | None = None, say=None) -> d
     t0 = time.time()
     counter = DeviceMemory(say)
     seen = {}
-    with counter, CudaAutocast():  # autocast casts what CUDA's would (trainer/measure/cuda_autocast.py)
+    cuda_casts = CudaAutocast()  # autocast casts what CUDA's would (trainer/measure/cuda_autocast.py)
+    with counter, cuda_casts:
         train(cfg, work / "run", echo=lambda m: None, model=model, on_setup=lambda r: seen.setdefault("runs", []).append(r))
     run = seen["runs"][0]
     from trainer.models import lora
@@ -199,7 +200,8 @@ def measure(cfg, model, steps: int = 2, work: Path | None = None, say=None) -> d
     phases = {p: counter.peaks[p] for p in PHASES if p in counter.peaks}
     top = max(phases, key=phases.get)
     return {"phases": phases, "peak_bytes": phases[top], "peak_phase": top, "lora_params": lora_params,
-            "seconds": time.time() - t0, "device": run.accelerator.device.type}
+            "seconds": time.time() - t0, "device": run.accelerator.device.type,
+            "uncast": sorted(cuda_casts.unprobed)}
 
 
 def describe(r: dict) -> list[str]:
@@ -207,6 +209,8 @@ def describe(r: dict) -> list[str]:
     lines.append(f"  peak: {r['peak_bytes'] / GB:.2f} GB of tensors ({r['peak_phase']}); on a CUDA card about "
                  f"{with_cuda_terms(r['peak_bytes']):.2f} GB with the allocator's slack ({ALLOCATOR_SLACK:.0%}), "
                  f"the CUDA context ({CUDA_CONTEXT_GB} GB) and cuBLAS' workspaces ({CUBLAS_WORKSPACE_GB * 1024:.0f} MB)")
+    if r.get("uncast"):
+        lines.append(f"  ops whose CUDA autocast rule could not be read, run as the CPU runs them: {', '.join(r['uncast'])}")
     return lines
 
 
