@@ -447,36 +447,14 @@ class TrainTab:
             resume = gr.Button("Resume", elem_id="resume")
             tiny = gr.Button("No model yet? Try the whole journey with a built-in tiny model", size="sm",
                              elem_id="tiny-journey")
-        from app.gpu import gpu_label, list_gpus
-
-        gpus = list_gpus()
-        # two or more GPUs: the run may take several (one rank each, through accelerate); the batch size is per GPU
-        gpu_pick = gr.CheckboxGroup([(gpu_label(g), g["index"]) for g in gpus], value=[gpus[0]["index"]] if gpus else [],
-                                    label="Train on (several GPUs: one process each; Batch size is per GPU)",
-                                    visible=len(gpus) > 1, elem_id="gpu-pick")
+        gpu_pick, chosen_gpus = self.build_gpu_pick()
         preflight_md = gr.Markdown(elem_id="preflight")
         self.run_pick = gr.Dropdown(choices=self.studio.run_choices(), label="Run", elem_id="run-pick")
         run_msg = gr.Markdown(elem_id="run-msg")  # what Stop / Save now / Resume answered, until the run moves on
-        progress = gr.Markdown("No run selected.", elem_id="progress")
-        with gr.Row():
-            # two plots, not one with a colour per series: a coloured LinePlot that starts empty and is updated
-            # by the timer never draws its lines (Gradio 6.31, seen in Chromium)
-            loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, elem_id="loss-plot")
-            val_plot = gr.LinePlot(x="step", y="validation loss", height=260, elem_id="val-plot",
-                                   title="Validation loss (Advanced › Quality)", visible=False)
-            samples = gr.Gallery(label="Samples", columns=3, height=300, object_fit="contain", elem_id="samples")
-        # starts hidden, then shown with its lines (a coloured plot shown empty first never drew in Gradio 6.31)
-        variant_plot = gr.LinePlot(x="step", y="validation loss", color="variant", height=260, visible=False,
-                                   title="Validation loss by variant", elem_id="variant-plot")
-        compare_table = gr.Dataframe(label="Validation loss by variant (★ each variant's lowest)", visible=False,
-                                     interactive=False, elem_id="compare-table")
-        logs = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="log", autoscroll=True)
+        live_out = self.build_live_view()
         queue = self.build_queue(run_msg)
         timer = gr.Timer(1.0)
         seen = gr.State({})  # what the page shows now: run list and the run's state, to update only on change
-
-        def chosen_gpus(data) -> list[int] | None:
-            return sorted(int(i) for i in data[gpu_pick] or []) if len(gpus) > 1 else None
 
         @friendly
         def on_check(data):
@@ -509,7 +487,6 @@ class TrainTab:
                        show_progress="hidden")
         resume.click(friendly(lambda r: runs.resume(r) if r else "Pick a run."), self.run_pick, run_msg,
                      show_progress="hidden")
-        live_out = [progress, loss_plot, val_plot, variant_plot, compare_table, samples, logs]
         self.run_pick.change(friendly(self.live), self.run_pick, live_out)
 
         @friendly
@@ -533,6 +510,40 @@ class TrainTab:
 
         timer.tick(on_tick, [self.run_pick, seen], [self.run_pick, *live_out, run_msg, queue, seen],
                    show_progress="hidden").then(None, js=FOLLOW_LOG_JS)
+
+    def build_gpu_pick(self):
+        """With two or more GPUs, which of them the run takes (one process each, through accelerate; the batch size
+        is per GPU). Returns the choice and chosen(data): the picked indices, or None with one GPU or none."""
+        from app.gpu import gpu_label, list_gpus
+
+        gpus = list_gpus()
+        pick = gr.CheckboxGroup([(gpu_label(g), g["index"]) for g in gpus], value=[gpus[0]["index"]] if gpus else [],
+                                label="Train on (several GPUs: one process each; Batch size is per GPU)",
+                                visible=len(gpus) > 1, elem_id="gpu-pick")
+
+        def chosen(data) -> list[int] | None:
+            return sorted(int(i) for i in data[pick] or []) if len(gpus) > 1 else None
+
+        return pick, chosen
+
+    def build_live_view(self) -> list:
+        """The picked run's live view: [progress, loss plot, validation plot, variant plot, variant table, samples,
+        log], the outputs of self.live."""
+        progress = gr.Markdown("No run selected.", elem_id="progress")
+        with gr.Row():
+            # two plots, not one with a colour per series: a coloured LinePlot that starts empty and is updated
+            # by the timer never draws its lines (Gradio 6.31, seen in Chromium)
+            loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, elem_id="loss-plot")
+            val_plot = gr.LinePlot(x="step", y="validation loss", height=260, elem_id="val-plot",
+                                   title="Validation loss (Advanced › Quality)", visible=False)
+            samples = gr.Gallery(label="Samples", columns=3, height=300, object_fit="contain", elem_id="samples")
+        # starts hidden, then shown with its lines (a coloured plot shown empty first never drew in Gradio 6.31)
+        variant_plot = gr.LinePlot(x="step", y="validation loss", color="variant", height=260, visible=False,
+                                   title="Validation loss by variant", elem_id="variant-plot")
+        compare_table = gr.Dataframe(label="Validation loss by variant (★ each variant's lowest)", visible=False,
+                                     interactive=False, elem_id="compare-table")
+        logs = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="log", autoscroll=True)
+        return [progress, loss_plot, val_plot, variant_plot, compare_table, samples, logs]
 
     def build_queue(self, run_msg):
         """The queue panel: the queued runs in order; the run picked above moves, leaves or takes the form's

@@ -103,22 +103,16 @@ def restore_all(runs: list[Run]) -> list[State]:
     """Each network's state at the last step that all of them saved (a sweep interrupted while saving has some
     variants one checkpoint ahead: they go back to the common one)."""
     if len(runs) == 1:
-        return [restore(runs[0])]
+        return [restore_from(runs[0], runs[0].files.latest_checkpoint())]
     steps = [{step_of(d): d for d in r.files.checkpoint_dirs()} for r in runs]
     common = set.intersection(*(set(s) for s in steps))
     if not common:
-        return [restore(r, None) for r in runs]
-    return [restore(r, s[max(common)]) for r, s in zip(runs, steps)]
+        return [restore_from(r, None) for r in runs]
+    return [restore_from(r, s[max(common)]) for r, s in zip(runs, steps)]
 
 
-_LATEST = object()
-
-
-def restore(run: Run, last: Path | None = _LATEST) -> State:
-    """The state of the last checkpoint, or of the checkpoint folder `last` (weights, optimizer, schedule, step), or
-    step 0 if there is none."""
-    if last is _LATEST:
-        last = run.files.latest_checkpoint()
+def restore_from(run: Run, last: Path | None) -> State:
+    """The state of the checkpoint folder `last` (weights, optimizer, schedule, step); step 0 when there is none."""
     if last is None:
         run.ev.emit("warning", message="--resume given but no checkpoint found: starting from step 0.")
         return State()

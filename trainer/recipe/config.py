@@ -50,6 +50,15 @@ class ConfigError(ValueError):
     """A config problem a user can fix; the message says what and how."""
 
 
+def unknown_keys(unknown, known) -> str:
+    """'a', 'b' (did you mean 'c'?): unknown keys, each with the known one its spelling is nearest, if any."""
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, known, n=1)
+        hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return ", ".join(hints)
+
+
 def _f(default, help: str, choices: tuple | None = None, section: str = "basic"):
     meta = {"help": help, "section": section}
     if choices:
@@ -200,11 +209,7 @@ class TrainConfig:
         known = {f.name: f for f in fields(cls)}
         unknown = [k for k in data if k not in known]
         if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, known, n=1)
-                hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}. Remove them or fix the spelling.")
+            raise ConfigError(f"{source}: unknown key(s) {unknown_keys(unknown, known)}. Remove them or fix the spelling.")
         kwargs = {}
         for k, v in data.items():
             kwargs[k] = _coerce(known[k], v, source)

@@ -9,7 +9,6 @@ trainer/engine/sweep.py.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import re
 import sys
@@ -65,7 +64,7 @@ def variant_configs(cfg) -> list[tuple[str, object]]:
 
 def problems(cfg) -> list[str]:
     """What stops a sweep before Start, each in one sentence naming the variant and the field."""
-    from trainer.recipe.config import ConfigError, TrainConfig
+    from trainer.recipe.config import ConfigError, TrainConfig, unknown_keys
 
     if not cfg.variants:
         return []
@@ -80,10 +79,8 @@ def problems(cfg) -> list[str]:
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = [k for k in v if k != "name" and k not in known]
         if unknown:
-            hints = [f"'{k}'" + (f" (did you mean '{c[0]}'?)" if (c := difflib.get_close_matches(k, FIELDS, n=1)) else "")
-                     for k in unknown]
-            errors.append(f"variant '{variant_name(v)}': unknown key(s) {', '.join(hints)}. Fix the spelling or remove "
-                          "them.")
+            errors.append(f"variant '{variant_name(v)}': unknown key(s) {unknown_keys(unknown, FIELDS)}. Fix the "
+                          "spelling or remove them.")
             continue
         shared = [k for k in v if k != "name" and k not in FIELDS]
         if shared:
