@@ -363,6 +363,24 @@ def run_bench(args) -> int:
         rows.append({"name": name, "step_s": statistics.median(steps_s), "min_s": steps_s[0], "max_s": steps_s[-1],
                      "n": len(rs), "peak_gb": max(r["peak_gb"] for r in rs),
                      "first_step_s": statistics.median(r["first_step_s"] for r in rs)})
+    lines = timing_table(rows, flops, batch, device)
+    return report(args, device, batch, res, prec, lines, (
+            "reference = diffusers train_text_to_image_lora.py loop (images decoded, VAE and text encoder in the "
+            "step, UNet attention LoRA, our AdamW); ours = our loop doing the same work (its data loader decodes the "
+            "next images in a worker meanwhile: the one difference); ours_text_cached = + captions encoded once; "
+            "ours_cached = + latents encoded once; "
+            "kohya_cached = kohya's module set (adds proj_in/out, ff); default = kohya set + text-encoder LoRA, cached; "
+            "lowvram = cached latents and TE outputs, gradient checkpointing, 8-bit AdamW on CUDA.\n"
+            + (f"FLOPs per step (UNet forward + backward to the activations, frozen weights get no gradient; "
+               f"counted with torch's FlopCounterMode outside the timed window): {flops / 1e9:.2f} GFLOP\n" if flops else "")
+            + f"Each variant measured {max(1, args.repeats)} time(s), interleaved; peak memory from after the model build.\n"))
+
+
+def timing_table(rows: list[dict], flops: float | None, batch: int, device: str) -> list[str]:
+    """The bench's table: one line per timed variant (ratios against the reference where there is one), then the
+    dataset stage's line."""
+    import torch
+
     ref = next((r for r in rows if r.get("name") == "reference"), None)
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if device == "cuda" and k in torch.cuda.get_device_name()), None)
     lines = ["| variant | step s (median) | min-max s | steps/s | images/s | vs reference | peak mem GB | first step s | TFLOP/s | MFU |",
@@ -388,16 +406,7 @@ def run_bench(args) -> int:
             lines.append(f"Dataset stage ({r['images']} images): scan+report+buckets {r['scan_s']:.2f}s; latent caching "
                          f"{r['cache_ips']:.1f} images/s (tiny VAE, {r['cache_device']}); second caching run: "
                          f"{r['second_encoded']} VAE encodes in {r['second_s']:.2f}s")
-    return report(args, device, batch, res, prec, lines, (
-            "reference = diffusers train_text_to_image_lora.py loop (images decoded, VAE and text encoder in the "
-            "step, UNet attention LoRA, our AdamW); ours = our loop doing the same work (its data loader decodes the "
-            "next images in a worker meanwhile: the one difference); ours_text_cached = + captions encoded once; "
-            "ours_cached = + latents encoded once; "
-            "kohya_cached = kohya's module set (adds proj_in/out, ff); default = kohya set + text-encoder LoRA, cached; "
-            "lowvram = cached latents and TE outputs, gradient checkpointing, 8-bit AdamW on CUDA.\n"
-            + (f"FLOPs per step (UNet forward + backward to the activations, frozen weights get no gradient; "
-               f"counted with torch's FlopCounterMode outside the timed window): {flops / 1e9:.2f} GFLOP\n" if flops else "")
-            + f"Each variant measured {max(1, args.repeats)} time(s), interleaved; peak memory from after the model build.\n"))
+    return lines
 
 
 def report(args, device: str, batch: int, res: int, prec: str, lines: list[str], what: str) -> int:
