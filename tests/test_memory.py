@@ -405,3 +405,40 @@ def test_a_bf16_vae_encodes_its_own_latents_within_three_percent_of_fp32(tiny_sd
         assert a.dtype == b.dtype == torch.float32
         rel = (a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt()
         assert 0 < rel < 0.03, rel
+
+
+def test_the_estimate_halves_the_vae_in_bf16_and_names_it():
+    """Issue 31.2: the pre-flight estimate of a latent-caching phase follows vae_precision: bf16 halves the VAE's
+    weights and activations, and the term says which precision it is."""
+    from trainer.recipe.estimate import estimate_vram_gb
+    from trainer.recipe.presets import find_preset
+
+    cfg = find_preset("sdxl_4gb").apply(TrainConfig(), True)
+    assert cfg.vae_precision == "bf16"  # the 4 GB preset encodes in bf16: its caching phase was its peak
+    full, half = (estimate_vram_gb(cfg.replace(vae_precision=p), "sdxl") for p in ("fp32", "bf16"))
+    assert full["phase"] == "caching latents" and "VAE (fp32)" in full["terms_gb"]
+    assert half["phase"] == "training steps"  # the set-up no longer peaks above the steps
+    # at 2048 px caching stays the peak in bf16 too: its terms are half the fp32 ones
+    full, half = (estimate_vram_gb(cfg.replace(vae_precision=p, resolution=2048, max_bucket=2048), "sdxl")
+                  for p in ("fp32", "bf16"))
+    assert full["phase"] == half["phase"] == "caching latents"
+    assert half["terms_gb"]["VAE (bf16)"] * 2 == pytest.approx(full["terms_gb"]["VAE (fp32)"], abs=0.02)
+    assert half["terms_gb"]["VAE activations"] * 2 == pytest.approx(full["terms_gb"]["VAE activations"], abs=0.02)
+
+
+def test_a_preset_is_counted_on_its_own_family_architecture():
+    """`trainer memory --preset sdxl_4gb` without --model counted the SDXL preset on SD 1.5's architecture (the
+    --model default) and labelled the row sdxl_4gb. A preset now picks its family's architecture, and another
+    family's architecture is refused in one sentence."""
+    import argparse
+
+    from trainer.measure.memory import architecture
+
+    def arch(preset=None, model=None):
+        return architecture(argparse.Namespace(preset=preset, model=model))
+
+    assert arch("sdxl_4gb") == "sdxl" and arch("sd15_character") == "sd15"
+    assert arch() == "sd15" and arch(model="sdxl") == "sdxl" and arch("quick_test") == "sd15"
+    assert arch("sdxl_4gb", "sdxl") == "sdxl" and arch("sdxl_4gb", "tiny") == "tiny"  # the tests' small model
+    with pytest.raises(SystemExit, match="sdxl_4gb is a preset for sdxl, not sd15: count it with --model sdxl"):
+        arch("sdxl_4gb", "sd15")

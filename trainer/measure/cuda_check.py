@@ -82,9 +82,9 @@ def run_cuda_check(args) -> int:
     from trainer.engine.loop import train
     from trainer.engine.setup import TrainingError, fresh_accelerate_state
     from trainer import placement
-    from trainer.measure import arch_of, family_of
+    from trainer.measure import family_of
     from trainer.measure.bench import build_model, synthetic_dataset
-    from trainer.measure.memory import config_for, measured_config
+    from trainer.measure.memory import architecture, config_for, measured_config
     from trainer.recipe.estimate import estimate_vram_gb
     from trainer.recipe.presets import find_preset
 
@@ -107,7 +107,7 @@ def run_cuda_check(args) -> int:
     cfg = measured_config(cfg).replace(device="cuda", max_steps=args.steps, output_dir=str(work / "run"),
                                        dataset=str(synthetic_dataset(work / "data", max(2, cfg.batch_size * 2),
                                                                      cfg.resolution)))
-    arch = arch_of(preset.family) if preset else args.model  # the preset's own family's architecture
+    arch = architecture(args)  # the preset's own family's architecture
     projected = estimate_vram_gb(cfg, family_of(arch))["total_gb"]
     print(f"{args.preset or arch} on {torch.cuda.get_device_name()}, allocator capped at {card:g} GB")
     readings = PhaseReadings(say=lambda m: print(m, flush=True))

@@ -248,6 +248,21 @@ def config_for(args):
     return cfg
 
 
+def architecture(args) -> str:
+    """The full-size architecture one measurement runs on: --model when given, else the preset's family's (an SDXL
+    preset on SDXL), else SD 1.5. A preset is never counted on another family's architecture."""
+    own = None
+    if args.preset:
+        from trainer.recipe.presets import find_preset
+
+        family = find_preset(args.preset).family
+        own = arch_of(family) if family != "any" else None
+    if args.model and own and args.model not in ("tiny", own):
+        raise SystemExit(f"error: {args.preset} is a preset for {own}, not {args.model}: count it with --model {own}, "
+                         "or leave --model out.")
+    return args.model or own or "sd15"
+
+
 def measure_preset(key: str | None, arch: str, steps: int, resolution=None, batch_size=None, quantization=None,
                    config=None, sweep: int = 0) -> tuple[str, dict, dict]:
     """One measurement: (settings line, measure()'s result, the estimate), printed as it goes."""
@@ -306,7 +321,7 @@ def run_memory(args) -> int:
                 raise SystemExit(f"error: measuring {job[0]} ended without a result (out of memory?)") from None
             proc.join()
     else:
-        rows = [measure_preset(args.preset, args.model, args.steps, args.resolution, args.batch_size,
+        rows = [measure_preset(args.preset, architecture(args), args.steps, args.resolution, args.batch_size,
                                args.quantization, args.config, args.sweep)]
     table = table_of(rows)
     print(table)
@@ -344,8 +359,9 @@ def table_of(rows: list) -> str:
 
 def add_command(sub) -> None:
     m = sub.add_parser("memory", help="peak GPU memory per phase of a run, counted on the CPU (no GPU needed)")
-    m.add_argument("--model", choices=["tiny", *ARCHITECTURES], default="sd15",
-                   help="full-size architecture with random weights (tiny: the test model)")
+    m.add_argument("--model", choices=["tiny", *ARCHITECTURES],
+                   help="full-size architecture with random weights (tiny: the test model); default: the preset's "
+                        "family's, else sd15")
     m.add_argument("--preset", help="a preset's key (e.g. sdxl_lowvram), several keys with commas, or 'all' for every shipped preset")
     m.add_argument("--config", help="a TrainConfig TOML instead of a preset")
     m.add_argument("--resolution", type=int)
