@@ -142,22 +142,30 @@ def test_lora_parameter_counts_of_every_shipped_preset_are_exact():
         assert made == lora_param_count(cfg, fam), p.key
 
 
-def measured_rows(text: str) -> dict[str, list[str]]:
-    """The newest `trainer memory` row of each preset in BENCHMARKS.md: key -> cells."""
-    rows = {}
+def measured_rows(text: str) -> dict[str, tuple[list[str], bool]]:
+    """The newest `trainer memory` row of each preset in BENCHMARKS.md: key -> (cells, whether its table was counted
+    under the counter's rules now: its header says COUNTED_AS, CUDA's autocast casts)."""
+    from trainer.measure.memory import COUNTED_AS
+
+    rows, current = {}, False
     for line in text.splitlines():
-        if line.startswith("| ") and line.rstrip().endswith("|") and ") |" in line:
+        if line.startswith("#"):
+            current = False
+        elif line.startswith("Projected (counted on the CPU"):
+            current = COUNTED_AS in line
+        elif line.startswith("| ") and line.rstrip().endswith("|") and ") |" in line:
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if cells[0].endswith(")") and "(" in cells[0]:
-                rows[cells[0].rsplit("(", 1)[1][:-1]] = cells
+                rows[cells[0].rsplit("(", 1)[1][:-1]] = (cells, current)
     return rows
 
 
 def test_measured_presets_are_estimated_within_15_percent_and_card_presets_state_their_peak():
-    """Issue 13.4/13.5: for each shipped preset measured with `trainer memory` as it is now (same settings line
-    in BENCHMARKS.md), the pre-flight estimate is within 15% of the measurement; every preset named for a
-    card size is counted, fits the card, and states its projected peak in its description, and there is one for
-    each card size: 4, 6, 8, 12 and 24 GB."""
+    """Issue 13.4/13.5 and 31: for each shipped preset counted with `trainer memory` as it counts now (CUDA's
+    autocast casts; the same settings line in BENCHMARKS.md), the pre-flight estimate is within 15% of the count.
+    Every preset named for a card size is counted, states its projected peak in its description, and fits the
+    card: by its count, and by the estimate too where its newest count is from before the counter followed CUDA's
+    casts. There is one for each card size: 4, 6, 8, 12 and 24 GB."""
     import re
 
     from conftest import ROOT
@@ -171,20 +179,22 @@ def test_measured_presets_are_estimated_within_15_percent_and_card_presets_state
         cfg = p.apply(TrainConfig(), True)
         arch, fam = ("sdxl", "sdxl") if p.family == "sdxl" else ("sd15", "sd1")
         card = re.search(r"(\d+) GB card|\((\d+) GB\)", p.name)
-        if p.key not in rows or rows[p.key][0] != summary(cfg, arch, p.key):
+        if p.key not in rows or rows[p.key][0][0] != summary(cfg, arch, p.key):
             assert not card, f"{p.key} names a card size but is not measured as it is now: run " \
                              f"`python -m trainer memory --preset {p.key}`"
             continue
-        cuda = float(rows[p.key][len(PHASES) + 2])
+        cells, current = rows[p.key]
+        cuda = float(cells[len(PHASES) + 2])
         est = estimate_vram_gb(measured_config(cfg), fam)["total_gb"]
-        assert abs(est - cuda) <= 0.15 * cuda, (p.key, est, cuda)
+        if current:
+            assert abs(est - cuda) <= 0.15 * cuda, (p.key, est, cuda)
+            checked += 1
         if card:
             size = int(card.group(1) or card.group(2))
-            assert cuda <= size, (p.key, cuda)
+            assert cuda <= size and est <= size, (p.key, cuda, est)
             assert f"projected peak (counted on the CPU) {cuda:.1f} GB" in p.description, p.key
             cards.add(size)
-        checked += 1
-    assert checked >= 7, checked
+    assert checked >= 3, checked
     assert cards >= {4, 6, 8, 12, 24}, cards  # a preset for each card size
 
 

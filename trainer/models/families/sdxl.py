@@ -8,10 +8,11 @@ SDXL = Family(
     key="sdxl", name="SDXL", group="sdxl", base_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base/lora",
     implementation="https://github.com/Stability-AI/generative-models", prediction_type="epsilon",
     native_resolution=1024, params=(2567e6, 123e6 + 695e6, 84e6), blocks=(9, 1, 9), resolutions=(64, 2048),
-    # from `python -m trainer memory` (BENCHMARKS.md): with checkpointing sdxl_4gb (2.43 - 1.78 GB at 1024 px,
-    # batch 1), without it the 1024 px batch 1 rank 8 row (11.27 - 4.89 GB; 768 px gave the same per pixel).
-    # Samples: sdxl_4gb 0.45 GB; lean turns on sdxl_6gb (0.43 and 0.44 GB). Linear share counted from the config.
-    calibration=Calibration(act_gb=(6.4, 0.62), sample_act_gb=0.45, sample_denoise_act_gb=0.45,
+    # from `python -m trainer memory` under CUDA's autocast casts (BENCHMARKS.md, 2026-12-03): with checkpointing
+    # the larger of sdxl_4gb and sdxl_6gb (0.58 and 0.66 GB at 1024 px, batch 1; 0.44 and 0.54 under the CPU's
+    # casts); without it the 768 px batch 1 rank 8 row (9.4 GB per 1024 px image; was 6.4). Samples: sdxl_4gb
+    # 0.45 GB; lean turns on sdxl_6gb (0.43 and 0.44 GB), both under the CPU's casts. Linear share from the config.
+    calibration=Calibration(act_gb=(9.4, 0.66), sample_act_gb=0.45, sample_denoise_act_gb=0.45,
                             sample_decode_act_gb=0.45, linear_share=0.87, prior_step_s={"cpu": 160.0, "cuda": 1.0}),
     te_prefixes={"te1": "lora_te1_", "te2": "lora_te2_"}, unet_key_style="sgm",
     checkpoint_marker="conditioner.embedders.1.",
