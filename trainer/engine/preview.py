@@ -216,7 +216,7 @@ class PreviewEngine:
         from trainer.loras import format as fmt
 
         shapes, _ = fmt.header_shapes(path)
-        if not any(k.endswith(tuple(f".{k}" for keys in fmt.LYCO_KEYS.values() for k in keys)) for k in shapes):
+        if not any(k.endswith(tuple(fmt.LYCO_SUFFIXES)) for k in shapes):
             return path
         lf = fmt.read(path)
         layout = fmt.layout_of(self.pipe.unet.config)

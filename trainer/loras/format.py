@@ -23,6 +23,7 @@ SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")
 # LyCORIS' keys (its kohya-style files, `ss_network_module = lycoris.kohya`): the names peft's LoHa/LoKr layers use too
 LYCO_KEYS = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
              "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}
+LYCO_SUFFIXES = {f".{k}": kind for kind, keys in LYCO_KEYS.items() for k in keys}  # ".hada_w1_a" -> "loha"
 NETWORK_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
@@ -152,10 +153,9 @@ def unpack(tensors: dict[str, torch.Tensor], name: str = "the file") -> tuple[di
     parts: dict[str, dict[str, torch.Tensor]] = {}
     lyco: dict[str, dict[str, torch.Tensor]] = {}
     extra = {}
-    lyco_suffixes = {f".{k}": kind for kind, keys in LYCO_KEYS.items() for k in keys}
     for k, v in tensors.items():
         suffix = next((s for s in SUFFIXES if k.endswith(s)), None)
-        lsuffix = next((s for s in lyco_suffixes if k.endswith(s)), None)
+        lsuffix = next((s for s in LYCO_SUFFIXES if k.endswith(s)), None)
         if not k.startswith("lora_") or (suffix is None and lsuffix is None):
             extra[k] = v
         elif lsuffix is not None:
@@ -164,12 +164,12 @@ def unpack(tensors: dict[str, torch.Tensor], name: str = "the file") -> tuple[di
             parts.setdefault(k[: -len(suffix)], {})[suffix] = v
     modules: dict = {}
     for mod, w in lyco.items():
-        kinds = {lyco_suffixes["." + k] for k in w}
+        kinds = {LYCO_SUFFIXES["." + k] for k in w}
         if len(kinds) > 1 or not _complete(kinds.pop(), w):
             raise LoraFileError(f"{name}: module {mod} has an incomplete or mixed set of LoHa/LoKr weights "
                                 f"({', '.join(sorted(w))}); the file is damaged.")
         alpha = parts.pop(mod, {}).get(".alpha")
-        kind = lyco_suffixes["." + next(iter(w))]
+        kind = LYCO_SUFFIXES["." + next(iter(w))]
         modules[mod] = LycoModule(kind, w, float(alpha) if alpha is not None else None)
     for mod, t in parts.items():
         if ".lora_down.weight" not in t or ".lora_up.weight" not in t:
