@@ -139,17 +139,44 @@ def count_step_flops(model, batch: int, res: int, device, dtype, train_te: bool)
 
 
 # ------------------------------------------------------------------------------------ the reference
+def _read_pixels(files: list, resolution: int):
+    """The example script's images: decoded, squashed to a square and scaled to [-1, 1], every step."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    return torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize((resolution, resolution)),
+                                                    dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1) for f in files])
+
+
+def _reference_conditioning(model, captions: list, resolution: int, device, dtype):
+    """The example scripts' text conditioning, encoded every step: (hidden states, the UNet's extra kwargs). SDXL
+    (train_text_to_image_lora_sdxl.py) uses both encoders, pooled embeds and time ids."""
+    import torch
+
+    if not model.spec.pooled_conditioning:
+        tok = model.tokenizers[0]
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        return model.text_encoders[0](ids)[0], {}
+    from trainer.models.prompts import encode_prompts
+
+    with torch.no_grad():
+        hs, pooled = encode_prompts(model, model.text_encoders, captions, 1, device)
+    r = resolution
+    return hs, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": torch.tensor(
+        [[r, r, 0, 0, r, r]] * len(captions), device=device, dtype=dtype)}}
+
+
 def reference_loop(model, data_dir: Path, cfg, steps: int, warmup: int, device, dtype) -> dict:
     """What a user gets from diffusers' train_text_to_image_lora.py: images decoded and VAE-encoded and captions
     encoded every step, peft LoRA on the UNet attention (to_q/k/v/out.0), frozen text encoder, same precision,
     plain MSE; with our AdamW (fused on CUDA), so the optimizer is not what the rows compare."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig
-    from PIL import Image
 
-    unet, vae, te, tok = model.unet, model.vae, model.text_encoders[0], model.tokenizers[0]
+    unet, vae, te = model.unet, model.vae, model.text_encoders[0]
     for m in (unet, vae, te):
         m.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
@@ -172,25 +199,14 @@ def reference_loop(model, data_dir: Path, cfg, steps: int, warmup: int, device, 
     for step in range(warmup + steps):
         t0 = time.perf_counter()  # a step includes reading its images, as the example's dataloader does
         idx = [(step * cfg.batch_size + k) % len(files) for k in range(cfg.batch_size)]
-        px = torch.stack([torch.from_numpy(np.asarray(Image.open(files[i]).convert("RGB").resize((cfg.resolution, cfg.resolution)), dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1) for i in idx]).to(device, dtype)
+        px = _read_pixels([files[i] for i in idx], cfg.resolution).to(device, dtype)
         with torch.no_grad():
             latents = vae.encode(px.float()).latent_dist.sample() * vae.config.scaling_factor
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
             noise = torch.randn_like(latents)
             ts = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
             noisy = sched.add_noise(latents, noise, ts)
-            kw = {}
-            if model.spec.pooled_conditioning:  # train_text_to_image_lora_sdxl.py: both encoders, pooled embeds and time ids
-                from trainer.models.prompts import encode_prompts
-
-                with torch.no_grad():
-                    hs, pooled = encode_prompts(model, model.text_encoders, [caps[i] for i in idx], 1, device)
-                r = cfg.resolution
-                kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor(
-                    [[r, r, 0, 0, r, r]] * len(idx), device=device, dtype=dtype)}
-            else:
-                ids = tok([caps[i] for i in idx], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
-                hs = te(ids)[0]
+            hs, kw = _reference_conditioning(model, [caps[i] for i in idx], cfg.resolution, device, dtype)
             pred = unet(noisy, ts, hs, **kw).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
