@@ -37,3 +37,11 @@ def test_the_sweep_bench_compares_one_run_with_runs_in_a_row_and_side_by_side(tm
     assert "| sweep of 2 variants, one run |" in text and "| 2 runs one after another |" in text
     assert "| 2 runs side by side | - |" in text and "of the memory of 2 runs side by side" in text
     assert "s per cell one generation at a time" in text and "in one batch with an adapter per image" in text
+
+
+def test_an_unknown_variant_is_named_before_any_work(tmp_path, capsys):
+    """`--which ours,kohya` (a typo) ended in a KeyError traceback after the dataset and a model were built."""
+    with pytest.raises(SystemExit) as e:
+        cli(["bench", "--model", "tiny", "--which", "ours,kohya", "--out", str(tmp_path / "B.md")])
+    assert "kohya is not a variant" in str(e.value) and "kohya_cached" in str(e.value)
+    assert not (tmp_path / "B.md").exists()

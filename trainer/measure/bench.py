@@ -16,6 +16,8 @@ from pathlib import Path
 from trainer.measure import ARCHITECTURES, family_of
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "A10G": 70.0}
+# what --which can time (the last, dataset, is the data loader alone and not in the default)
+VARIANTS = ("reference", "ours", "ours_text_cached", "ours_cached", "kohya_cached", "default", "lowvram", "dataset")
 
 
 def add_command(sub) -> None:
@@ -28,9 +30,7 @@ def add_command(sub) -> None:
     b.add_argument("--rank", type=int, default=16)
     b.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None)
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    b.add_argument("--which", default="reference,ours,ours_text_cached,ours_cached,kohya_cached,default,lowvram",
-                   help="comma list of: reference, ours, ours_text_cached, ours_cached, kohya_cached, default, "
-                        "lowvram, dataset")
+    b.add_argument("--which", default=",".join(VARIANTS[:-1]), help="comma list of: " + ", ".join(VARIANTS))
     b.add_argument("--repeats", type=int, default=5,
                    help="measure every variant this many times, interleaved (A B C A B C ...); report median and range")
     b.add_argument("--out", default="", help="also append the table to this file (e.g. BENCHMARKS.md); default: print only")
@@ -319,6 +319,35 @@ def sweep_bench(args, base, device: str, dtype, work: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ main
+def timed_rows(args, timed: list, configs: dict, data: Path, device: str, dtype, work: Path) -> list[dict]:
+    """Time each named variant (its config in `configs`; "reference" runs the example script's loop on it)
+    args.repeats times, interleaved, each on a fresh model: a row each with the median s/step, its range and the
+    peak memory."""
+    import torch
+
+    runs: dict[str, list[dict]] = {name: [] for name in timed}
+    for _ in range(max(1, args.repeats)):
+        for name in timed:  # interleaved: A B C A B C ..., so a slow minute of the machine hits every variant
+            model = build_model(args.model, device, dtype)
+            with _mem_block(device) as rss:  # peaks from here: the model's build is not in them
+                if name == "reference":
+                    r = reference_loop(model, data, configs[name], args.steps, args.warmup, device, dtype)
+                else:
+                    r = ours(model, data, configs[name], args.steps, args.warmup, work)
+            r.update(peak_gb=_peak_gb(device, rss))
+            runs[name].append(r)
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    rows = []
+    for name, rs in runs.items():
+        steps_s = sorted(r["step_s"] for r in rs)
+        rows.append({"name": name, "step_s": statistics.median(steps_s), "min_s": steps_s[0], "max_s": steps_s[-1],
+                     "n": len(rs), "peak_gb": max(r["peak_gb"] for r in rs),
+                     "first_step_s": statistics.median(r["first_step_s"] for r in rs)})
+    return rows
+
+
 def run_bench(args) -> int:
     import torch
 
@@ -331,6 +360,10 @@ def run_bench(args) -> int:
     prec = args.precision or ("bf16" if device == "cuda" else "no")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[prec]
     which = [w.strip() for w in args.which.split(",") if w.strip()]
+    unknown = [w for w in which if w not in VARIANTS]
+    if unknown or not which:
+        raise SystemExit(f"error: --which {args.which!r}: {', '.join(unknown) or 'nothing'} is not a variant of the "
+                         f"benchmark; choose from {', '.join(VARIANTS)}")
     work = Path(tempfile.mkdtemp(prefix="lora_bench_"))
     os.environ.setdefault("LORA_STUDIO_CACHE", str(work / "cache"))
     data = synthetic_dataset(work / "data", max(8, batch * 4), res)
@@ -360,25 +393,7 @@ def run_bench(args) -> int:
             m.to(device)
         flops = count_step_flops(model_f, batch, res, device, dtype, False)
         del model_f
-    runs: dict[str, list[dict]] = {name: [] for name in timed}
-    for _ in range(max(1, args.repeats)):
-        for name in timed:  # interleaved: A B C A B C ..., so a slow minute of the machine hits every variant
-            model = build_model(args.model, device, dtype)
-            with _mem_block(device) as rss:  # peaks from here: the model's build is not in them
-                if name == "reference":
-                    r = reference_loop(model, data, base, args.steps, args.warmup, device, dtype)
-                else:
-                    r = ours(model, data, variants[name], args.steps, args.warmup, work)
-            r.update(peak_gb=_peak_gb(device, rss))
-            runs[name].append(r)
-            del model
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    for name, rs in runs.items():
-        steps_s = sorted(r["step_s"] for r in rs)
-        rows.append({"name": name, "step_s": statistics.median(steps_s), "min_s": steps_s[0], "max_s": steps_s[-1],
-                     "n": len(rs), "peak_gb": max(r["peak_gb"] for r in rs),
-                     "first_step_s": statistics.median(r["first_step_s"] for r in rs)})
+    rows += timed_rows(args, timed, {**variants, "reference": base}, data, device, dtype, work)
     lines = timing_table(rows, flops, batch, device)
     return report(args, device, batch, res, prec, lines, (
             "reference = diffusers train_text_to_image_lora.py loop (images decoded, VAE and text encoder in the "
