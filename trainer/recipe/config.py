@@ -266,6 +266,29 @@ class TrainConfig:
             errors.append("base_model is empty: choose a checkpoint file, a diffusers folder or a hub id.")
         if not self.dataset:
             errors.append("dataset is empty: choose a folder of images.")
+        errors += self.number_problems()
+        errors += self.bucket_problems()
+        if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|') or self.output_name in (".", ".."):
+            errors.append(f"output_name '{self.output_name}' must be a plain file name (no slashes or : * ? \" < > |).")
+        if self.clip_skip < 1:
+            errors.append(f"clip_skip must be 1 or more (got {self.clip_skip}).")
+        warns += self.conflict_warnings()
+        errors += self.schedule_problems()
+        errors += self.recipe_problems()
+        if self.base_quantization in ("int8", "nf4") and self.use_dora:
+            errors.append(f"use_dora with base_quantization = '{self.base_quantization}' is not supported (DoRA needs "
+                          "the base weights in full). Use base_quantization = 'fp8' or 'none', or turn DoRA off.")
+        errors += self.block_problems()
+        errors += self.network_problems()
+        if self.variants:
+            from trainer.recipe import sweep
+
+            errors += sweep.problems(self)
+        return errors, warns
+
+    def number_problems(self) -> list[str]:
+        """Ranks, sizes, steps, learning rates and dropouts that are out of range."""
+        errors: list[str] = []
         if self.rank <= 0:
             errors.append(f"rank must be a positive whole number (got {self.rank}); 16 is a good start.")
         if self.alpha <= 0:
@@ -288,6 +311,11 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0 <= v < 1:
                 errors.append(f"{name} must be between 0 and 1 (got {v}).")
+        return errors
+
+    def bucket_problems(self) -> list[str]:
+        """Aspect-ratio bucket sizes that no image could use."""
+        errors: list[str] = []
         if self.bucket_step <= 0 or self.bucket_step % 8:
             errors.append(f"bucket_step must be a positive multiple of 8 (got {self.bucket_step}).")
         low, high = self.bucket_range
@@ -300,11 +328,11 @@ class TrainConfig:
             )
         if self.enable_buckets and low > self.resolution:
             errors.append(f"min_bucket ({low}) is above the resolution ({self.resolution}). Lower min_bucket, or set it to 0.")
-        if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|') or self.output_name in (".", ".."):
-            errors.append(f"output_name '{self.output_name}' must be a plain file name (no slashes or : * ? \" < > |).")
-        if self.clip_skip < 1:
-            errors.append(f"clip_skip must be 1 or more (got {self.clip_skip}).")
-        warns += self.conflict_warnings()
+        return errors
+
+    def schedule_problems(self) -> list[str]:
+        """When to save, sample, log and validate, the timestep range and the prior-loss weight."""
+        errors: list[str] = []
         if self.save_every_steps < 0 or self.sample_every_steps < 0 or self.keep_last < 0:
             errors.append("save_every_steps, sample_every_steps and keep_last must not be negative.")
         if self.log_every_steps < 0:
@@ -318,17 +346,7 @@ class TrainConfig:
             errors.append(f"prior_loss_weight must not be negative (got {self.prior_loss_weight}).")
         if self.validation_every_steps < 0:
             errors.append("validation_every_steps must not be negative.")
-        errors += self.recipe_problems()
-        if self.base_quantization in ("int8", "nf4") and self.use_dora:
-            errors.append(f"use_dora with base_quantization = '{self.base_quantization}' is not supported (DoRA needs "
-                          "the base weights in full). Use base_quantization = 'fp8' or 'none', or turn DoRA off.")
-        errors += self.block_problems()
-        errors += self.network_problems()
-        if self.variants:
-            from trainer.recipe import sweep
-
-            errors += sweep.problems(self)
-        return errors, warns
+        return errors
 
     def network_problems(self) -> list[str]:
         """The LyCORIS network types and the options that do not go with them, each in one sentence."""
