@@ -97,7 +97,7 @@ class TrainConfig:
     cache_latents: bool = _f(True, "Encode every image with the VAE once and reuse the latents (faster, less VRAM).", None, "images")
     cache_latents_to_disk: bool = _f(True, "Keep cached latents on disk so later runs skip the VAE entirely.", None, "images")
     cache_text_encoder_outputs: bool = _f(True, "Encode each caption once and let the text encoders leave the GPU, when they are not trained and captions are fixed (no tag shuffle or dropout); otherwise captions are encoded every step.", None, "images")
-    vae_precision: str = _f("fp32", "Precision of the VAE, which encodes the latents and decodes the samples: fp32, or bf16 (half the VAE's memory; encoding 1024 px images for the latent cache is the peak of the low-VRAM SDXL presets). bf16 latents differ from fp32's by about 2% (RMS); fp16 is not offered, SDXL's VAE overflows in it.", VAE_PRECISIONS, "images")
+    vae_precision: str = _f("fp32", "Precision of the VAE, which encodes the latents and decodes the samples: fp32, or bf16 (half the VAE's memory; in fp32, encoding SDXL's 1024 px images for the latent cache needs 2.8 GB, more than the 4 GB preset's training steps). bf16 latents differ from fp32's by about 2% (RMS); fp16 is not offered, SDXL's VAE overflows in it.", VAE_PRECISIONS, "images")
     # --- network
     network_type: str = _f("lora", "Network type: 'lora' (LoRA; LoCon with conv_rank, DoRA with use_dora), 'loha' (LyCORIS LoHa: the Hadamard product of two low-rank pairs, more capacity for the same rank) or 'lokr' (LyCORIS LoKr: a Kronecker product, very small files). A1111, Forge and ComfyUI load all three.", ("lora", "loha", "lokr"), "network")
     rank: int = _f(16, "LoRA rank (dim): the capacity of the update. 8-32 for characters, 32-128 for styles.")
