@@ -180,10 +180,12 @@ def duration_line(cfg: TrainConfig, family: str, images_per_epoch: int, timings:
 
 
 def preflight(values: dict[str, Any] | TrainConfig, datasets_dir: Path | None = None, preset=None,
-              timings: list[dict] | None = None, device: str | None = None, processes: int = 1) -> tuple[bool, str]:
+              timings: list[dict] | None = None, device: str | None = None, processes: int = 1,
+              card: dict | None = None) -> tuple[bool, str]:
     """(ok to start, plain-language markdown): config errors, conflicts, dataset blockers, VRAM estimate and,
     given this machine's `device` ('cuda' | 'cpu') and measured `timings`, how long the run will take on
-    `processes` GPUs. `values` are the form's, or the TrainConfig already made of them."""
+    `processes` GPUs; given the `card` it trains on (app.gpu's row: name, total_gb), whether the projected peak
+    fits it. `values` are the form's, or the TrainConfig already made of them."""
     from trainer.models import families
     from trainer.recipe.estimate import estimate_vram_gb
     from trainer.recipe.presets import family_mismatch
@@ -207,6 +209,8 @@ def preflight(values: dict[str, Any] | TrainConfig, datasets_dir: Path | None = 
     report = check_dataset(cfg, errors, warns, notes)
     check_extra_folders(cfg, errors, notes)
     est = estimate_vram_gb(cfg, family)
+    if card and in_range and (device if cfg.device == "auto" else cfg.device) == "cuda":
+        warns += card_warning(cfg, est, card)
     lines = []
     if errors:
         lines.append("### Cannot start yet")
@@ -233,6 +237,18 @@ def preflight(values: dict[str, Any] | TrainConfig, datasets_dir: Path | None = 
     if not errors:
         lines.insert(0, "### Ready to start")
     return not errors, "\n".join(lines)
+
+
+def card_warning(cfg: TrainConfig, est: dict, card: dict) -> list[str]:
+    """One sentence when the projected peak is more than the card holds: what happens, and what to change first."""
+    if est["total_gb"] <= card["total_gb"]:
+        return []
+    first = ("turn on gradient_checkpointing, which saves the most for about 25% of the speed; " if not
+             cfg.gradient_checkpointing else "")
+    return [f"The projected peak, about {est['total_gb']} GB while {est['phase']}, is more than the "
+            f"{card['total_gb']:g} GB of GPU {card['index']} ({card['name']}): the run would stop when the card is "
+            f"full, or on Windows spill into system memory and take 10-50x longer per step. To fit, {first}lower "
+            f"batch_size or resolution, or pick the preset for your card size."]
 
 
 def check_base_model(cfg: TrainConfig, errors: list[str], notes: list[str]) -> str:

@@ -45,5 +45,12 @@ def list_gpus() -> list[dict]:
     return parse_gpus(out.stdout) if out.returncode == 0 else []
 
 
+def run_card(gpus: list[dict], picked: list[int] | None = None) -> dict | None:
+    """The card whose memory bounds a run: the smallest of the picked GPUs (each rank of a group holds a whole
+    copy), else the first, as a run on one GPU takes cuda:0; None without a GPU."""
+    cards = [g for g in gpus if g["index"] in picked] if picked else gpus[:1]
+    return min(cards, key=lambda g: g["total_gb"]) if cards else None
+
+
 def gpu_label(g: dict) -> str:
     return f"GPU {g['index']}: {g['name']} ({g['total_gb']:g} GB, {g['free_gb']:g} GB free)"

@@ -125,15 +125,17 @@ class Studio:
         return run_tool(argv)
 
     # ------------------------------------------------------------------ runs
-    def check(self, values, preset_key: str = "", processes: int = 1) -> tuple[bool, str]:
+    def check(self, values, preset_key: str = "", processes: int = 1,
+              gpu_ids: list[int] | None = None) -> tuple[bool, str]:
         """The pre-flight check of the form's values (or of the TrainConfig made of them), for a run on
-        `processes` GPUs (or CPU ranks)."""
-        from app.gpu import gpu_present
+        `processes` GPUs (or CPU ranks): the `gpu_ids` picked, else the first GPU."""
+        from app.gpu import gpu_present, list_gpus, run_card
         from trainer.recipe import timing
 
         preset = find_preset(preset_key, self.ws.presets_dir) if preset_key else None
-        return preflight(values, self.ws.datasets_dir, preset, timing.load(self.ws.timings_path),
-                         "cuda" if gpu_present() else "cpu", processes)
+        device = "cuda" if gpu_present() else "cpu"
+        return preflight(values, self.ws.datasets_dir, preset, timing.load(self.ws.timings_path), device, processes,
+                         card=run_card(list_gpus(), gpu_ids) if device == "cuda" else None)
 
     def start(self, values: dict, preset_key: str = "", to_queue: bool = False, gpu_ids: list[int] | None = None,
               processes: int | None = None) -> tuple[str | None, str]:
@@ -151,7 +153,7 @@ class Studio:
         if n > 1 and cfg.variants:
             return None, ("A sweep (Compare settings) trains its variants on one GPU: pick one GPU in Train on, or "
                           "empty the variants to train one LoRA on several.")
-        ok, text = self.check(cfg, preset_key, n)
+        ok, text = self.check(cfg, preset_key, n, gpu_ids)
         if not ok:
             return None, text
         self.ws.remember_model(cfg.base_model)

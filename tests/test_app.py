@@ -65,6 +65,37 @@ def test_preflight_reports_conflicts_and_dataset_problems_in_plain_words(tiny_sd
     assert ok
 
 
+def test_check_setup_says_when_the_projected_peak_is_more_than_the_card_the_run_takes(tiny_sd1, tmp_path):
+    """Issue 31: with a GPU, Check setup compares the projected peak with the memory of the card the run trains on
+    (the smallest picked, else the first), says so in one warning with what to change, and still lets it start."""
+    from app.gpu import parse_gpus, run_card
+    from trainer.recipe.estimate import estimate_vram_gb
+
+    data = tmp_path / "d"
+    make_images(data, 2)
+    values = {"base_model": str(tiny_sd1), "dataset": str(data), "batch_size": 2}
+    est = estimate_vram_gb(values_to_config(values), "sd1")["total_gb"]
+    mib = lambda gb: int(gb * 1024)  # nvidia-smi's memory.total is in MiB
+    gpus = parse_gpus(f"0, Small Card, {mib(est - 0.5)}, {mib(est - 1)}\n1, Big Card, {mib(est + 0.5)}, {mib(est)}\n")
+
+    def warned(card, **more):
+        ok, text = preflight({**values, **more}, None, None, [], "cuda", card=card)
+        assert ok, text  # a projection does not stop a run
+        return "is more than the" in text, text
+
+    over, text = warned(run_card(gpus))  # one GPU: the first
+    assert over and f"about {est} GB" in text and "GPU 0 (Small Card)" in text
+    assert "turn on gradient_checkpointing" in text
+    assert not warned(run_card(gpus, [1]))[0]
+    assert "GPU 0" in warned(run_card(gpus, [0, 1]))[1]  # a group: each rank holds a whole copy
+    assert not warned(None)[0]
+    assert not preflight(values, None, None, [], "cpu", card=run_card(gpus))[1].count("is more than the")
+    assert not warned(run_card(gpus), device="cpu")[0]  # the run trains on the CPU
+    tiny = parse_gpus("0, Tiny Card, 512, 400")
+    over, text = warned(run_card(tiny), gradient_checkpointing=True)
+    assert over and "gradient_checkpointing" not in text  # already on: the advice starts with what is left
+
+
 def test_workspace_refuses_names_and_files_outside_it(tmp_path):
     ws = Workspace(tmp_path / "ws")
     assert ws.dataset_path("../../evil", create=True).parent == ws.datasets_dir

@@ -458,8 +458,8 @@ class TrainTab:
 
         @friendly
         def on_check(data):
-            n = len(chosen_gpus(data) or []) or 1
-            return in_ui_words(self.studio.check(self.values_of(data), data[preset], n)[1])
+            chosen = chosen_gpus(data)
+            return in_ui_words(self.studio.check(self.values_of(data), data[preset], len(chosen or []) or 1, chosen)[1])
 
         def on_start(data, to_queue=False):
             chosen = chosen_gpus(data)
