@@ -46,8 +46,11 @@ def free_port() -> int:
 
 
 def worker_env(unbuffered: bool = True) -> dict:
-    """The environment of every engine process: this checkout first on PYTHONPATH, output not held back."""
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    """The environment of every engine process: this checkout first on PYTHONPATH, output not held back, and CUDA's
+    device numbers in PCI bus order, nvidia-smi's: the GPU picker lists nvidia-smi's indices, while CUDA numbers
+    the fastest card first by default, so with two different cards "GPU 1" would train on the other one."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     if unbuffered:
         env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -52,6 +52,20 @@ def test_the_gpu_list_the_group_command_and_a_dead_rank_in_words():
     assert said.startswith("Rank 1 (GPU 2) of the group was killed, so the whole group stopped") and "Resume" in said
 
 
+def test_a_worker_numbers_the_gpus_as_the_picker_does(tmp_path, monkeypatch):
+    """The picker shows nvidia-smi's indices (PCI bus order); CUDA numbers the fastest card first unless told, so
+    every worker is started with CUDA_DEVICE_ORDER=PCI_BUS_ID, and a single-GPU run sees only the GPU picked."""
+    import sys
+
+    from app.workers import start_detached
+
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # what CUDA does when nobody says
+    log = tmp_path / "worker.log"
+    probe = "import os; print(os.environ['CUDA_DEVICE_ORDER'], os.environ['CUDA_VISIBLE_DEVICES'])"
+    assert start_detached([sys.executable, "-c", probe], log, gpu_ids=[1]).wait(60) == 0
+    assert log.read_text().split() == ["PCI_BUS_ID", "1"]
+
+
 def test_the_check_counts_a_groups_steps_and_batch(tmp_path):
     """Before Start, the plan of a group says its effective batch, and an epoch-based run counts 1/N of the steps
     for the time (each step takes about one GPU's time: every rank trains its own batch)."""
