@@ -185,6 +185,8 @@ def test_measured_presets_are_estimated_within_15_percent_and_card_presets_state
             continue
         cells, current = rows[p.key]
         cuda = float(cells[len(PHASES) + 2])
+        if "projected peak" in p.description:  # any preset that states its peak states its newest count
+            assert f"projected peak (counted on the CPU) {cuda:.1f} GB" in p.description, p.key
         est = estimate_vram_gb(measured_config(cfg), fam)["total_gb"]
         if current:
             assert abs(est - cuda) <= 0.15 * cuda, (p.key, est, cuda)
