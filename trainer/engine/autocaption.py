@@ -187,7 +187,6 @@ def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should
                     preview: int = 0) -> dict:
     """Caption the dataset's target images in batches; `preview` > 0 captions only that many and writes
     nothing. Emits status / progress / caption / done events (dicts). Returns the done event."""
-    from trainer.data.images import ImageProblem, load_rgb
     from trainer.data.importer import save_caption
 
     opts.check()
@@ -212,13 +211,7 @@ def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should
     for start in range(0, len(todo), opts.batch_size):
         if should_stop():
             break
-        batch, images = [], []
-        for it in todo[start:start + opts.batch_size]:
-            try:
-                images.append(load_rgb(it.path))
-                batch.append(it)
-            except ImageProblem as e:  # an unreadable image is reported and skipped, the run goes on
-                skipped.append(f"{it.path.name}: {e}")
+        batch, images = read_batch(todo[start:start + opts.batch_size], skipped)
         texts = cap.caption(images, opts.max_new_tokens) if images else []
         for it, text in zip(batch, texts):
             final = compose(it.caption, text, opts.mode, triggers, tags=tagger)
@@ -244,6 +237,21 @@ def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should
                                                         excluded_written, stopped, skipped)}
     emit(done)
     return done
+
+
+def read_batch(items: list, skipped: list[str]) -> tuple[list, list]:
+    """(the items whose image reads, their images): an unreadable image is added to `skipped` with why, and the
+    run goes on without it."""
+    from trainer.data.images import ImageProblem, load_rgb
+
+    batch, images = [], []
+    for it in items:
+        try:
+            images.append(load_rgb(it.path))
+            batch.append(it)
+        except ImageProblem as e:
+            skipped.append(f"{it.path.name}: {e}")
+    return batch, images
 
 
 def done_message(n: int, label: str, preview: int, excluded: int, stopped: bool, skipped: list) -> str:
