@@ -59,6 +59,17 @@ def test_missing_mode_captions_only_images_without_one_trigger_first(blip, tmp_p
     assert again["written"] == 0 and "every image has a caption" in again["message"]
 
 
+def test_an_unreadable_image_is_skipped_and_named_while_the_others_are_captioned(blip, tmp_path):
+    ds = mixed_dataset(tmp_path / "d")
+    (ds / "broken.png").write_bytes(b"not a png")
+    done = caption_dataset(ds, CaptionOptions(model=str(blip), batch_size=2, max_new_tokens=4), lambda e: None)
+    assert done["written"] == 2 and len(done["skipped"]) == 1 and done["skipped"][0].startswith("broken.png: ")
+    assert not (ds / "broken.txt").exists() and (ds / "broken.png").read_bytes() == b"not a png"
+    assert "broken.png" in done["message"]
+    again = caption_dataset(ds, CaptionOptions(model=str(blip)), lambda e: None)  # nothing left but the broken one
+    assert again["written"] == 0 and "every image has a caption" in again["message"] and "broken.png" in again["message"]
+
+
 def test_florence_preview_writes_nothing_then_append_and_overwrite(florence, tmp_path):
     ds = mixed_dataset(tmp_path / "d")
     events = []

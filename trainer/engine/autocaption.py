@@ -62,11 +62,15 @@ class CaptionOptions:
 
 
 # ---------------------------------------------------------------------------------------------- what to caption
-def entries(folder: Path) -> list:
-    """Every image of the dataset (excluded ones too: they are still part of it), in file order."""
+def entries(folder: Path, unreadable: list[str] | None = None) -> list:
+    """Every image of the dataset (excluded ones too: they are still part of it), in file order. Image files that
+    do not read are added to `unreadable` as 'name: why'."""
+    from trainer.data.images import is_image_name
     from trainer.data.scan import scan_dataset
 
     res = scan_dataset(folder)
+    if unreadable is not None:
+        unreadable += [f"{s.path.name}: {s.reason}" for s in res.skipped if is_image_name(s.path.name)]
     return sorted(res.items + res.excluded, key=lambda it: str(it.path))
 
 
@@ -193,19 +197,22 @@ def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should
     folder = Path(folder)
     if not folder.is_dir():
         raise CaptionError(f"Dataset folder not found: {folder}")
-    todo = targets(entries(folder), opts.mode, split_tags(opts.trigger))
+    skipped: list[str] = []  # 'name: why' of each image that does not read: the run goes on without it
+    todo = targets(entries(folder, skipped), opts.mode, split_tags(opts.trigger))
     if preview:
         todo = todo[:preview]
     if not todo:
-        done = {"type": "done", "written": 0, "total": 0, "preview": bool(preview),
-                "message": "Nothing to caption: every image has a caption already (choose Append or Overwrite to "
-                           "change them)." if opts.mode == "missing" else "The dataset has no images."}
+        unread = f" Unreadable, left as they are: {'; '.join(skipped[:3])}." if skipped else ""
+        done = {"type": "done", "written": 0, "total": 0, "preview": bool(preview), "skipped": skipped,
+                "message": ("Nothing to caption: every image has a caption already (choose Append or Overwrite to "
+                            "change them)." if opts.mode == "missing" else "The dataset has no readable images.")
+                + unread}
         emit(done)
         return done
     cap = load(opts, emit)
     tagger = not isinstance(cap, Captioner)
     triggers, label = split_tags(opts.trigger), model_label(opts.model)
-    rec, written, skipped, t0 = record(folder), 0, [], time.perf_counter()
+    rec, written, t0 = record(folder), 0, time.perf_counter()
     left_out, excluded_written = excluded_paths(folder), 0
     emit({"type": "progress", "done": 0, "total": len(todo), "images_per_s": None, "eta_s": None, "device": cap.device})
     for start in range(0, len(todo), opts.batch_size):
@@ -258,7 +265,8 @@ def done_message(n: int, label: str, preview: int, excluded: int, stopped: bool,
     return (f"{'Previewed' if preview else 'Wrote'} {n} caption(s) with {label}"
             + (f" ({excluded} of them for excluded images)" if excluded else "")
             + (" (cancelled; the captions written so far are kept)" if stopped else "")
-            + (f"; skipped {len(skipped)} unreadable image(s)" if skipped else "") + ".")
+            + (f"; skipped {len(skipped)} unreadable image(s), left as they are: " + "; ".join(skipped[:3])
+               + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "") if skipped else "") + ".")
 
 
 # ---------------------------------------------------------------------------------------------- command line
