@@ -167,13 +167,18 @@ def check_extra_folders(cfg: TrainConfig, errors: list[str], notes: list[str]) -
             notes.append(f"{extra['image_count']} validation image(s) from {Path(folder).name}")
 
 
+def where_it_runs(cfg: TrainConfig, device: str | None) -> str | None:
+    """'cuda' or 'cpu': the config's device, or this machine's `device` when the config says auto."""
+    return device if cfg.device == "auto" else cfg.device
+
+
 def duration_line(cfg: TrainConfig, family: str, images_per_epoch: int, timings: list[dict], device: str,
                   processes: int = 1) -> str:
     """'- Time on this machine (CPU): about 4 min (...)' for the plan (a group's steps take about one GPU's
     time: each rank trains its own batch)."""
     from trainer.recipe import timing
 
-    run_device = device if cfg.device == "auto" else cfg.device
+    run_device = where_it_runs(cfg, device)
     steps = planned_steps(cfg, images_per_epoch, processes)
     est = timing.estimate(cfg, family, steps, run_device, timings)
     return f"- Time on this machine ({'GPU' if run_device == 'cuda' else 'CPU'}): " + timing.describe(est, steps)
@@ -209,7 +214,7 @@ def preflight(values: dict[str, Any] | TrainConfig, datasets_dir: Path | None = 
     report = check_dataset(cfg, errors, warns, notes)
     check_extra_folders(cfg, errors, notes)
     est = estimate_vram_gb(cfg, family)
-    if card and in_range and (device if cfg.device == "auto" else cfg.device) == "cuda":
+    if card and in_range and where_it_runs(cfg, device) == "cuda":
         warns += card_warning(cfg, est, card)
     lines = []
     if errors:
