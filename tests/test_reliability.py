@@ -12,7 +12,7 @@ import pytest
 from conftest import base_config, launched_app, make_images
 from trainer.engine import checkpoint as ckpt
 from trainer.engine.faults import FAULT_ENV
-from trainer.measure.reliability import check_files, fuzz_inputs, kill_trials
+from trainer.measure.reliability import check_files, fuzz_inputs, kill_trials, report_text
 
 
 @pytest.mark.slow
@@ -80,6 +80,13 @@ def test_fuzzed_images_and_captions_never_crash():
     assert stats["inputs"] == 600 and stats["accepted"] + stats["rejected_with_reason"] == 600
     assert stats["rejected_with_reason"] > 100 and stats["accepted"] > 0
     assert stats["imported"] + stats["import_skipped"] > 0
+    # RELIABILITY.md says the counts, and lists every problem where there is one
+    kills = {"kills": 3, "attempts": 4, "finished": True, "bad_files": [], "max_abs_diff": 0.0, "same_keys": True}
+    text = report_text(3, 600, kills, 12.0, stats, 3.0)
+    assert "| generated image files (" in text and f"| {stats['accepted']} |" in text
+    assert "Problems found" not in text
+    bad = report_text(3, 600, {**kills, "bad_files": ["step_6/lora.safetensors: truncated"]}, 12.0, stats, 3.0)
+    assert bad.endswith("## Problems found\n- step_6/lora.safetensors: truncated\n")
 
 
 @pytest.mark.slow

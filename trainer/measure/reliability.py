@@ -81,12 +81,41 @@ def kill_trials(config: Path, work: Path, kills: int = 10, seed: int = 0, refere
             "same_keys": done and a.keys() == b.keys()}
 
 
+def fuzzed_image(rng: random.Random, seeds: list[bytes]) -> bytes:
+    """One fuzzed image file: a real header with a few bytes changed, a truncation, a PNG that claims huge (or zero)
+    dimensions, or a header followed by random bytes."""
+    import struct
+    import zlib
+
+    kind = rng.random()
+    if kind < 0.35:
+        base = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 8)):
+            if base:
+                base[rng.randrange(len(base))] = rng.randrange(256)
+        return bytes(base)
+    if kind < 0.6:
+        b = rng.choice(seeds)
+        return b[: rng.randint(0, len(b))]
+    if kind < 0.75:
+        w, h = rng.choice([(20000, 20000), (1, 10**6), (65535, 65535), (0, 5)])
+        ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+        chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)  # noqa: E731
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return rng.choice(seeds)[:8] + bytes(rng.randrange(256) for _ in range(rng.randint(0, 300)))
+
+
+def fuzzed_caption(rng: random.Random) -> bytes:
+    """A caption file's bytes: random text with NULs and BOMs in UTF-8, UTF-16, Latin-1 or cp1252, or raw bytes."""
+    enc = rng.choice(["utf-8", "utf-16", "latin-1", "cp1252", "raw"])
+    text = "".join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(160, 0x3000), 0, 0xFEFF])) for _ in range(rng.randint(0, 80)))
+    return bytes(rng.randrange(256) for _ in range(40)) if enc == "raw" else text.encode(enc, errors="replace")
+
+
 def fuzz_inputs(n: int, seed: int = 0) -> dict:
     """Random bytes with real image headers, truncations, huge dimensions and odd caption encodings through the
     probe/decoder, the caption reader and the importer. Counts outcomes; any crash is recorded."""
     import io
-    import struct
-    import zlib
 
     from PIL import Image
 
@@ -101,31 +130,12 @@ def fuzz_inputs(n: int, seed: int = 0) -> dict:
     Image.new("RGB", (40, 30), (9, 99, 199)).save(jpg, "JPEG")
     seeds = [good.getvalue(), jpg.getvalue(), b"RIFF\x00\x00\x00\x00WEBPVP8 ", b"BM" + b"\x00" * 60, b"\x89PNG\r\n\x1a\n"]
 
-    def huge_png():
-        w, h = rng.choice([(20000, 20000), (1, 10**6), (65535, 65535), (0, 5)])
-        ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-        chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)  # noqa: E731
-        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-
     stats = {"inputs": 0, "accepted": 0, "rejected_with_reason": 0, "crashes": [], "captions": 0, "imported": 0,
              "import_skipped": 0, "slowest_s": 0.0}
     with tempfile.TemporaryDirectory() as td:
         td = Path(td)
         for i in range(n):
-            kind = rng.random()
-            if kind < 0.35:
-                base = bytearray(rng.choice(seeds))
-                for _ in range(rng.randint(1, 8)):
-                    if base:
-                        base[rng.randrange(len(base))] = rng.randrange(256)
-                data = bytes(base)
-            elif kind < 0.6:
-                b = rng.choice(seeds)
-                data = b[: rng.randint(0, len(b))]
-            elif kind < 0.75:
-                data = huge_png()
-            else:
-                data = rng.choice(seeds)[:8] + bytes(rng.randrange(256) for _ in range(rng.randint(0, 300)))
+            data = fuzzed_image(rng, seeds)  # before the name: the same seed gives the same files as before
             f = td / f"x{i}{rng.choice(['.png', '.jpg', '.webp', '.bmp'])}"
             f.write_bytes(data)
             stats["inputs"] += 1
@@ -140,9 +150,7 @@ def fuzz_inputs(n: int, seed: int = 0) -> dict:
                 stats["crashes"].append(f"{f.name}: {type(e).__name__}: {e}")
             stats["slowest_s"] = max(stats["slowest_s"], time.time() - t0)
             cap = td / f"x{i}.txt"
-            enc = rng.choice(["utf-8", "utf-16", "latin-1", "cp1252", "raw"])
-            text = "".join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(160, 0x3000), 0, 0xFEFF])) for _ in range(rng.randint(0, 80)))
-            cap.write_bytes(bytes(rng.randrange(256) for _ in range(40)) if enc == "raw" else text.encode(enc, errors="replace"))
+            cap.write_bytes(fuzzed_caption(rng))
             try:
                 read_caption(cap)
                 stats["captions"] += 1
@@ -166,19 +174,15 @@ def fuzz_inputs(n: int, seed: int = 0) -> dict:
     return stats
 
 
-def write_report(out: Path | None, kills: int = 10, fuzz: int = 3000) -> str:
-    """Run the trials on a tiny model; return the report, written to `out` (RELIABILITY.md) when given."""
-    import platform
+def trial_config(work: Path) -> Path:
+    """The kill trials' run in `work`: a tiny SD1 model, four images, 200 steps checkpointed every 3; its config."""
+    import numpy as np
+    from PIL import Image
 
     from trainer.recipe.config import TrainConfig
     from trainer.models.tiny import save_tiny_model
 
-    work = Path(tempfile.mkdtemp(prefix="lora_reliability_"))
-    os.environ.setdefault("LORA_STUDIO_CACHE", str(work / "cache"))
     model = save_tiny_model(work / "model", "sd1")
-    import numpy as np
-    from PIL import Image
-
     data = work / "data"
     data.mkdir()
     for i in range(4):
@@ -188,12 +192,30 @@ def write_report(out: Path | None, kills: int = 10, fuzz: int = 3000) -> str:
                       alpha=4, max_steps=200, save_every_steps=3, keep_last=2, mixed_precision="no", device="cpu",
                       save_precision="fp32", lr_scheduler="cosine", warmup_steps=3, shuffle_tags=True)
     cfg.save(work / "cfg.toml")
+    return work / "cfg.toml"
+
+
+def write_report(out: Path | None, kills: int = 10, fuzz: int = 3000) -> str:
+    """Run the trials on a tiny model; return the report, written to `out` (RELIABILITY.md) when given."""
+    work = Path(tempfile.mkdtemp(prefix="lora_reliability_"))
+    os.environ.setdefault("LORA_STUDIO_CACHE", str(work / "cache"))
+    cfg_path = trial_config(work)
     t0 = time.time()
-    k = kill_trials(work / "cfg.toml", work / "kill", kills=kills, seed=1)
+    k = kill_trials(cfg_path, work / "kill", kills=kills, seed=1)
     k_time = time.time() - t0
     t0 = time.time()
     f = fuzz_inputs(fuzz, seed=1)
     f_time = time.time() - t0
+    text = report_text(kills, fuzz, k, k_time, f, f_time)
+    if out:
+        Path(out).write_text(text)
+    return text
+
+
+def report_text(kills: int, fuzz: int, k: dict, k_time: float, f: dict, f_time: float) -> str:
+    """RELIABILITY.md from the kill trials' (`k`) and the fuzzing's (`f`) counts and wall times."""
+    import platform
+
     text = f"""# Reliability
 
 Generated by `python -m trainer reliability --kills {kills} --fuzz {fuzz}` on {time.strftime('%Y-%m-%d %H:%M')}
@@ -243,8 +265,6 @@ randomness of step N is a function of (seed, N), and resume restores LoRA weight
 """
     if k["bad_files"] or f["crashes"]:
         text += "\n## Problems found\n" + "\n".join(f"- {x}" for x in k["bad_files"] + f["crashes"]) + "\n"
-    if out:
-        Path(out).write_text(text)
     return text
 
 
