@@ -82,27 +82,31 @@ def build_tiny_pipeline(family: str = "sd1", seed: int = 0):
     raise ValueError(f"unknown tiny family '{family}' (use sd1, sd2v or sdxl)")
 
 
+def tiny_unet(seed: int, **family_config):
+    """A two-level UNet (32 and 64 channels, 8 px latents) seeded with `seed`; the family's blocks, attention and
+    conditioning in `family_config`."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=2, norm_num_groups=8, **family_config).eval()
+
+
 def _tiny_sd_pipeline(family: str, seed: int):
     """SD 1.x or 2.x (sd2v: v-prediction): one CLIP text encoder, a two-level UNet, DDIM."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     sd2 = family != "sd1"
     tok = tiny_tokenizer(pad_token="!" if sd2 else "<|endoftext|>")
     te = _text_encoder(tok, 32, False, "gelu" if sd2 else "quick_gelu", seed + 1)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
+    unet = tiny_unet(
+        seed,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=(2, 4) if sd2 else 8,
         use_linear_projection=sd2,
-        norm_num_groups=8,
-    ).eval()
+    )
     sched = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -126,19 +130,14 @@ def _tiny_sd_pipeline(family: str, seed: int):
 
 def _tiny_sdxl_pipeline(seed: int):
     """SDXL: two text encoders (the second wider, with a projection), the text-time conditioning, Euler."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     tok = tiny_tokenizer()
     tok2 = tiny_tokenizer(pad_token="!")
     te = _text_encoder(tok, 32, False, "quick_gelu", seed + 1)
     te2 = _text_encoder(tok2, 64, True, "gelu", seed + 3)  # wider than te1, as in SDXL (768 vs 1280)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
+    unet = tiny_unet(
+        seed,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -148,8 +147,7 @@ def _tiny_sdxl_pipeline(seed: int):
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 64,
         cross_attention_dim=32 + 64,
-        norm_num_groups=8,
-    ).eval()
+    )
     sched = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
     )
