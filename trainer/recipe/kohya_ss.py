@@ -270,6 +270,34 @@ def import_kohya_file(path: str | Path) -> tuple[dict, list[str]]:
     return import_kohya(data)
 
 
+def sd_scripts_conditional(cfg: TrainConfig, fam) -> dict:
+    """The sd-scripts keys a run has only in some cases: its length, network_args, v-prediction, Adafactor's mode, the
+    regularisation folder, fp8, the VAE's precision and TensorBoard."""
+    d: dict = {}
+    if cfg.max_steps:
+        d["max_train_steps"] = cfg.max_steps
+    else:
+        d["max_train_epochs"] = cfg.epochs
+    # the file's own network_args (trainer/loras/format.py), less LyCORIS' dora_wd: sd-scripts' networks.lora has no DoRA
+    args = [f"{k}={v}" for k, v in network_args(cfg).items() if k != "dora_wd"]
+    if args:
+        d["network_args"] = args
+    if cfg.prediction_type == "v_prediction" or (cfg.prediction_type == "auto" and fam.prediction_type == "v_prediction"):
+        d["v_parameterization"] = True
+    if cfg.optimizer == "adafactor":  # sd-scripts' Adafactor defaults to relative steps; say which mode this is
+        rel = cfg.adafactor_relative_step
+        d["optimizer_args"] = [f"relative_step={rel}", f"scale_parameter={rel}", f"warmup_init={rel}"]
+    if cfg.reg_dataset:
+        d["reg_data_dir"] = cfg.reg_dataset
+    if cfg.base_quantization == "fp8":
+        d["fp8_base"] = True
+    if cfg.mixed_precision != "no":  # sd-scripts' VAE takes the run's precision unless told otherwise
+        d["no_half_vae"] = cfg.vae_precision == "fp32"
+    if cfg.tensorboard:
+        d["log_with"], d["logging_dir"] = "tensorboard", str(RunFiles(cfg.output_dir).tensorboard)
+    return d
+
+
 def to_sd_scripts_toml(cfg: TrainConfig) -> str:
     """An sd-scripts (train_network.py --config_file) TOML of the same run."""
     fam = families.resolve(cfg.model_family, cfg.resolution)
@@ -306,27 +334,7 @@ def to_sd_scripts_toml(cfg: TrainConfig) -> str:
                 d[key] = True
         else:
             d[key] = values[field]
-    if cfg.max_steps:
-        d["max_train_steps"] = cfg.max_steps
-    else:
-        d["max_train_epochs"] = cfg.epochs
-    # the file's own network_args (trainer/loras/format.py), less LyCORIS' dora_wd: sd-scripts' networks.lora has no DoRA
-    args = [f"{k}={v}" for k, v in network_args(cfg).items() if k != "dora_wd"]
-    if args:
-        d["network_args"] = args
-    if cfg.prediction_type == "v_prediction" or (cfg.prediction_type == "auto" and fam.prediction_type == "v_prediction"):
-        d["v_parameterization"] = True
-    if cfg.optimizer == "adafactor":  # sd-scripts' Adafactor defaults to relative steps; say which mode this is
-        rel = cfg.adafactor_relative_step
-        d["optimizer_args"] = [f"relative_step={rel}", f"scale_parameter={rel}", f"warmup_init={rel}"]
-    if cfg.reg_dataset:
-        d["reg_data_dir"] = cfg.reg_dataset
-    if cfg.base_quantization == "fp8":
-        d["fp8_base"] = True
-    if cfg.mixed_precision != "no":  # sd-scripts' VAE takes the run's precision unless told otherwise
-        d["no_half_vae"] = cfg.vae_precision == "fp32"
-    if cfg.tensorboard:
-        d["log_with"], d["logging_dir"] = "tensorboard", str(RunFiles(cfg.output_dir).tensorboard)
+    d.update(sd_scripts_conditional(cfg, fam))
     header = "# sd-scripts config exported by LoRA Studio. Run: accelerate launch "
     header += fam.sd_scripts_trainer + " --config_file THIS.toml\n"
     if cfg.network_type != "lora":
