@@ -181,12 +181,9 @@ class PreviewTab:
         self.ws.save_ui_state("preview", {key: data[comp] for key, comp in self.kept.items()})
 
     # ------------------------------------------------------------------ layout
-    def build(self):
-        ws = self.ws
-        with gr.Row():
-            base = gr.Dropdown(choices=ws.settings().get("recent_models", []), allow_custom_value=True, scale=4,
-                               label="Base model (checkpoint file, diffusers folder or hub id)", elem_id="pv-base")
-            refresh = gr.Button("Refresh LoRA list", scale=1, elem_id="pv-refresh")
+    def build_lora_rows(self) -> tuple[list, list]:
+        """The LoRA pickers, each with on, strength, its trigger words and Insert; then, folded, each one's IN / MID /
+        OUT strengths. Returns (rows of (file, on, strength, trigger, insert), rows of the three block sliders)."""
         rows = []
         for i in range(ROWS):
             with gr.Row():
@@ -203,6 +200,15 @@ class PreviewTab:
                     gr.Markdown(f"LoRA {i + 1}")
                     blocks.append(tuple(gr.Slider(0, 2, value=1.0, step=0.05, label=b, elem_id=f"pv-block-{i}-{b}")
                                         for b in ("IN", "MID", "OUT")))
+        return rows, blocks
+
+    def build(self):
+        ws = self.ws
+        with gr.Row():
+            base = gr.Dropdown(choices=ws.settings().get("recent_models", []), allow_custom_value=True, scale=4,
+                               label="Base model (checkpoint file, diffusers folder or hub id)", elem_id="pv-base")
+            refresh = gr.Button("Refresh LoRA list", scale=1, elem_id="pv-refresh")
+        rows, blocks = self.build_lora_rows()
         add = gr.File(label="Add a LoRA .safetensors from elsewhere", file_types=[".safetensors"], elem_id="pv-add")
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="pv-prompt")
         negative = gr.Textbox(label="Negative prompt", lines=1)
