@@ -437,7 +437,7 @@ class TrainTab:
 
     def build_run_controls(self):
         """Check / Start / Stop / Save now / Resume, the run picker and the live view (progress, loss, samples, log)."""
-        runs, preset = self.runs, self.preset_dd
+        preset = self.preset_dd
         with gr.Row():
             check = gr.Button("Check setup", elem_id="check")
             start = gr.Button("Start", variant="primary", elem_id="start")
@@ -482,6 +482,23 @@ class TrainTab:
         start.click(friendly(on_start), self.inputs | {preset, gpu_pick}, [self.run_pick, preflight_md])
         add_queue.click(friendly(lambda data: on_start(data, to_queue=True)), self.inputs | {preset, gpu_pick},
                         [self.run_pick, preflight_md])
+        self.wire_run_actions(stop, save_now, resume, run_msg, live_out)
+
+        @friendly
+        def on_tick(run_id, shown):
+            follow, run_id, new = self.follow(run_id, shown)
+            msg = gr.update() if follow["same_state"] else ""
+            rows = self.studio.queue_rows()
+            new["queue"] = rows
+            return [follow["picker"], *self.live(run_id), msg, rows if rows != shown.get("queue") else gr.update(), new]
+
+        timer.tick(on_tick, [self.run_pick, seen], [self.run_pick, *live_out, run_msg, queue, seen],
+                   show_progress="hidden").then(None, js=FOLLOW_LOG_JS)
+
+    def wire_run_actions(self, stop, save_now, resume, run_msg, live_out):
+        """Stop / Save now / Resume act on the picked run; picking a run shows it live and loads its settings into
+        the form."""
+        runs = self.runs
         stop.click(friendly(lambda r: runs.stop(r) if r else "Pick a run."), self.run_pick, run_msg, show_progress="hidden")
         save_now.click(friendly(lambda r: runs.save_now(r) if r else "Pick a run."), self.run_pick, run_msg,
                        show_progress="hidden")
@@ -498,18 +515,7 @@ class TrainTab:
                 f"The form now holds the settings of run `{run_id}`: change what you like and Start a new run."]
 
         self.run_pick.input(on_choose_run, self.run_pick, self.outputs + [run_msg]).then(
-            self.remember, self.inputs | {preset})
-
-        @friendly
-        def on_tick(run_id, shown):
-            follow, run_id, new = self.follow(run_id, shown)
-            msg = gr.update() if follow["same_state"] else ""
-            rows = self.studio.queue_rows()
-            new["queue"] = rows
-            return [follow["picker"], *self.live(run_id), msg, rows if rows != shown.get("queue") else gr.update(), new]
-
-        timer.tick(on_tick, [self.run_pick, seen], [self.run_pick, *live_out, run_msg, queue, seen],
-                   show_progress="hidden").then(None, js=FOLLOW_LOG_JS)
+            self.remember, self.inputs | {self.preset_dd})
 
     def build_gpu_pick(self):
         """With two or more GPUs, which of them the run takes (one process each, through accelerate; the batch size
