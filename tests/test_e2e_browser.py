@@ -303,16 +303,17 @@ def test_full_journey_in_a_real_browser(app_url, tiny_sd1, tmp_path):
 
         # 5. A second, longer run: reload the page mid-run and see the live view re-attach
         ui.tab("Train")
-        ui.text("f-max_steps", 400)
+        # (long enough that only Stop ends it: 400 steps took 53 s here, less than a reload under load)
+        ui.text("f-max_steps", 4000)
         page.get_by_text("Advanced", exact=True).click()  # closed again since the reload
         ui.text("f-seed", 7)
         ui.click("start")
-        ui.wait_text("progress", r"step [1-9]\d*/400", timeout=180)
+        ui.wait_text("progress", r"step [1-9]\d*/4000", timeout=180)
         page.reload()
         ui.tab("Train")  # no clicks needed: the reloaded page selects the running run by itself
-        first = ui.wait_text("progress", r"step \d+/400")
-        n1 = int(re.search(r"step (\d+)/400", first).group(1))
-        ui.wait_text("progress", rf"step (?!{n1}/)\d+/400")  # it keeps moving after the reload
+        first = ui.wait_text("progress", r"step \d+/4000")
+        n1 = int(re.search(r"step (\d+)/4000", first).group(1))
+        ui.wait_text("progress", rf"step (?!{n1}/)\d+/4000")  # it keeps moving after the reload
         ui.shot("5-reattached")
         ui.click("stop")
         ui.wait_text("progress", "stopped", timeout=120)
