@@ -169,3 +169,33 @@ def test_the_train_tab_block_table_writes_the_block_fields(tmp_path):
     assert dims == values("sdxl", rank_of) and mid == "0" and len(down.split(",")) == 9 and "now hold" in note
     with pytest.raises(gr.Error, match="lacks IN00"):
         handler("Use these values")(rows[1:], "SDXL (19 blocks)")
+
+
+@pytest.mark.slow  # a worker process (the spectrum tool): the fast tier stays under 3 minutes
+def test_suggest_ranks_in_the_train_tab_reads_a_lora_through_the_spectrum_tool(tmp_path):
+    import gradio as gr
+    import torch
+    from safetensors.torch import save_file
+
+    from app.forms import block_families
+    from app.main import build_ui
+
+    ui = build_ui(tmp_path / "ws")
+    button = next(i for i, b in ui.blocks.items() if isinstance(b, gr.Button) and b.value == "Suggest ranks")
+    suggest = next(f.fn for f in ui.fns.values() if any(t[0] == button for t in f.targets))
+    sd1 = next(label for label, fam in block_families().items() if fam == "sd1")
+    assert "Pick a LoRA file" in list(suggest("", 0.95, sd1, 8, 4))[-1][1]
+    # IN01's update has one direction, OUT05's four of equal size
+    one = torch.zeros(32, 4)
+    one[:, 0] = 1.0
+    lora = {"lora_unet_down_blocks_0_attentions_0_proj_in": (one, torch.eye(4, 32)),
+            "lora_unet_up_blocks_1_attentions_2_proj_out": (torch.eye(32, 4), torch.eye(4, 32))}
+    tensors = {}
+    for name, (up, down) in lora.items():
+        tensors |= {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(4.0)}
+    save_file(tensors, str(tmp_path / "wide.safetensors"))
+    said = list(suggest(str(tmp_path / "wide.safetensors"), 0.95, sd1, 8, 4))
+    table, note = said[-1]
+    rows = {r[0]: r for r in table}
+    assert rows["IN01"][1] == 1 and rows["OUT05"][1] == 4 and rows["OUT05"][2] == 2  # alpha keeps 4/8 of the rank
+    assert note.startswith("Suggested from wide.safetensors") and "95% of its update" in note

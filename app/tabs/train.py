@@ -319,7 +319,7 @@ class TrainTab:
     def build_block_table(self):
         """Per-block rank, alpha and learning-rate weight as a table (kohya's IN / MID / OUT numbering), filled by
         hand or suggested from a trained LoRA's spectrum; it writes the block_* fields of the form."""
-        from app.forms import block_families, block_rows, rows_to_values, suggest_ranks
+        from app.forms import block_families, block_rows, rows_to_values
 
         comps = self.comps
         block_fields = ["block_dims", "block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight"]
@@ -356,20 +356,7 @@ class TrainTab:
 
         @friendly
         def on_suggest(path, keep, family, rank, alpha):
-            if not path:
-                yield gr.update(), "Pick a LoRA file to learn the ranks from."
-                return
-            for event in self.studio.run_tool(["spectrum", path, "--json"]):
-                if event[0] == "progress":
-                    yield gr.update(), f"Reading the spectrum: {event[1]}/{event[2]} modules"
-                elif event[0] == "error":
-                    yield gr.update(), f"**Could not read the spectrum:** {event[1]}"
-                else:
-                    ratio = float(alpha or 1) / float(rank or 1)
-                    rows = suggest_ranks(event[1], fams[family], float(keep), ratio)
-                    yield rows, (f"Suggested from {event[1]['file']}: the smallest rank per block keeping "
-                                 f"{100 * float(keep):g}% of its update (alpha keeps your alpha/rank ratio). "
-                                 "Check them, then *Use these values*.")
+            yield from self.suggest_from_spectrum(path, float(keep), fams[family], float(alpha or 1) / float(rank or 1))
 
         fill_inputs = {fam} | {comps[n] for n in ["rank", "alpha", *block_fields]}
         fill.click(on_fill, fill_inputs, table)
@@ -381,6 +368,24 @@ class TrainTab:
         clear.click(lambda: [""] * len(block_fields) + ["One rank and alpha everywhere."], None,
                     [comps[n] for n in block_fields] + [note]).then(self.remember, keep)
         suggest.click(on_suggest, [source, energy, fam, comps["rank"], comps["alpha"]], [table, note])
+
+    def suggest_from_spectrum(self, path: str, keep: float, blocks, ratio: float):
+        """(table, note) updates while the spectrum tool reads the LoRA at `path`, then the smallest rank per block
+        that keeps `keep` of its update, with alpha at `ratio` times the rank."""
+        from app.forms import suggest_ranks
+
+        if not path:
+            yield gr.update(), "Pick a LoRA file to learn the ranks from."
+            return
+        for event in self.studio.run_tool(["spectrum", path, "--json"]):
+            if event[0] == "progress":
+                yield gr.update(), f"Reading the spectrum: {event[1]}/{event[2]} modules"
+            elif event[0] == "error":
+                yield gr.update(), f"**Could not read the spectrum:** {event[1]}"
+            else:
+                yield suggest_ranks(event[1], blocks, keep, ratio), (
+                    f"Suggested from {event[1]['file']}: the smallest rank per block keeping {100 * keep:g}% of its "
+                    "update (alpha keeps your alpha/rank ratio). Check them, then *Use these values*.")
 
     def build_preset_tools(self):
         """Save / delete the person's presets, import a kohya_ss JSON, show an sd-scripts TOML."""
