@@ -202,14 +202,9 @@ class PreviewTab:
                                         for b in ("IN", "MID", "OUT")))
         return rows, blocks
 
-    def build(self):
-        ws = self.ws
-        with gr.Row():
-            base = gr.Dropdown(choices=ws.settings().get("recent_models", []), allow_custom_value=True, scale=4,
-                               label="Base model (checkpoint file, diffusers folder or hub id)", elem_id="pv-base")
-            refresh = gr.Button("Refresh LoRA list", scale=1, elem_id="pv-refresh")
-        rows, blocks = self.build_lora_rows()
-        add = gr.File(label="Add a LoRA .safetensors from elsewhere", file_types=[".safetensors"], elem_id="pv-add")
+    def build_settings(self) -> tuple:
+        """Prompt, negative prompt, seed (with Random and Reuse, and the last seed used), steps, CFG, size, sampler,
+        batch count, mode and the grid's strengths, in that order."""
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="pv-prompt")
         negative = gr.Textbox(label="Negative prompt", lines=1)
         with gr.Row():
@@ -227,6 +222,31 @@ class PreviewTab:
         with gr.Row():
             mode = gr.Radio(MODES, value="Single image", label="Mode", elem_id="pv-mode")
             strengths = gr.Textbox(value="0, 0.25, 0.5, 0.75, 1", label="Grid strengths")
+        return (prompt, negative, seed, rnd, reuse, last_seed, steps, cfg, width, height, sampler, batch, mode,
+                strengths)
+
+    def on_add(self, path):
+        """A LoRA file dropped in: copied into the workspace and picked in the first row, or why not."""
+        if not path:
+            return [gr.Dropdown() for _ in range(ROWS)] + [""]
+        try:
+            dst = self.add_lora_file(path)
+        except (ValueError, OSError) as e:  # one bad file: its message, and the pickers stay as they were
+            return [gr.update() for _ in range(ROWS)] + [f"**Not added:** {e}"]
+        choices = self.studio.lora_choices()
+        return ([gr.Dropdown(choices=choices, value=dst)] + [gr.Dropdown(choices=choices) for _ in range(ROWS - 1)]
+                + [f"Added {Path(dst).name}."])
+
+    def build(self):
+        ws = self.ws
+        with gr.Row():
+            base = gr.Dropdown(choices=ws.settings().get("recent_models", []), allow_custom_value=True, scale=4,
+                               label="Base model (checkpoint file, diffusers folder or hub id)", elem_id="pv-base")
+            refresh = gr.Button("Refresh LoRA list", scale=1, elem_id="pv-refresh")
+        rows, blocks = self.build_lora_rows()
+        add = gr.File(label="Add a LoRA .safetensors from elsewhere", file_types=[".safetensors"], elem_id="pv-add")
+        (prompt, negative, seed, rnd, reuse, last_seed, steps, cfg, width, height, sampler, batch, mode,
+         strengths) = self.build_settings()
         with gr.Row():
             go = gr.Button("Generate", variant="primary", elem_id="pv-generate")
             cancel = gr.Button("Cancel", variant="stop", elem_id="pv-cancel")
@@ -250,19 +270,7 @@ class PreviewTab:
             ins.click(lambda pr, p: insert_triggers(pr, trigger_words(p)) if p else pr, [prompt, f], prompt).then(
                 self.remember, kept)
 
-        @friendly
-        def on_add(path):
-            if not path:
-                return [gr.Dropdown() for _ in rows] + [""]
-            try:
-                dst = self.add_lora_file(path)
-            except (ValueError, OSError) as e:  # one bad file: its message, and the pickers stay as they were
-                return [gr.update() for _ in rows] + [f"**Not added:** {e}"]
-            choices = self.studio.lora_choices()
-            return ([gr.Dropdown(choices=choices, value=dst)] + [gr.Dropdown(choices=choices) for _ in range(ROWS - 1)]
-                    + [f"Added {Path(dst).name}."])
-
-        add.upload(on_add, add, files + [status]).then(self.remember, kept)
+        add.upload(friendly(self.on_add), add, files + [status]).then(self.remember, kept)
         rnd.click(lambda: random.randint(0, 2**31 - 1), None, seed).then(self.remember, kept)
         reuse.click(lambda s: s, last_seed, seed).then(self.remember, kept)
         inputs = {base, prompt, negative, seed, steps, cfg, width, height, sampler, batch, mode, strengths}
