@@ -202,7 +202,7 @@ def caption_dataset(folder: str | Path, opts: CaptionOptions, emit=print, should
     if preview:
         todo = todo[:preview]
     if not todo:
-        unread = f" Unreadable, left as they are: {'; '.join(skipped[:3])}." if skipped else ""
+        unread = f" Unreadable, left as they are: {unreadable_list(skipped)}." if skipped else ""
         done = {"type": "done", "written": 0, "total": 0, "preview": bool(preview), "skipped": skipped,
                 "message": ("Nothing to caption: every image has a caption already (choose Append or Overwrite to "
                             "change them)." if opts.mode == "missing" else "The dataset has no readable images.")
@@ -265,8 +265,13 @@ def done_message(n: int, label: str, preview: int, excluded: int, stopped: bool,
     return (f"{'Previewed' if preview else 'Wrote'} {n} caption(s) with {label}"
             + (f" ({excluded} of them for excluded images)" if excluded else "")
             + (" (cancelled; the captions written so far are kept)" if stopped else "")
-            + (f"; skipped {len(skipped)} unreadable image(s), left as they are: " + "; ".join(skipped[:3])
-               + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "") if skipped else "") + ".")
+            + (f"; skipped {len(skipped)} unreadable image(s), left as they are: {unreadable_list(skipped)}" if skipped else "")
+            + ".")
+
+
+def unreadable_list(skipped: list[str]) -> str:
+    """The first three unreadable images ('name: why'), and how many more."""
+    return "; ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
 
 
 # ---------------------------------------------------------------------------------------------- command line
