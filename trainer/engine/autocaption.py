@@ -265,7 +265,8 @@ def done_message(n: int, label: str, preview: int, excluded: int, stopped: bool,
     return (f"{'Previewed' if preview else 'Wrote'} {n} caption(s) with {label}"
             + (f" ({excluded} of them for excluded images)" if excluded else "")
             + (" (cancelled; the captions written so far are kept)" if stopped else "")
-            + (f"; skipped {len(skipped)} unreadable image(s), left as they are: {unreadable_list(skipped)}" if skipped else "")
+            + (f"; skipped {len(skipped)} unreadable image(s), left as they are: {unreadable_list(skipped)}"
+               if skipped else "")
             + ".")
 
 
